@@ -1,0 +1,1 @@
+"""Ray actors that execute what the kernel decides: model shards and agent hosts."""

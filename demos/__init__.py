@@ -1,0 +1,1 @@
+"""Demo agent programs."""

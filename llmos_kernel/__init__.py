@@ -1,0 +1,1 @@
+"""llmos kernel: memory, scheduling, processes and the Transformer core."""

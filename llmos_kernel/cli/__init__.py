@@ -1,0 +1,46 @@
+"""The ``llmos`` command line: one click group, one module per command family."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from llmos_kernel.errors import LlmosError
+
+
+class _Group(click.Group):
+    """Turns LlmosError into one clear line on stderr and exit status 1."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except LlmosError as e:
+            if os.environ.get("LLMOS_DEBUG"):
+                raise
+            click.echo(f"llmos: error: {e}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("llmos: interrupted", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="llmos")
+def main() -> None:
+    """llmos: an actor-based LLM operating system.
+
+    Agent programs are processes; a Transformer core is the processor they run
+    on; a kernel actor owns memory and schedules every LLM step. Set
+    LLMOS_DEBUG=1 to see tracebacks.
+    """
+
+
+def _register() -> None:
+    from llmos_kernel.cli import models
+
+    main.add_command(models.models)
+
+
+_register()
