@@ -1,0 +1,1 @@
+"""The Transformer core: GGUF loading, the model, tokenizer and sampler."""
