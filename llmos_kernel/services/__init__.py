@@ -1,0 +1,1 @@
+"""Kernel services behind the fs, tools and memory syscalls."""
