@@ -1,0 +1,187 @@
+"""A Llama-family Transformer that reads and writes a paged KV cache.
+
+One forward call runs one engine step: the new tokens of many sequences,
+flattened into a single ``[T]`` batch, some decoding one token and some
+prefilling a chunk of their prompt. The linear layers see all ``T`` tokens at
+once; attention runs per group (all single-token decodes together, each
+prefill chunk on its own) against keys gathered from the paged pool through
+the sequences' slot lists. Weights are stored input-major (``[in, out]``) and
+fused (QKV, gate+up), which is what small CPU batches run fastest on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmos_kernel.core.gguf_file import ModelConfig
+from llmos_kernel.core.kv_cache import KVPool
+
+
+@dataclass
+class PrefillChunk:
+    """Rows ``[start, start+length)`` of the step are one sequence's prompt chunk."""
+
+    start: int
+    length: int
+    context_slots: torch.Tensor  # [ctx] KV slots of every key the chunk attends to, in order
+    past: int  # keys before this chunk (ctx = past + length)
+
+
+@dataclass
+class StepBatch:
+    """Tensors describing one engine step (built once, shared by every layer).
+
+    Rows ``[0, n_decode)`` are single-token decodes; prefill chunks follow.
+    """
+
+    tokens: torch.Tensor  # [T] token ids
+    positions: torch.Tensor  # [T]
+    slot_mapping: torch.Tensor  # [T] where each new token's K/V is written
+    n_decode: int = 0
+    decode_slots: torch.Tensor | None = None  # [Bd, max_ctx] slots to gather (padded)
+    decode_mask: torch.Tensor | None = None  # [Bd, 1, 1, max_ctx] True where a key is real
+    prefills: list[PrefillChunk] = field(default_factory=list)
+    logits_rows: torch.Tensor | None = None  # [N] rows whose next-token logits are wanted
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+class Rotary(nn.Module):
+    """RoPE tables (the rotate-half form; GGUF's permuted Q/K rows are undone at load)."""
+
+    def __init__(self, head_dim: int, base: float, max_positions: int):
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.register_buffer("cos", emb.cos(), persistent=False)
+        self.register_buffer("sin", emb.sin(), persistent=False)
+
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cos[positions].to(dtype)[:, None, :], self.sin[positions].to(dtype)[:, None, :]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer, self.n_heads, self.n_kv, self.hd = layer, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        q_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        self.wqkv = nn.Parameter(torch.empty(cfg.d_model, q_dim + 2 * kv_dim), requires_grad=False)
+        self.wo = nn.Parameter(torch.empty(q_dim, cfg.d_model), requires_grad=False)
+        self.split = (q_dim, kv_dim, kv_dim)
+        self.scale = cfg.head_dim ** -0.5
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                batch: StepBatch, kv: KVPool) -> torch.Tensor:
+        T = x.shape[0]
+        q, k, v = (x @ self.wqkv).split(self.split, dim=-1)
+        q = apply_rotary(q.view(T, self.n_heads, self.hd), *rope)
+        k = apply_rotary(k.view(T, self.n_kv, self.hd), *rope)
+        v = v.view(T, self.n_kv, self.hd)
+        k_cache, v_cache = kv.layer(self.layer)
+        k_cache.index_copy_(0, batch.slot_mapping, k)
+        v_cache.index_copy_(0, batch.slot_mapping, v)
+
+        parts = []
+        nd = batch.n_decode
+        if nd:
+            qd = q[:nd].unsqueeze(2)  # [Bd, H, 1, hd]
+            kd = k_cache[batch.decode_slots].transpose(1, 2)  # [Bd, kvh, ctx, hd]
+            vd = v_cache[batch.decode_slots].transpose(1, 2)
+            out = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=batch.decode_mask,
+                                                 scale=self.scale, enable_gqa=True)
+            parts.append(out.reshape(nd, -1))
+        for chunk in batch.prefills:
+            rows = slice(chunk.start, chunk.start + chunk.length)
+            qp = q[rows].transpose(0, 1)  # [H, n, hd]
+            if chunk.past == 0:
+                kp, vp, causal, mask = k[rows], v[rows], True, None
+            else:
+                kp, vp = k_cache[chunk.context_slots], v_cache[chunk.context_slots]
+                q_pos = torch.arange(chunk.past, chunk.past + chunk.length)[:, None]
+                mask, causal = torch.arange(kp.shape[0])[None, :] <= q_pos, False
+            out = F.scaled_dot_product_attention(qp, kp.transpose(0, 1), vp.transpose(0, 1),
+                                                 attn_mask=mask, is_causal=causal,
+                                                 scale=self.scale, enable_gqa=True)
+            parts.append(out.transpose(0, 1).reshape(chunk.length, -1))
+        attn = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return attn @ self.wo
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.w_gate_up = nn.Parameter(torch.empty(cfg.d_model, 2 * cfg.d_ff), requires_grad=False)
+        self.w_down = nn.Parameter(torch.empty(cfg.d_ff, cfg.d_model), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = (x @ self.w_gate_up).chunk(2, dim=-1)
+        return (F.silu(gate) * up) @ self.w_down
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg, layer)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ffn = FeedForward(cfg)
+
+    def forward(self, x, rope, batch: StepBatch, kv: KVPool) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rope, batch, kv)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    """Embedding, ``n_layers`` blocks, final norm and output head."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed = nn.Parameter(torch.empty(cfg.vocab_size, cfg.d_model), requires_grad=False)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        # Untied models get their own head; tied ones read the embedding matrix.
+        self.head = None if cfg.tied_embeddings else nn.Parameter(
+            torch.empty(cfg.vocab_size, cfg.d_model), requires_grad=False)
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_base, cfg.context_length)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.dtype
+
+    @torch.inference_mode()
+    def hidden_states(self, batch: StepBatch, kv: KVPool) -> torch.Tensor:
+        """Final-norm hidden states ``[T, d]`` of every new token (KV written)."""
+        x = F.embedding(batch.tokens, self.embed)
+        rope = self.rotary.tables(batch.positions, x.dtype)
+        for block in self.blocks:
+            x = block(x, rope, batch, kv)
+        return self.norm(x)
+
+    @torch.inference_mode()
+    def forward(self, batch: StepBatch, kv: KVPool) -> torch.Tensor:
+        """fp32 next-token logits ``[N, vocab]`` for ``batch.logits_rows``."""
+        h = self.hidden_states(batch, kv)
+        if batch.logits_rows is not None:
+            h = h[batch.logits_rows]
+        head = self.embed if self.head is None else self.head
+        return F.linear(h, head).float()

@@ -1,0 +1,82 @@
+"""Load GGUF tensors into the Transformer: dequantize, un-permute Q/K, fuse, transpose."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from llmos_kernel.core.gguf_file import GGUFFile, ModelConfig
+from llmos_kernel.core.model import Transformer
+from llmos_kernel.errors import InvalidArgument
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise InvalidArgument(f"unknown dtype {name!r}; use one of: fp32, bf16, fp16")
+    return DTYPES[name]
+
+
+def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's interleaved-RoPE row order so rotate-half RoPE applies."""
+    half = w.shape[0] // n_heads // 2
+    return w.reshape(n_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _state_dict(gguf: GGUFFile, cfg: ModelConfig) -> dict[str, np.ndarray]:
+    names = ["token_embd.weight", "output_norm.weight"]
+    if not cfg.tied_embeddings:
+        names.append("output.weight")
+    per_layer = ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm",
+                 "ffn_gate", "ffn_up", "ffn_down"]
+    names += [f"blk.{i}.{n}.weight" for i in range(cfg.n_layers) for n in per_layer]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        raw = dict(zip(names, pool.map(gguf.load, names)))
+
+    sd: dict[str, np.ndarray] = {"embed": raw["token_embd.weight"],
+                                 "norm.weight": raw["output_norm.weight"]}
+    if not cfg.tied_embeddings:
+        sd["head"] = raw["output.weight"]
+    for i in range(cfg.n_layers):
+        def t(name: str, i: int = i) -> np.ndarray:
+            return raw[f"blk.{i}.{name}.weight"]
+
+        q = unpermute_qk(t("attn_q"), cfg.n_heads)
+        k = unpermute_qk(t("attn_k"), cfg.n_kv_heads)
+        p = f"blocks.{i}."
+        sd[p + "attn_norm.weight"] = t("attn_norm")
+        sd[p + "ffn_norm.weight"] = t("ffn_norm")
+        sd[p + "attn.wqkv"] = np.concatenate([q, k, t("attn_v")]).T
+        sd[p + "attn.wo"] = t("attn_output").T
+        sd[p + "ffn.w_gate_up"] = np.concatenate([t("ffn_gate"), t("ffn_up")]).T
+        sd[p + "ffn.w_down"] = t("ffn_down").T
+    return sd
+
+
+def load_model(path: str | Path, dtype: str | torch.dtype = "fp32",
+               device: str | torch.device = "cpu") -> tuple[Transformer, GGUFFile]:
+    """Open a GGUF file and build its Transformer with dequantized weights."""
+    started = time.perf_counter()
+    dtype = parse_dtype(dtype)
+    gguf = GGUFFile.open(path)
+    cfg = gguf.config()
+    gguf.check_tensor_types()
+    sd = _state_dict(gguf, cfg)
+    model = Transformer(cfg)
+    tensors = {k: torch.from_numpy(np.array(v, order="C", copy=True)).to(device=device, dtype=dtype)
+               for k, v in sd.items()}
+    model.load_state_dict(tensors, assign=True, strict=True)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.rotary.to(device)
+    model.eval()
+    model.load_seconds = time.perf_counter() - started
+    return model, gguf
