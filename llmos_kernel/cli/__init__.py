@@ -38,9 +38,12 @@ def main() -> None:
 
 
 def _register() -> None:
-    from llmos_kernel.cli import models
+    from llmos_kernel.cli import bench, generate, kernel, models
 
+    main.add_command(bench.bench)
     main.add_command(models.models)
+    main.add_command(generate.generate)
+    main.add_command(kernel.kernel)
 
 
 _register()

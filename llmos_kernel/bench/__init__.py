@@ -1,0 +1,1 @@
+"""Benchmarks that print llmos beside a baseline measured in the same run."""

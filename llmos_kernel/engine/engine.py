@@ -1,0 +1,378 @@
+"""The step loop: schedule → run → postprocess, for many requests at once.
+
+``LLMEngine`` is used in-process (``llmos generate``, ``llmos bench core``) and
+inside the kernel actor, where its runner is a ModelShard actor instead of a
+local ``ModelRunner``. It owns everything that is not tensors: requests,
+sequences, the scheduler and block manager, detokenization, stop conditions,
+beam bookkeeping, grammar constraints and usage accounting.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from llmos_kernel.core.beam import BeamSearch
+from llmos_kernel.core.sampling import SamplingParams, StopChecker
+from llmos_kernel.core.tokenizer import Tokenizer
+from llmos_kernel.engine.block_manager import BlockManager
+from llmos_kernel.engine.runner import SeqStep, StepOutput, StepPlan
+from llmos_kernel.engine.scheduler import Schedule, Scheduler, SchedulerConfig
+from llmos_kernel.engine.sequence import Sequence, Status
+from llmos_kernel.errors import (
+    AlreadyExists,
+    ContextOverflow,
+    InvalidArgument,
+    NotFound,
+    QuotaExceeded,
+)
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    priority: int = 0
+    owner: int = 0
+    cache_salt: str = ""
+    keep_context: bool = False  # park the KV after finishing, for a follow-up request
+    context: str | None = None  # continue this parked context; prompt_ids are appended
+    constraint: Any = None  # a grammar matcher (llmos_kernel.engine.grammar)
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    queue_s: float = 0.0
+    ttft_s: float = 0.0
+    total_s: float = 0.0
+    preemptions: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Delta:
+    """What one step produced for one request (tokens are new since the last delta)."""
+
+    request_id: str
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    usage: Usage | None = None
+    logprobs: list[float] | None = None
+    context_id: str | None = None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["usage"] = self.usage.to_dict() if self.usage else None
+        return d
+
+
+class Runner(Protocol):
+    def execute(self, plan: StepPlan) -> StepOutput: ...
+
+
+@dataclass
+class _RequestState:
+    req: Request
+    seqs: list[Sequence]
+    arrival: float
+    detok: Any
+    stop: StopChecker
+    beam: BeamSearch | None = None
+    text_len: int = 0
+    emitted_tokens: int = 0
+
+
+@dataclass
+class EngineConfig:
+    block_size: int = 16
+    num_blocks: int = 1024
+    swap_blocks: int = 1024
+    max_batch_tokens: int = 256
+    max_seqs: int = 64
+    prefix_caching: bool = True
+    preemption: str = "auto"
+    max_model_len: int | None = None
+
+
+class LLMEngine:
+    def __init__(self, tokenizer: Tokenizer, runner: Runner, context_length: int,
+                 cfg: EngineConfig | None = None):
+        self.cfg = cfg = cfg or EngineConfig()
+        self.tokenizer, self.runner = tokenizer, runner
+        self.max_model_len = min(cfg.max_model_len or context_length, context_length)
+        self.blocks = BlockManager(cfg.num_blocks, cfg.block_size, cfg.prefix_caching)
+        self.scheduler = Scheduler(
+            SchedulerConfig(cfg.max_batch_tokens, cfg.max_seqs, cfg.preemption, cfg.swap_blocks),
+            self.blocks)
+        self.requests: dict[str, _RequestState] = {}
+        self._seq_of: dict[int, Sequence] = {}
+        self._next_seq = 0
+        self.stats = {"steps": 0, "tokens_computed": 0, "tokens_generated": 0,
+                      "step_seconds": 0.0, "last_step_s": 0.0, "last_step_tokens": 0}
+
+    # -- requests -----------------------------------------------------------
+    def add_request(self, req: Request) -> None:
+        if req.request_id in self.requests:
+            raise AlreadyExists(f"request id {req.request_id!r} is already in use")
+        params = req.params.validate(self.tokenizer.vocab_size)
+        if not isinstance(req.priority, int) or isinstance(req.priority, bool):
+            raise InvalidArgument(f"priority must be an int, got {req.priority!r}")
+        prompt = list(req.prompt_ids)
+        parked = None
+        if req.context is not None:
+            parked = self.scheduler.parked.get(req.context)
+            if parked is None:
+                raise NotFound(f"no parked context {req.context!r} (it was released or never kept)")
+            prompt = parked.token_ids + prompt
+        if not prompt:
+            raise InvalidArgument("the prompt is empty: give at least one token")
+        if any(not isinstance(t, int) or not 0 <= t < self.tokenizer.vocab_size for t in prompt):
+            raise InvalidArgument(f"prompt token ids must be ints in [0, {self.tokenizer.vocab_size})")
+        if len(prompt) >= self.max_model_len:
+            raise ContextOverflow(
+                f"the prompt has {len(prompt)} tokens but the model's context holds "
+                f"{self.max_model_len}; shorten it (or trim the conversation) to at most "
+                f"{self.max_model_len - 1} tokens")
+        blocks_needed = -(-len(prompt) // self.cfg.block_size) + 1
+        if blocks_needed > self.cfg.num_blocks:
+            raise QuotaExceeded(
+                f"the prompt needs {blocks_needed} KV blocks but the whole pool has "
+                f"{self.cfg.num_blocks}; raise the kernel's --kv-budget or shorten the prompt")
+        if parked is not None:
+            self.scheduler.unpark(req.context)
+        seq = self._new_seq(req, prompt, params)
+        if parked is not None:
+            seq.table, seq.num_computed, seq.swap_handle = parked.table, parked.num_computed, parked.swap_handle
+            seq.num_cached = parked.num_computed
+        state = _RequestState(req, [seq], time.monotonic(),
+                              self.tokenizer.incremental_decoder(skip_special_tokens=True),
+                              StopChecker(params.stop))
+        if params.num_beams > 1:
+            state.beam = BeamSearch(params.num_beams, self._stop_ids(params), params.max_tokens,
+                                    params.length_penalty, params.no_repeat_ngram_size, prompt)
+        self.requests[req.request_id] = state
+        self.scheduler.add(seq)
+
+    def _new_seq(self, req: Request, prompt: list[int], params: SamplingParams) -> Sequence:
+        self._next_seq += 1
+        seq = Sequence(self._next_seq, req.request_id, prompt, params, req.priority, req.owner,
+                       req.cache_salt or f"owner:{req.owner}")
+        seq.constraint = req.constraint
+        self._seq_of[seq.seq_id] = seq
+        return seq
+
+    def abort(self, request_id: str) -> Delta:
+        state = self.requests.get(request_id)
+        if state is None:
+            raise NotFound(f"no request {request_id!r} is running (finished, cancelled or unknown)")
+        return self._finish(state, "abort", keep=False)
+
+    def release_context(self, context_id: str) -> None:
+        if context_id not in self.scheduler.parked:
+            raise NotFound(f"no parked context {context_id!r}")
+        self.scheduler.drop_parked(context_id)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    def forget_kv(self) -> None:
+        """After a runner restart: nothing computed survives; every request recomputes."""
+        self.blocks = BlockManager(self.cfg.num_blocks, self.cfg.block_size, self.cfg.prefix_caching)
+        self.scheduler.forget_kv(self.blocks)
+
+    # -- the step -----------------------------------------------------------
+    def schedule(self) -> tuple[Schedule, StepPlan]:
+        sched = self.scheduler.schedule()
+        plan = StepPlan(swap_out=sched.swap_out, swap_in=sched.swap_in,
+                        drop_swap=sched.drop_swap, copies=sched.copies)
+        now = time.monotonic()
+        for work in sched.works:
+            seq = work.seq
+            if seq.first_scheduled is None:
+                seq.first_scheduled = now
+            start = seq.num_computed
+            step = SeqStep(seq.seq_id, seq.token_ids[start:start + work.num_tokens], start,
+                           list(seq.table.blocks))
+            if start + work.num_tokens == seq.num_tokens:
+                self._sampling_fields(seq, step)
+            plan.seqs.append(step)
+        return sched, plan
+
+    def _sampling_fields(self, seq: Sequence, step: SeqStep) -> None:
+        params = seq.params
+        step.params = params
+        step.output_ids = seq.output_ids
+        if params.repetition_penalty != 1.0 or params.no_repeat_ngram_size:
+            step.prompt_ids = seq.prompt_ids
+        if params.num_beams > 1:
+            step.beam_width = self.requests[seq.request_id].beam.candidates
+        else:
+            step.sample = True
+        if seq.constraint is not None:
+            step.allowed = seq.constraint.allowed_mask()
+
+    def step(self) -> list[Delta]:
+        sched, plan = self.schedule()
+        if not plan.seqs and not (plan.swap_out or plan.swap_in or plan.copies):
+            return []
+        return self.postprocess(sched, self.runner.execute(plan))
+
+    def postprocess(self, sched: Schedule, out: StepOutput) -> list[Delta]:
+        self.stats["steps"] += 1
+        self.stats["step_seconds"] += out.seconds
+        self.stats["last_step_s"] = out.seconds
+        self.stats["last_step_tokens"] = sched.num_tokens
+        self.stats["tokens_computed"] += sched.num_tokens
+        deltas: dict[str, Delta] = {}
+        beam_rounds: set[str] = set()
+        now = time.monotonic()
+        for work in sched.works:
+            seq = work.seq
+            if seq.status is not Status.RUNNING:
+                continue  # aborted while the step ran
+            self.scheduler.computed(seq, work.num_tokens)
+            state = self.requests.get(seq.request_id)
+            if state is None:
+                continue
+            if seq.seq_id in out.beams:
+                beam_rounds.add(seq.request_id)
+                continue
+            token = out.tokens.get(seq.seq_id)
+            if token is None:
+                continue
+            if seq.first_token_at is None:
+                seq.first_token_at = now
+            seq.output_ids.append(token)
+            if seq.seq_id in out.logprobs:
+                seq.logprobs.append(out.logprobs[seq.seq_id])
+            self.stats["tokens_generated"] += 1
+            delta = deltas.setdefault(seq.request_id, Delta(seq.request_id))
+            self._on_token(state, seq, token, delta)
+        for request_id in beam_rounds:
+            state = self.requests.get(request_id)
+            if state is not None:
+                delta = self._beam_round(state, out)
+                if delta is not None:
+                    deltas[request_id] = delta
+        return list(deltas.values())
+
+    def _stop_ids(self, params: SamplingParams) -> set[int]:
+        ids = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            ids |= set(self.tokenizer.stop_token_ids)
+        return ids
+
+    def _on_token(self, state: _RequestState, seq: Sequence, token: int, delta: Delta) -> None:
+        params = seq.params
+        delta.token_ids.append(token)
+        if seq.logprobs and params.logprobs:
+            delta.logprobs = (delta.logprobs or []) + [seq.logprobs[-1]]
+        reason = None
+        if seq.constraint is not None:
+            seq.constraint.advance(token)
+        if token in self._stop_ids(params):
+            reason = "stop"
+        else:
+            text, stopped = state.stop.push(state.detok.push(token))
+            delta.text += text
+            if stopped or seq.constraint is not None and seq.constraint.is_done():
+                reason = "stop"
+        if reason is None and (len(seq.output_ids) >= params.max_tokens
+                               or seq.num_tokens >= self.max_model_len):
+            reason = "length"
+        if reason is not None:
+            if reason == "length":
+                delta.text += state.stop.push(state.detok.flush())[0] + state.stop.flush()
+            final = self._finish(state, reason, keep=state.req.keep_context)
+            delta.finished, delta.finish_reason = True, reason
+            delta.usage, delta.context_id = final.usage, final.context_id
+
+    def _beam_round(self, state: _RequestState, out: StepOutput) -> Delta | None:
+        """All live beams of a request have next-token candidates: advance the search."""
+        live = [s for s in state.seqs if s.status is Status.RUNNING]
+        if any(s.seq_id not in out.beams for s in live):
+            return None  # some beam was not scheduled this step; wait for it
+        vocab = self.tokenizer.vocab_size
+        logprobs = torch.full((len(live), vocab), float("-inf"))
+        for i, s in enumerate(live):
+            ids, vals = zip(*out.beams[s.seq_id])
+            logprobs[i, list(ids)] = torch.tensor(vals)
+        chosen = state.beam.step([s.output_ids for s in live], logprobs)
+        if live[0].first_token_at is None:
+            for s in live:
+                s.first_token_at = time.monotonic()
+        before = [list(s.output_ids) for s in live]
+        new_seqs: list[Sequence] = []
+        used: set[int] = set()
+        for parent_idx, token in chosen:
+            parent = live[parent_idx]
+            if parent_idx in used:
+                seq = self._new_seq(state.req, parent.prompt_ids, parent.params)
+                seq.output_ids = list(before[parent_idx])
+                seq.table = self.blocks.fork(parent.table)
+                seq.num_computed, seq.status = parent.num_computed, Status.RUNNING
+                seq.first_scheduled, seq.first_token_at = parent.first_scheduled, parent.first_token_at
+                self.scheduler.running.append(seq)
+            else:
+                seq = parent
+                used.add(parent_idx)
+            seq.output_ids.append(token)
+            new_seqs.append(seq)
+        for i, s in enumerate(live):
+            if i not in used:
+                self.scheduler.remove(s)
+                s.status = Status.FINISHED
+                self._seq_of.pop(s.seq_id, None)
+        state.seqs = new_seqs or live[:1]  # keep one for the usage record
+        if state.beam.done or not new_seqs:
+            best, _ = state.beam.best()
+            delta = self._finish(state, "length" if len(best) >= state.req.params.max_tokens
+                                 else "stop", keep=False)
+            delta.token_ids = list(best)
+            delta.text = self.tokenizer.decode(
+                [t for t in best if t not in self._stop_ids(state.req.params)],
+                skip_special_tokens=True)
+            return delta
+        return None
+
+    def _finish(self, state: _RequestState, reason: str, keep: bool) -> Delta:
+        req = state.req
+        self.requests.pop(req.request_id, None)
+        main = state.seqs[0]
+        now = time.monotonic()
+        usage = Usage(
+            prompt_tokens=len(main.prompt_ids), cached_tokens=main.num_cached,
+            completion_tokens=len(main.output_ids),
+            queue_s=(main.first_scheduled or now) - state.arrival,
+            ttft_s=(main.first_token_at or now) - state.arrival,
+            total_s=now - state.arrival, preemptions=sum(s.preemptions for s in state.seqs))
+        delta = Delta(req.request_id, finished=True, finish_reason=reason, usage=usage)
+        for seq in state.seqs:
+            self._seq_of.pop(seq.seq_id, None)
+            if keep and seq is main and seq.status is Status.RUNNING:
+                self.scheduler.park(req.request_id, seq)
+                delta.context_id = req.request_id
+            else:
+                self.scheduler.remove(seq)
+                seq.status = Status.FINISHED
+        return delta
+
+    # -- convenience --------------------------------------------------------
+    def run_until_done(self) -> dict[str, list[Delta]]:
+        """Step until every request finishes; every delta, grouped by request."""
+        collected: dict[str, list[Delta]] = {}
+        while self.has_unfinished():
+            for delta in self.step():
+                collected.setdefault(delta.request_id, []).append(delta)
+        return collected

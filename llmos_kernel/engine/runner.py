@@ -1,0 +1,159 @@
+"""The tensors side of a step: move KV blocks, run the model, sample.
+
+A ``StepPlan`` is plain data (it crosses a Ray call when the runner lives in a
+ModelShard actor): the sequences' new tokens and block tables, the block
+copies and swaps to do first, and how each row samples. The runner keeps no
+per-sequence state except swapped-out KV, so the kernel can always rebuild
+everything by recomputation if a runner dies.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from llmos_kernel.core.kv_cache import KVPool
+from llmos_kernel.core.model import PrefillChunk, StepBatch, Transformer
+from llmos_kernel.core.sampling import SampleRow, SamplingParams, banned_ngram_tokens, sample
+
+
+@dataclass
+class SeqStep:
+    """One sequence's share of a step."""
+
+    seq_id: int
+    tokens: list[int]  # new tokens whose KV this step computes
+    start: int  # position of tokens[0]
+    blocks: list[int]  # the sequence's block table
+    sample: bool = False  # sample a next token after the last of ``tokens``
+    params: SamplingParams | None = None
+    output_ids: list[int] = field(default_factory=list)
+    prompt_ids: list[int] = field(default_factory=list)  # only for repetition_penalty
+    allowed: bytes | None = None  # packed little-endian bitmask of grammar-allowed tokens
+    beam_width: int = 0  # >0: return this many best (token, logprob) instead of sampling
+
+
+@dataclass
+class StepPlan:
+    seqs: list[SeqStep] = field(default_factory=list)  # single-token steps first
+    swap_out: list[tuple[int, list[int]]] = field(default_factory=list)
+    swap_in: list[tuple[int, list[int]]] = field(default_factory=list)
+    drop_swap: list[int] = field(default_factory=list)
+    copies: list[tuple[int, int]] = field(default_factory=list)
+
+
+@dataclass
+class StepOutput:
+    tokens: dict[int, int] = field(default_factory=dict)  # seq_id -> sampled token
+    logprobs: dict[int, float] = field(default_factory=dict)
+    top_logprobs: dict[int, list[tuple[int, float]]] = field(default_factory=dict)
+    beams: dict[int, list[tuple[int, float]]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def unpack_mask(packed: bytes, vocab: int) -> torch.Tensor:
+    bits = np.unpackbits(np.frombuffer(packed, dtype=np.uint8), bitorder="little")[:vocab]
+    return torch.from_numpy(bits.astype(bool))
+
+
+class ModelRunner:
+    def __init__(self, model: Transformer, kv: KVPool):
+        self.model, self.kv = model, kv
+        self.block_size = kv.block_size
+        self.swapped: dict[int, torch.Tensor] = {}
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> StepOutput:
+        started = time.perf_counter()
+        for handle, blocks in plan.swap_out:
+            self.swapped[handle] = self.kv.read_blocks(blocks)
+        for handle in plan.drop_swap:
+            self.swapped.pop(handle, None)
+        for handle, blocks in plan.swap_in:
+            self.kv.write_blocks(blocks, self.swapped.pop(handle))
+        if plan.copies:
+            src, dst = zip(*plan.copies)
+            self.kv.copy_blocks(list(src), list(dst))
+        out = StepOutput()
+        if plan.seqs:
+            batch, sampled = self.build_batch(plan.seqs)
+            logits = self.model(batch, self.kv)
+            self._sample(logits, sampled, out)
+        out.seconds = time.perf_counter() - started
+        return out
+
+    def build_batch(self, seqs: list[SeqStep]) -> tuple[StepBatch, list[SeqStep]]:
+        bs = self.block_size
+        tokens: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        logits_rows: list[int] = []
+        sampled: list[SeqStep] = []
+        decode: list[SeqStep] = []
+        prefills: list[PrefillChunk] = []
+        for s in seqs:
+            row = len(tokens)
+            n = len(s.tokens)
+            tokens.extend(s.tokens)
+            pos = range(s.start, s.start + n)
+            positions.extend(pos)
+            slots.extend(s.blocks[p // bs] * bs + p % bs for p in pos)
+            if n == 1:
+                assert not prefills, "single-token steps must come first"
+                decode.append(s)
+            else:
+                ctx = _context_slots(s.blocks, s.start + n, bs) if s.start else None
+                prefills.append(PrefillChunk(row, n, ctx, s.start))
+            if s.sample or s.beam_width:
+                logits_rows.append(row + n - 1)
+                sampled.append(s)
+        batch = StepBatch(
+            tokens=torch.tensor(tokens), positions=torch.tensor(positions),
+            slot_mapping=torch.tensor(slots), n_decode=len(decode), prefills=prefills,
+            logits_rows=torch.tensor(logits_rows, dtype=torch.long))
+        if decode:
+            lengths = torch.tensor([s.start + 1 for s in decode])
+            max_ctx = int(lengths.max())
+            n_blocks = -(-max_ctx // bs)
+            table = torch.tensor([s.blocks[:n_blocks] + [0] * (n_blocks - len(s.blocks[:n_blocks]))
+                                  for s in decode])
+            batch.decode_slots = (table[:, :, None] * bs + torch.arange(bs)).flatten(1)[:, :max_ctx]
+            batch.decode_mask = (torch.arange(max_ctx)[None, :] < lengths[:, None])[:, None, None, :]
+        return batch, sampled
+
+    def _sample(self, logits: torch.Tensor, sampled: list[SeqStep], out: StepOutput) -> None:
+        vocab = logits.shape[-1]
+        beam_idx = [i for i, s in enumerate(sampled) if s.beam_width]
+        for i in beam_idx:
+            s = sampled[i]
+            lp = torch.log_softmax(logits[i], dim=-1)
+            if s.params and s.params.no_repeat_ngram_size:
+                banned = banned_ngram_tokens(s.prompt_ids + s.output_ids,
+                                             s.params.no_repeat_ngram_size)
+                lp[banned] = float("-inf")
+            top = torch.topk(lp, s.beam_width)
+            out.beams[s.seq_id] = list(zip(top.indices.tolist(), top.values.tolist()))
+        idx = [i for i, s in enumerate(sampled) if not s.beam_width]
+        if not idx:
+            return
+        rows = [SampleRow(params=sampled[i].params, output_ids=sampled[i].output_ids,
+                          prompt_ids=sampled[i].prompt_ids,
+                          allowed_mask=None if sampled[i].allowed is None
+                          else unpack_mask(sampled[i].allowed, vocab)) for i in idx]
+        res = sample(logits if len(idx) == len(sampled) else logits[idx], rows)
+        for j, i in enumerate(idx):
+            sid = sampled[i].seq_id
+            out.tokens[sid] = res.tokens[j]
+            if res.logprobs is not None and res.logprobs[j] is not None:
+                out.logprobs[sid] = res.logprobs[j]
+            if res.top_logprobs is not None and res.top_logprobs[j]:
+                out.top_logprobs[sid] = res.top_logprobs[j]
+
+
+def _context_slots(blocks: list[int], length: int, bs: int) -> torch.Tensor:
+    n_blocks = -(-length // bs)
+    table = torch.tensor(blocks[:n_blocks])
+    return (table[:, None] * bs + torch.arange(bs)).flatten()[:length]
