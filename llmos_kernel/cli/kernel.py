@@ -1,0 +1,116 @@
+"""``llmos kernel start|status|stop``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import click
+
+from llmos_kernel import store
+from llmos_kernel.paths import default_state_dir
+
+
+def state_dir_option(fn):
+    return click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path),
+                        default=None,
+                        help="Durable state (default: $LLMOS_STATE_DIR, else $LLMOS_HOME/state).")(fn)
+
+
+def name_option(fn):
+    return click.option("--name", default="kernel", show_default=True,
+                        help="Kernel actor name (several kernels can share a cluster).")(fn)
+
+
+@click.group()
+def kernel() -> None:
+    """Start, inspect and stop a kernel (a detached Ray actor)."""
+
+
+@kernel.command()
+@click.option("--address", default=None, help="Existing Ray cluster (default: start a local one).")
+@click.option("--model", default=store.DEFAULT_MODEL, show_default=True)
+@click.option("--kv-budget", default="auto", show_default=True,
+              help="KV pool bytes, e.g. 2GiB, or 'auto' (a quarter of free memory, at most 4 GiB).")
+@click.option("--swap-budget", default="auto", show_default=True,
+              help="Host memory for preempted and suspended KV, or 0 for none.")
+@click.option("--max-batch-tokens", type=int, default=256, show_default=True)
+@click.option("--max-seqs", type=int, default=64, show_default=True)
+@click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--no-prefix-cache", is_flag=True)
+@name_option
+@state_dir_option
+def start(address, model, kv_budget, swap_budget, max_batch_tokens, max_seqs, dtype, device,
+          no_prefix_cache, name, state_dir) -> None:
+    """Start a kernel: load the model, size the KV pool, begin serving."""
+    from llmos_kernel.errors import AlreadyExists
+    from llmos_kernel.kernel import KernelConfig
+    from llmos_kernel.launcher import connect_ray, find_kernel, start_kernel
+    from llmos_kernel.llm_service import LLMConfig
+
+    state = (state_dir or default_state_dir()).expanduser().resolve()
+    store.resolve_model(model)  # fail fast, before starting anything
+    click.echo("starting Ray..." if address is None else f"joining Ray at {address}...", err=True)
+    connect_ray(address, start_head=True, state_dir=state)
+    if find_kernel(name) is not None:
+        raise AlreadyExists(f"a kernel named {name!r} is already running "
+                            "(llmos kernel status; llmos kernel stop)")
+    click.echo(f"loading {model} and starting kernel {name!r}...", err=True)
+    cfg = KernelConfig(state_dir=str(state), name=name, llm=LLMConfig(
+        model=model, dtype=dtype, device=device, kv_budget=kv_budget, swap_budget=swap_budget,
+        max_batch_tokens=max_batch_tokens, max_seqs=max_seqs,
+        prefix_caching=not no_prefix_cache))
+    start_kernel(cfg, detached=True)
+    click.echo(f"kernel {name!r} is running (state dir {state})")
+
+
+@kernel.command()
+@click.option("--json", "as_json", is_flag=True)
+@name_option
+@state_dir_option
+def status(as_json: bool, name: str, state_dir: Path | None) -> None:
+    """Memory map, queues and live throughput of a running kernel."""
+    from llmos_kernel.client import KernelClient
+
+    client = KernelClient.connect(name, state_dir=state_dir)
+    st = asyncio.run(client.status())
+    if as_json:
+        click.echo(json.dumps(st, indent=2, default=str))
+        return
+    mem, q = st["memory"], st["queues"]
+    gib = 1 << 30
+    click.echo(f"kernel {st['name']}  up {st['uptime_s']:.0f}s  state {st['state_dir']}")
+    click.echo(f"model   {st['model']['path']}  ({st['model']['params'] / 1e6:.0f}M params, "
+               f"{st['model']['dtype']} on {st['model']['device']})")
+    for d in mem["devices"]:
+        click.echo(f"device  {d['name']:8s} {d['free_bytes'] / gib:6.1f} GiB free of "
+                   f"{d['total_bytes'] / gib:.1f}")
+    click.echo(f"weights {mem['weight_bytes'] / gib:.2f} GiB")
+    click.echo(f"kv pool {mem['kv_bytes_used'] / gib:.2f} / {mem['kv_pool_bytes'] / gib:.2f} GiB "
+               f"({mem['kv_blocks_used']}/{mem['num_blocks']} blocks of {mem['block_size']} "
+               f"tokens; {mem['kv_blocks_cached']} cached for prefix reuse)")
+    click.echo(f"swap    {mem['swap_blocks_used']}/{mem['swap_blocks']} blocks")
+    click.echo(f"queues  running {q['running']}  waiting {q['waiting']}  swapped {q['swapped']}"
+               f"  parked {q['parked']}")
+    pre = st["preemptions"]
+    click.echo("preempt " + "  ".join(f"{k} {v}" for k, v in pre.items()))
+    click.echo(f"prefix  hit rate {st['prefix_cache']['hit_rate']:.1%}")
+    click.echo(f"speed   {st['throughput_tok_s']:.1f} tok/s (last 10 s)  "
+               f"shard restarts {st['shard']['restarts']}")
+
+
+@kernel.command()
+@name_option
+@state_dir_option
+def stop(name: str, state_dir: Path | None) -> None:
+    """Stop the kernel and its shards (and the local Ray head llmos started)."""
+    from llmos_kernel.launcher import connect_ray, stop_kernel
+
+    state = (state_dir or default_state_dir()).expanduser().resolve()
+    connect_ray(None, start_head=False, state_dir=state)
+    if stop_kernel(name, state):
+        click.echo(f"kernel {name!r} stopped")
+    else:
+        click.echo(f"no kernel named {name!r} was running", err=True)

@@ -1,0 +1,213 @@
+"""Message routing: validate, persist, deliver, acknowledge — the ipc syscalls' kernel side.
+
+Within one host batch, every send and acknowledgement is staged and then
+committed to the mailbox store in one transaction before any sender hears
+"ok"; then new messages are pushed to their receivers' hosts. Messages sent
+by a handler while it handles message M are held until M is acknowledged and
+committed together with that acknowledgement, so a crash either loses both
+(M is redelivered, the handler runs again) or keeps both (never twice).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmos_kernel.errors import InvalidArgument, MessageError, NoSuchProcess, QuotaExceeded
+from llmos_kernel.mailbox import MailboxStore
+from llmos_kernel.messages import (
+    MAX_MESSAGE_BYTES,
+    UNTYPED,
+    Envelope,
+    MessageRegistry,
+    decode,
+    new_message_id,
+)
+from llmos_kernel.outbox import Outboxes
+from llmos_kernel.proctable import Process, ProcessTable
+
+DELIVERY_WINDOW = 512  # unacknowledged messages in flight per receiver
+SCHEMAS_KEY = "schemas"
+TOPICS_KEY = "topics"
+
+
+@dataclass
+class _Batch:
+    sends: list[Envelope] = field(default_factory=list)
+    acks: list[str] = field(default_factory=list)
+    dead: list[tuple[Envelope, str]] = field(default_factory=list)
+    per_receiver: dict[int, int] = field(default_factory=lambda: defaultdict(int))
+
+
+class IPCService:
+    def __init__(self, store: MailboxStore, table: ProcessTable, outboxes: Outboxes):
+        self.store, self.table, self.outboxes = store, table, outboxes
+        self.schemas = MessageRegistry()
+        for schema in store.get_meta(SCHEMAS_KEY, []):
+            self.schemas.register_schema(schema)
+        self.topics: dict[str, set[int]] = {
+            t: set(pids) for t, pids in store.get_meta(TOPICS_KEY, {}).items()}
+        self.held: dict[str, list[Envelope]] = defaultdict(list)  # handled msg id -> its sends
+        self.inflight: dict[str, int] = {}  # delivered, unacknowledged msg id -> receiver
+        self.window: dict[int, int] = defaultdict(int)  # receiver -> messages in flight
+        self.cursor: dict[int, int] = defaultdict(int)  # receiver -> last delivered seq
+        self.batch = _Batch()
+        self.stats = {"sent": 0, "delivered": 0, "acked": 0, "dead": 0}
+
+    # -- staging (inside one host batch) ----------------------------------------
+    def send(self, sender: Process, args: dict, handling: str | None) -> dict:
+        """Validate and stage one message; returns its id (committed at the batch's end)."""
+        self._learn_schema(args.get("type"), args.get("schema"))
+        receiver = self._receiver(args.get("to"))
+        env = self._envelope(sender.pid, receiver.pid, args)
+        self._validate_payload(env)
+        if not receiver.alive and receiver.restart.restart == "temporary":
+            self.batch.dead.append((env, f"process {receiver.pid} has exited"))
+            raise NoSuchProcess(f"process {receiver.pid} has exited; the message was "
+                                "dead-lettered")
+        pending = self.store.count(receiver.pid) + self.batch.per_receiver[receiver.pid]
+        if pending >= receiver.quotas.mailbox:
+            raise QuotaExceeded(f"the mailbox of process {receiver.pid} is full "
+                                f"({receiver.quotas.mailbox} pending messages); retry later")
+        self.batch.per_receiver[receiver.pid] += 1
+        if handling is not None and args.get("reply_to") != "call":
+            self.held[handling].append(env)
+        else:
+            self.batch.sends.append(env)
+        return {"id": env.id, "to": receiver.pid}
+
+    def publish(self, sender: Process, args: dict, handling: str | None) -> dict:
+        topic = args.get("topic")
+        if not isinstance(topic, str) or not 0 < len(topic) <= 200:
+            raise InvalidArgument("topic must be a non-empty string of at most 200 characters")
+        self._learn_schema(args.get("type"), args.get("schema"))
+        base = args.get("id") or new_message_id()
+        if not isinstance(base, str) or len(base) > 200:
+            raise InvalidArgument("message id must be a string of at most 200 characters")
+        delivered = []
+        for pid in sorted(self.topics.get(topic, ())):
+            proc = self.table.procs.get(pid)
+            if proc is None or not proc.alive or pid == sender.pid:
+                continue
+            try:
+                self.send(sender, {**args, "to": pid, "id": f"{base}/{pid}", "topic": topic,
+                                   "schema": None}, handling)
+                delivered.append(pid)
+            except QuotaExceeded:
+                continue  # a full subscriber misses this one; the others still get it
+        return {"id": base, "subscribers": delivered}
+
+    def subscribe(self, proc: Process, topic: Any, on: bool) -> None:
+        if not isinstance(topic, str) or not 0 < len(topic) <= 200:
+            raise InvalidArgument("topic must be a non-empty string of at most 200 characters")
+        members = self.topics.setdefault(topic, set())
+        (members.add if on else members.discard)(proc.pid)
+        self.store.set_meta(TOPICS_KEY, {t: sorted(p) for t, p in self.topics.items() if p})
+
+    def ack(self, proc: Process, msg_id: Any) -> None:
+        if not isinstance(msg_id, str):
+            raise InvalidArgument("ack takes a message id")
+        owner = self.inflight.get(msg_id)
+        if owner is not None and owner != proc.pid:
+            raise InvalidArgument(f"message {msg_id} was not delivered to you")
+        self.batch.acks.append(msg_id)
+        self.batch.sends.extend(self.held.pop(msg_id, ()))
+
+    def _receiver(self, to: Any) -> Process:
+        if isinstance(to, bool) or not isinstance(to, int | str):
+            raise InvalidArgument(f"send to a pid (int) or a process name (str), got {to!r}")
+        return self.table.find(to)
+
+    def _envelope(self, sender: int, receiver: int, args: dict) -> Envelope:
+        payload = args.get("payload")
+        if not isinstance(payload, bytes):
+            raise MessageError("payload must be msgpack bytes (use syscalls.ipc.send)")
+        if len(payload) > MAX_MESSAGE_BYTES:
+            raise MessageError(f"message of {len(payload)} bytes exceeds the "
+                               f"{MAX_MESSAGE_BYTES}-byte limit")
+        wire = [args.get("id") or new_message_id(), sender, receiver, args.get("type"), payload,
+                args.get("correlation_id"), args.get("reply_to"), args.get("deadline"),
+                time.time(), args.get("topic")]
+        return Envelope.from_wire(wire)
+
+    def _learn_schema(self, type_: Any, schema: Any) -> None:
+        """A sender declares a message type the first time its host sends one."""
+        if schema is None:
+            return
+        if not isinstance(schema, dict) or schema.get("name") != type_:
+            raise MessageError(f"the schema sent with a {type_!r} message describes "
+                               f"{schema.get('name') if isinstance(schema, dict) else schema!r}")
+        if type_ not in self.schemas:
+            self.schemas.register_schema(schema)
+            self.store.set_meta(SCHEMAS_KEY, [self.schemas.schema(n) for n in self.schemas.names()])
+
+    def _validate_payload(self, env: Envelope) -> None:
+        if env.type != UNTYPED and env.type not in self.schemas:
+            error = MessageError(f"unknown message type {env.type!r}: declare it with @message "
+                                 "in the sending program")
+        else:
+            try:
+                decode(env.payload, registry=self.schemas)
+                return
+            except MessageError as e:
+                error = e
+        self.batch.dead.append((env, str(error)))
+        raise error
+
+    # -- commit and delivery ----------------------------------------------------
+    def commit(self) -> None:
+        """Persist the staged batch in one transaction, then push new messages to hosts."""
+        batch, self.batch = self.batch, _Batch()
+        if not (batch.sends or batch.acks or batch.dead):
+            return
+        fresh = self.store.commit(batch.sends, batch.acks, batch.dead)
+        self.stats["sent"] += sum(fresh)
+        self.stats["acked"] += len(batch.acks)
+        self.stats["dead"] += len(batch.dead)
+        touched = {env.receiver for env, new in zip(batch.sends, fresh, strict=True) if new}
+        for msg_id in batch.acks:
+            pid = self.inflight.pop(msg_id, None)
+            if pid is not None:
+                self.window[pid] -= 1
+                touched.add(pid)
+        for pid in touched:
+            self.pump(pid)
+
+    def pump(self, pid: int) -> None:
+        """Deliver pending messages to a running receiver, up to its in-flight window."""
+        proc = self.table.procs.get(pid)
+        if proc is None or proc.status != "running" or proc.host is None:
+            return
+        room = DELIVERY_WINDOW - self.window[pid]
+        if room <= 0:
+            return
+        for stored in self.store.pending(pid, after_seq=self.cursor[pid], limit=room):
+            env = stored.envelope
+            self.cursor[pid] = stored.seq
+            self.inflight[env.id] = pid
+            self.window[pid] += 1
+            self.stats["delivered"] += 1
+            self.outboxes.put(proc.host, {"kind": "msg", "pid": pid, "env": env.to_wire()})
+
+    def pump_all(self) -> None:
+        for pid in self.store.receivers_with_pending():
+            if self.window[pid] < DELIVERY_WINDOW // 2:
+                self.pump(pid)
+
+    def forget_deliveries(self, pid: int) -> None:
+        """The receiver's host is gone: its unacknowledged messages will be delivered again,
+        and what its unfinished handlers sent is dropped with them."""
+        for msg_id in [m for m, p in self.inflight.items() if p == pid]:
+            del self.inflight[msg_id]
+            self.held.pop(msg_id, None)
+        self.window[pid] = 0
+        self.cursor[pid] = 0
+
+    def bury(self, pid: int, reason: str) -> int:
+        """The process is gone for good: its pending messages become dead letters."""
+        self.forget_deliveries(pid)
+        for topic in self.topics.values():
+            topic.discard(pid)
+        return self.store.dead_letter(pid, reason)

@@ -1,0 +1,483 @@
+"""The kernel actor: one per llmos instance, named ``<name>`` in Ray namespace ``llmos``.
+
+It owns the scarce things — the model and its KV memory (the LLM service),
+the process table, mailboxes, files, tools, memories and the state dir — and
+answers every call with ``{"ok": value}`` or ``{"error": {"type", "message"}}``,
+so a bad request gets a typed error while everyone else keeps being served.
+
+Who is asking: agent processes present the capability the kernel issued at
+spawn (their host carries it, per call); agent hosts present the secret the
+kernel gave them; drivers (the CLI, scripts, benchmarks) present the root
+token the kernel writes into its state dir (mode 0600, like a Jupyter token).
+After a crash Ray restarts the actor, which reloads everything from the
+state dir and restarts the processes that should run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import functools
+import hmac
+import logging
+import os
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from llmos_kernel import syscall_table
+from llmos_kernel.errors import (
+    InvalidArgument,
+    LlmosError,
+    NotFound,
+    PermissionDenied,
+    ToolError,
+    Unavailable,
+)
+from llmos_kernel.ipc import IPCService
+from llmos_kernel.llm_service import LLMConfig, LLMService
+from llmos_kernel.mailbox import MailboxStore
+from llmos_kernel.messages import UNTYPED, encode
+from llmos_kernel.notices import SCHEMAS
+from llmos_kernel.outbox import Outboxes
+from llmos_kernel.processes import ProcessManager
+from llmos_kernel.proctable import Process, ProcessTable
+from llmos_kernel.services.approvals import ApprovalQueue
+from llmos_kernel.services.fs import FileSystem
+from llmos_kernel.services.system_tools import file_and_kv_tools
+from llmos_kernel.services.tools import ToolRegistry, ToolSpec, builtin_tools
+
+log = logging.getLogger("llmos.kernel")
+
+NAMESPACE = "llmos"
+DEFAULT_NAME = "kernel"
+ROOT_TOKEN_FILE = "root.token"
+MAX_LOG_BYTES = 8 << 20  # per process; later output is dropped with a note
+
+
+@dataclass
+class KernelConfig:
+    state_dir: str
+    name: str = DEFAULT_NAME
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    hosts: int = 1  # shared agent hosts
+    memory_model: str = "minilm"
+
+
+def answer(method):
+    """Wrap a kernel method: typed errors go back as data, bugs are logged, never fatal."""
+
+    @functools.wraps(method)
+    async def wrapper(self, *args, **kwargs):
+        try:
+            await self._started()
+            return {"ok": await method(self, *args, **kwargs)}
+        except LlmosError as e:
+            return {"error": e.to_wire()}
+        except Exception as e:
+            log.exception("kernel call %s failed", method.__name__)
+            return {"error": _internal(method.__name__, e)}
+
+    return wrapper
+
+
+def _internal(where: str, e: Exception) -> dict:
+    return {"type": "LlmosError", "message": f"internal error in {where}: {type(e).__name__}: {e}"}
+
+
+class Kernel:
+    def __init__(self, cfg: KernelConfig):
+        self.cfg = cfg
+        self.state_dir = Path(cfg.state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        (self.state_dir / "logs").mkdir(exist_ok=True)
+        self.started_at = time.time()
+        self.root_token = secrets.token_hex(16)
+        fd = os.open(self.state_dir / ROOT_TOKEN_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(self.root_token)
+        self.outboxes = Outboxes()
+        self.table = ProcessTable(self.state_dir / "processes.db")
+        self.store = MailboxStore(self.state_dir / "mailbox.db")
+        self.ipc = IPCService(self.store, self.table, self.outboxes)
+        for schema in SCHEMAS:
+            if schema["name"] not in self.ipc.schemas:
+                self.ipc.schemas.register_schema(schema)
+        self.fs = FileSystem(self.state_dir / "files")
+        self.approval_queue = ApprovalQueue(self.state_dir / "approvals.db")
+        self.tools = ToolRegistry(self.approval_queue)
+        for fn in builtin_tools() + file_and_kv_tools(self.fs, syscall_table.caller.get):
+            self.tools.register(fn)
+        self.llm = LLMService(cfg.llm, cfg.name, self.outboxes, on_usage=self._charge_tokens)
+        self.procs = ProcessManager(cfg.name, self.table, self.ipc, self.outboxes,
+                                    shared_hosts=cfg.hosts, on_final_exit=self._reap)
+        self._memory = None
+        self._tool_calls: dict[str, tuple[str, asyncio.Future]] = {}
+        self._log_bytes: dict[int, int] = {}
+        self._ready: asyncio.Future | None = None
+        # Start serving by ourselves, also after Ray restarts this actor from scratch.
+        ray.get_runtime_context().current_actor.ready.remote()
+
+    async def _started(self) -> None:
+        if self._ready is None:
+            self._ready = asyncio.get_running_loop().create_future()
+            try:
+                await self.llm.start()
+                await self.procs.start()
+                self.ipc.commit()
+                asyncio.get_running_loop().create_task(self._housekeeping())
+                self._ready.set_result(True)
+            except BaseException as e:
+                self._ready.set_exception(e)
+                raise
+        await asyncio.shield(self._ready)
+
+    async def ready(self) -> dict:
+        """Load the model, start hosts and recovered processes; returns status."""
+        try:
+            await self._started()
+        except LlmosError as e:
+            return {"error": e.to_wire()}
+        return {"ok": self._status()}
+
+    async def _housekeeping(self) -> None:
+        """Expire messages past their deadline and re-pump mailboxes, every second."""
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                expired = self.store.expire()
+                if expired:
+                    log.info("%d messages expired", len(expired))
+                self.ipc.pump_all()
+            except Exception:
+                log.exception("housekeeping failed")
+
+    # -- identity ---------------------------------------------------------------
+    def _check_root(self, token: Any) -> None:
+        if not isinstance(token, str) or not hmac.compare_digest(token, self.root_token):
+            raise PermissionDenied("bad or missing root token (read it from the kernel's "
+                                   f"state dir: {self.state_dir / ROOT_TOKEN_FILE})")
+
+    def _caller(self, host_id: str, capability: Any) -> Process:
+        proc = self.table.by_capability(capability)
+        if proc is None or not proc.alive:
+            raise PermissionDenied("this capability is not valid (its process exited or was "
+                                   "restarted with a new one)")
+        if proc.host != host_id:
+            raise PermissionDenied(f"process {proc.pid} does not run on host {host_id}")
+        return proc
+
+    # -- the host channel ---------------------------------------------------------
+    async def host_batch(self, host_id: str, ops: list, exits: list, logs: dict,
+                         secret: str) -> dict:
+        """All syscalls a host's agents made since its last batch, answered per call."""
+        try:
+            await self._started()
+            host = self._host(host_id, secret)
+        except LlmosError as e:
+            return {"error": e.to_wire()}
+        self._write_logs(host_id, logs)
+        results: dict[str, dict] = {}
+        if not isinstance(ops, list):
+            ops = []
+        staged_sends: list[str] = []
+        for op in ops:
+            call_id = op[0] if isinstance(op, list) and op else None
+            if not isinstance(call_id, str):
+                continue
+            results[call_id] = self._op(host_id, op)
+            if isinstance(op, list) and len(op) > 2 and op[2] in ("ipc.send", "ipc.publish"):
+                staged_sends.append(call_id)
+        for report in exits if isinstance(exits, list) else []:
+            self._exit_report(host, report)
+        try:
+            self.ipc.commit()
+        except Exception as e:
+            log.exception("mailbox commit failed")
+            for call_id in staged_sends:
+                results[call_id] = {"error": Unavailable(f"could not persist: {e}").to_wire()}
+        return {"ok": results}
+
+    def _host(self, host_id: Any, secret: Any):
+        if isinstance(secret, str) and hmac.compare_digest(secret, self.root_token):
+            self.procs.register_driver_host(host_id, secret)
+        return self.procs.check_host(host_id, secret)
+
+    def _op(self, host_id: str, op: list) -> dict:
+        try:
+            if len(op) != 5:
+                raise InvalidArgument("a syscall is [call id, capability, name, args, handling]")
+            call_id, capability, name, args, handling = op
+            if name == "tools.result":
+                return self._tool_result(host_id, args)
+            proc = self._caller(host_id, capability)
+            args = syscall_table.check_args(name, args)
+            spec = syscall_table.TABLE[name]
+            if handling is not None and not isinstance(handling, str):
+                raise InvalidArgument("handling must be a message id or None")
+            if spec.slow:
+                asyncio.get_running_loop().create_task(
+                    self._slow(host_id, call_id, spec.fn(self, proc, args, handling)))
+                return {"pending": True}
+            return {"ok": spec.fn(self, proc, args, handling)}
+        except LlmosError as e:
+            return {"error": e.to_wire()}
+        except Exception as e:
+            log.exception("syscall %r failed", op[2] if len(op) > 2 else op)
+            return {"error": _internal("syscall", e)}
+
+    async def _slow(self, host_id: str, call_id: str, coro) -> None:
+        try:
+            reply = {"ok": await coro}
+        except LlmosError as e:
+            reply = {"error": e.to_wire()}
+        except Exception as e:
+            log.exception("slow syscall failed")
+            reply = {"error": _internal("syscall", e)}
+        self.ipc.commit()
+        self.outboxes.put(host_id, {"kind": "reply", "call": call_id, "reply": reply})
+
+    def _exit_report(self, host, report: Any) -> None:
+        if not isinstance(report, dict) or not isinstance(report.get("pid"), int):
+            return
+        proc = self.table.procs.get(report["pid"])
+        if proc is None or proc.host != host.host_id:
+            return  # a host may only report its own agents
+        self.procs.exited(proc.pid, {k: report.get(k) for k in ("reason", "result", "error")})
+
+    async def host_poll(self, host_id: str, timeout: float, secret: str) -> dict:
+        try:
+            await self._started()
+            self._host(host_id, secret)
+        except LlmosError as e:
+            return {"error": e.to_wire()}
+        return {"ok": await self.outboxes.take(host_id, min(max(float(timeout), 0.0), 60.0))}
+
+    def _write_logs(self, host_id: str, logs: Any) -> None:
+        if not isinstance(logs, dict):
+            return
+        for pid, text in logs.items():
+            proc = self.table.procs.get(pid) if isinstance(pid, int) else None
+            if proc is None or proc.host != host_id or not isinstance(text, str):
+                continue
+            used = self._log_bytes.get(pid) or _size(self._log_path(pid))
+            if used >= MAX_LOG_BYTES:
+                continue
+            data = text.encode("utf-8", errors="replace")[:MAX_LOG_BYTES - used]
+            if used + len(data) >= MAX_LOG_BYTES:
+                data += b"\n[llmos: log limit reached; further output dropped]\n"
+            with open(self._log_path(pid), "ab") as f:
+                f.write(data)
+            self._log_bytes[pid] = used + len(data)
+
+    def _log_path(self, pid: int) -> Path:
+        return self.state_dir / "logs" / f"{pid}.log"
+
+    # -- services the syscall table uses -------------------------------------------
+    def memory_service(self):
+        if self._memory is None:
+            from llmos_kernel.core.embedder import Embedder
+            from llmos_kernel.services.memory import MemoryStore
+
+            self._memory = MemoryStore(self.state_dir / "memory.db",
+                                       Embedder.load(self.cfg.memory_model).embed)
+        return self._memory
+
+    def _charge_tokens(self, pid: int, usage: dict) -> None:
+        proc = self.table.procs.get(pid)
+        if proc is not None:
+            proc.tokens_used += usage["prompt_tokens"] + usage["completion_tokens"]
+            self.table.save(proc)
+
+    def on_spawned(self, proc: Process) -> None:
+        self.fs.set_quota(proc.pid, proc.quotas.fs_bytes)
+
+    def _reap(self, proc: Process) -> None:
+        self.tools.unregister_owner(proc.pid)
+
+    def register_agent_tool(self, proc: Process, spec: Any) -> dict:
+        if not isinstance(spec, dict):
+            raise InvalidArgument("tools.register takes a tool spec dict")
+        try:
+            tool_spec = ToolSpec(**spec)
+        except TypeError as e:
+            raise InvalidArgument(f"bad tool spec: {e}") from None
+
+        async def run_on_host(args: dict, owner: Process = proc, name: str = tool_spec.name):
+            call = secrets.token_hex(8)
+            future = asyncio.get_running_loop().create_future()
+            self._tool_calls[call] = (owner.host, future)
+            self.outboxes.put(owner.host, {"kind": "tool", "call": call, "pid": owner.pid,
+                                           "name": name, "args": args})
+            reply = await future
+            if "error" in reply:
+                raise ToolError(reply["error"].get("message", "the tool failed"))
+            return reply["ok"]
+
+        self.tools.register(tool_spec, owner=proc.pid, executor=run_on_host)
+        return tool_spec.to_openai()
+
+    def _tool_result(self, host_id: str, args: Any) -> dict:
+        call = args.get("call") if isinstance(args, dict) else None
+        pending = self._tool_calls.get(call)
+        if pending is None or pending[0] != host_id:
+            raise NotFound(f"no tool call {call!r} is waiting on this host")
+        del self._tool_calls[call]
+        if not pending[1].done():
+            pending[1].set_result(args.get("reply") or {"error": {"message": "no reply"}})
+        return {"ok": None}
+
+    # -- driver API (root token) -----------------------------------------------------
+    @answer
+    async def attach(self, token: str, host_id: str, name: str | None = None,
+                     priority: int = 0) -> dict:
+        """Make a driver script a process; returns its pid and capability."""
+        self._check_root(token)
+        self.procs.register_driver_host(host_id, token)
+        proc, capability = self.procs.attach(name, priority, host_id)
+        self.on_spawned(proc)
+        return {"pid": proc.pid, "capability": capability}
+
+    @answer
+    async def spawn(self, token: str, spec: dict) -> int:
+        self._check_root(token)
+        proc = await self.procs.spawn(None, spec)
+        self.on_spawned(proc)
+        self.ipc.commit()
+        return proc.pid
+
+    @answer
+    async def kill(self, token: str, pid: Any, signal: str = "term") -> None:
+        self._check_root(token)
+        self.procs.kill(None, self.table.find(pid).pid, signal)
+        self.ipc.commit()
+
+    @answer
+    async def wait(self, token: str, pid: Any, timeout: float | None = None) -> dict:
+        self._check_root(token)
+        return await self.procs.wait(None, self.table.find(pid).pid, timeout)
+
+    @answer
+    async def ps(self, token: str, include_exited: bool = True) -> list:
+        self._check_root(token)
+        return self.procs.ps(include_exited)
+
+    @answer
+    async def send(self, token: str, to: Any, type_: str, fields: Any) -> dict:
+        """Send a message as the user (sender pid 0), e.g. from ``llmos send``."""
+        self._check_root(token)
+        if not isinstance(type_, str) or not type_:
+            raise InvalidArgument("message type must be a non-empty string")
+        if type_ != UNTYPED and type_ not in self.ipc.schemas:
+            raise InvalidArgument(f"unknown message type {type_!r}; it becomes known when a "
+                                  "program that declares it sends or receives it, or use "
+                                  f"type {UNTYPED!r} for a plain dict")
+        payload = encode(fields) if type_ == UNTYPED else _typed_payload(
+            type_, self.ipc.schemas.schema(type_)["version"], fields)
+        user = Process(pid=0, program={"kind": "attached"}, status="running")
+        result = self.ipc.send(user, {"to": to, "type": type_, "payload": payload}, None)
+        self.ipc.commit()
+        return result
+
+    @answer
+    async def logs(self, token: str, pid: int, offset: int = 0) -> dict:
+        self._check_root(token)
+        self.table.get(pid)
+        if not isinstance(offset, int) or offset < 0:
+            raise InvalidArgument("offset must be an int >= 0")
+        data = await asyncio.to_thread(_read_from, self._log_path(pid), offset)
+        return {"text": data.decode("utf-8", errors="replace"), "offset": offset + len(data),
+                "alive": self.table.get(pid).alive}
+
+    @answer
+    async def approvals(self, token: str) -> list:
+        self._check_root(token)
+        return [dataclasses.asdict(a) for a in self.approval_queue.pending()]
+
+    @answer
+    async def decide(self, token: str, approval_id: str, approve: bool) -> dict:
+        self._check_root(token)
+        return dataclasses.asdict(self.approval_queue.decide(approval_id, bool(approve)))
+
+    @answer
+    async def submit(self, token: str, client: str, spec: dict, priority: int = 0,
+                     owner: int = 0, cache_salt: str = "") -> str:
+        self._check_root(token)
+        _check_client(client)
+        return self.llm.submit(client, spec, owner=owner, priority=priority,
+                               salt=cache_salt or f"client:{client}")
+
+    @answer
+    async def cancel(self, token: str, client: str, request_id: str) -> None:
+        self._check_root(token)
+        self.llm.cancel(client, request_id)
+
+    @answer
+    async def poll(self, token: str, client: str, timeout: float = 10.0) -> list:
+        self._check_root(token)
+        _check_client(client)
+        return await self.outboxes.take(client, min(max(float(timeout), 0.0), 60.0))
+
+    @answer
+    async def release_context(self, token: str, context_id: str) -> None:
+        self._check_root(token)
+        self.llm.release_context(context_id)
+
+    @answer
+    async def status(self, token: str) -> dict:
+        self._check_root(token)
+        return self._status()
+
+    def _status(self) -> dict:
+        live = self.table.live()
+        return {"name": self.cfg.name, "state_dir": str(self.state_dir), "pid": os.getpid(),
+                "uptime_s": time.time() - self.started_at,
+                "config": dataclasses.asdict(self.cfg),
+                "processes": {"live": len(live), "total": len(self.table.procs),
+                              "hosts": {h: len(i.pids) for h, i in self.procs.hosts.items()}},
+                "ipc": {**self.ipc.stats, "pending": sum(
+                    self.store.receivers_with_pending().values())},
+                **self.llm.status()}
+
+    async def shutdown(self) -> None:
+        for info in list(self.procs.hosts.values()):
+            if info.handle is not None:
+                with contextlib.suppress(Exception):
+                    ray.kill(info.handle)
+        await self.llm.stop()
+
+
+def _typed_payload(type_: str, version: int, fields: Any) -> bytes:
+    """The wire form of a typed message built from plain fields (the kernel validates it)."""
+    import msgpack
+
+    return msgpack.packb({"t": type_, "v": version, "f": fields}, use_bin_type=True)
+
+
+def _check_client(client: Any) -> None:
+    if not isinstance(client, str) or not 0 < len(client) <= 128:
+        raise InvalidArgument("client id must be a non-empty string of at most 128 characters")
+
+
+def _read_from(path: Path, offset: int, limit: int = 1 << 20) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return f.read(limit)
+    except FileNotFoundError:
+        return b""
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+RemoteKernel = ray.remote(Kernel)

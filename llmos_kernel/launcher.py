@@ -1,0 +1,100 @@
+"""Start, find and stop kernels on a local or existing Ray cluster.
+
+``llmos kernel start`` without ``--address`` starts a local Ray head (``ray
+start --head``) so the detached kernel outlives the command, and records that
+in the state dir so ``llmos kernel stop`` can take it down again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import ray
+
+from llmos_kernel.errors import AlreadyExists, Unavailable
+from llmos_kernel.kernel import NAMESPACE, KernelConfig, RemoteKernel
+
+HEAD_FILE = "ray_head.json"
+
+
+def connect_ray(address: str | None = None, *, start_head: bool = False,
+                state_dir: Path | None = None) -> None:
+    """Join a Ray cluster (``address``, or a local one), starting a local head if asked."""
+    if ray.is_initialized():
+        return
+    target = address or os.environ.get("RAY_ADDRESS") or "auto"
+    try:
+        ray.init(address=target, namespace=NAMESPACE, logging_level="ERROR", log_to_driver=False)
+        return
+    except ConnectionError:
+        if address:
+            raise Unavailable(f"no Ray cluster at {address}; start one there "
+                              "(ray start --head) or leave out --address") from None
+        if not start_head:
+            raise Unavailable("no Ray cluster (and so no kernel) is running here; "
+                              "start one with: llmos kernel start") from None
+    _start_local_head(state_dir)
+    ray.init(address="auto", namespace=NAMESPACE, logging_level="ERROR", log_to_driver=False)
+
+
+def _ray_cli(*args: str) -> subprocess.CompletedProcess:
+    code = "from ray.scripts.scripts import main; main()"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                          check=False)
+
+
+def _start_local_head(state_dir: Path | None) -> None:
+    done = _ray_cli("start", "--head", "--disable-usage-stats", "--include-dashboard=false",
+                    f"--num-cpus={os.cpu_count() or 1}")
+    if done.returncode != 0:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["(no output)"]
+        raise Unavailable(f"could not start a local Ray head: {tail[0]}")
+    if state_dir is not None:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        (state_dir / HEAD_FILE).write_text(json.dumps({"started_by": "llmos"}))
+
+
+def find_kernel(name: str) -> ray.actor.ActorHandle | None:
+    try:
+        return ray.get_actor(name, namespace=NAMESPACE)
+    except ValueError:
+        return None
+
+
+def start_kernel(cfg: KernelConfig, *, detached: bool = True) -> ray.actor.ActorHandle:
+    """Create the named kernel actor, load its model, and wait until it serves."""
+    if find_kernel(cfg.name) is not None:
+        raise AlreadyExists(f"a kernel named {cfg.name!r} is already running "
+                            "(llmos kernel status; llmos kernel stop)")
+    handle = RemoteKernel.options(
+        name=cfg.name, namespace=NAMESPACE, lifetime="detached" if detached else None,
+        num_cpus=0, max_concurrency=10_000, max_restarts=0,
+    ).remote(cfg)
+    reply = ray.get(handle.ready.remote())
+    if "error" in reply:
+        ray.kill(handle)
+        from llmos_kernel.client import unwrap
+
+        unwrap(reply)
+    return handle
+
+
+def stop_kernel(name: str, state_dir: Path | None = None) -> bool:
+    """Stop the kernel (and its shard); stop the local Ray head if llmos started it."""
+    handle = find_kernel(name)
+    if handle is not None:
+        try:
+            ray.get(handle.shutdown.remote(), timeout=30)
+        except (ray.exceptions.RayError, TimeoutError):
+            pass
+        ray.kill(handle, no_restart=True)
+    head = state_dir / HEAD_FILE if state_dir else None
+    if head is not None and head.exists():
+        ray.shutdown()
+        _ray_cli("stop")
+        head.unlink()
+    return handle is not None

@@ -1,0 +1,309 @@
+"""The kernel's LLM service: one engine loop over a supervised ModelShard actor.
+
+Requests from every client (agent hosts, the CLI, benchmarks) join one engine.
+Each step the kernel schedules, sends the shard one plan, and fans the
+results out to per-client outboxes that clients long-poll, so a client gets
+one delivery per step however many of its requests advanced. If the shard
+dies the kernel starts a new one and recomputes every request in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from actors.model_shard import RemoteModelShard
+from llmos_kernel import store
+from llmos_kernel.core.gguf_file import GGUFFile
+from llmos_kernel.core.sampling import SamplingParams
+from llmos_kernel.core.tokenizer import Tokenizer, validate_messages
+from llmos_kernel.core.weights import parse_dtype
+from llmos_kernel.engine.engine import Delta, EngineConfig, LLMEngine, Request
+from llmos_kernel.errors import (
+    AlreadyExists,
+    InvalidArgument,
+    NotFound,
+    QuotaExceeded,
+    Unavailable,
+)
+from llmos_kernel.memory import plan_memory
+from llmos_kernel.outbox import Outboxes
+
+log = logging.getLogger("llmos.llm")
+
+MAX_SHARD_RESTARTS = 5  # within SHARD_RESTART_WINDOW_S, then the service gives up
+SHARD_RESTART_WINDOW_S = 60.0
+
+
+@dataclass
+class LLMConfig:
+    model: str = store.DEFAULT_MODEL
+    dtype: str = "fp32"
+    device: str = "cpu"
+    kv_budget: str | int = "auto"
+    swap_budget: str | int = "auto"
+    block_size: int = 16
+    max_batch_tokens: int = 256
+    max_seqs: int = 64
+    prefix_caching: bool = True
+    preemption: str = "auto"
+    shard_threads: int | None = None
+
+
+class LLMService:
+    def __init__(self, cfg: LLMConfig, name: str, outboxes: Outboxes,
+                 on_usage: Callable[[int, dict], None] | None = None):
+        self.cfg, self.name, self.outboxes = cfg, name, outboxes
+        self.on_usage = on_usage or (lambda owner, usage: None)
+        self.client_of: dict[str, tuple[str, int]] = {}  # request id -> (client, owner pid)
+        self.shard = None
+        self.shard_restarts: collections.deque[float] = collections.deque()
+        self.total_shard_restarts = 0
+        self.failed: str | None = None
+        self._wake = asyncio.Event()
+        self._loop_task: asyncio.Task | None = None
+        self._meter: collections.deque[tuple[float, int]] = collections.deque()
+        self._grammars = None  # GrammarCompiler, built on first constrained request
+
+    # -- lifecycle ------------------------------------------------------------
+    async def start(self) -> None:
+        self.model_path = str(store.resolve_model(self.cfg.model))
+        gguf = GGUFFile.open(self.model_path)
+        self.model_config = gguf.config()
+        gguf.check_tensor_types()
+        self.tokenizer = Tokenizer.from_gguf(gguf.metadata)
+        self.plan = plan_memory(self.model_config, parse_dtype(self.cfg.dtype), self.cfg.device,
+                                self.cfg.kv_budget, self.cfg.block_size, self.cfg.swap_budget)
+        self.engine = LLMEngine(
+            self.tokenizer, runner=None, context_length=self.model_config.context_length,
+            cfg=EngineConfig(block_size=self.cfg.block_size, num_blocks=self.plan.num_blocks,
+                             swap_blocks=self.plan.swap_blocks,
+                             max_batch_tokens=self.cfg.max_batch_tokens,
+                             max_seqs=self.cfg.max_seqs, prefix_caching=self.cfg.prefix_caching,
+                             preemption=self.cfg.preemption))
+        await self._start_shard()
+        self._loop_task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def _start_shard(self) -> None:
+        shard_name = f"{self.name}-shard-0"
+        threads = self.cfg.shard_threads
+        self.shard = RemoteModelShard.options(
+            name=shard_name, namespace="llmos", num_cpus=0, max_restarts=0,
+            num_gpus=1 if self.cfg.device.startswith("cuda") else 0,
+            runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads or 2)}},
+        ).remote(self.model_path, self.cfg.dtype, self.cfg.device, None, threads)
+        self.shard_info = await self.shard.info.remote()
+        await self.shard.allocate_kv.remote(self.plan.num_blocks, self.plan.block_size)
+
+    async def stop(self) -> None:
+        if self._loop_task:
+            self._loop_task.cancel()
+        if self.shard is not None:
+            ray.kill(self.shard)
+
+    # -- requests -------------------------------------------------------------
+    def submit(self, client: str, spec: dict, *, owner: int = 0, priority: int = 0,
+               salt: str = "", kv_bytes_limit: int | None = None,
+               token_budget: int | None = None) -> str:
+        """Queue one generation; returns its request id (results go to the client's outbox)."""
+        if self.failed:
+            raise Unavailable(f"the LLM service is down: {self.failed}")
+        if not isinstance(spec, dict):
+            raise InvalidArgument(f"a request must be a dict, got {type(spec).__name__}")
+        unknown = set(spec) - REQUEST_FIELDS
+        if unknown:
+            raise InvalidArgument(f"unknown request field(s): {', '.join(sorted(unknown))}; "
+                                  f"known: {', '.join(sorted(REQUEST_FIELDS))}")
+        request_id = spec.get("request_id") or uuid.uuid4().hex[:16]
+        if not isinstance(request_id, str) or len(request_id) > 128:
+            raise InvalidArgument("request_id must be a string of at most 128 characters")
+        if request_id in self.engine.requests:
+            raise AlreadyExists(f"request id {request_id!r} is already running")
+        params = SamplingParams.from_dict(spec.get("params") or {})
+        prompt_ids = self._prompt_ids(spec)
+        context = spec.get("context")
+        if context is not None:
+            parked = self.engine.scheduler.parked.get(context) if isinstance(context, str) else None
+            if parked is None or parked.owner != owner:
+                raise NotFound(f"no kept context {context!r} of yours (released, never kept, "
+                               "or dropped by a kernel restart)")
+            prompt_len = parked.num_tokens + len(prompt_ids)
+        else:
+            prompt_len = len(prompt_ids)
+        if token_budget is not None:
+            if prompt_len >= token_budget:
+                raise QuotaExceeded(f"this request needs {prompt_len} prompt tokens but only "
+                                    f"{token_budget} remain in the process's token quota")
+            params = dataclasses.replace(params, max_tokens=min(params.max_tokens,
+                                                                token_budget - prompt_len))
+        if kv_bytes_limit is not None:
+            need = (prompt_len + params.max_tokens) * self.plan.kv_bytes_per_block \
+                // self.plan.block_size
+            if need > kv_bytes_limit:
+                raise QuotaExceeded(f"this request may hold {need} KV bytes, over the "
+                                    f"process's kv_bytes quota of {kv_bytes_limit}; lower "
+                                    "max_tokens or shorten the prompt")
+        constraint = self.constraint_for(spec)
+        req = Request(request_id, prompt_ids, params, priority=priority, owner=owner,
+                      cache_salt=salt, keep_context=bool(spec.get("keep_context", False)),
+                      context=context, constraint=constraint)
+        self.engine.add_request(req)
+        self.client_of[request_id] = (client, owner)
+        self._wake.set()
+        return request_id
+
+    def _prompt_ids(self, spec: dict) -> list[int]:
+        given = [k for k in ("prompt", "messages", "prompt_ids") if spec.get(k) is not None]
+        if len(given) != 1:
+            raise InvalidArgument("give exactly one of prompt (text), messages (chat) or "
+                                  "prompt_ids (tokens)")
+        if "messages" in given:
+            messages = spec["messages"]
+            if spec.get("tools"):
+                from llmos_kernel.engine.tool_calls import messages_with_tools
+
+                messages = messages_with_tools(messages, spec["tools"],
+                                               spec.get("tool_choice", "auto"))
+            messages = validate_messages(messages)
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            return self.tokenizer.encode(text, add_special_tokens=False)
+        if "prompt" in given:
+            if not isinstance(spec["prompt"], str):
+                raise InvalidArgument("prompt must be a string")
+            return self.tokenizer.encode(spec["prompt"])
+        ids = spec["prompt_ids"]
+        if not isinstance(ids, list | tuple):
+            raise InvalidArgument("prompt_ids must be a list of ints")
+        return list(ids)
+
+    def constraint_for(self, spec: dict):
+        """A grammar constraint for response_format / tools (None when unconstrained)."""
+        return
+
+    def cancel(self, client: str, request_id: str, owner: int | None = None) -> None:
+        target = self.client_of.get(request_id)
+        if target is None or target[0] != client or (owner is not None and target[1] != owner):
+            raise NotFound(f"no request {request_id!r} of yours is running")
+        delta = self.engine.abort(request_id)
+        self._deliver([delta])
+
+    def release_context(self, context_id: str, owner: int | None = None) -> None:
+        parked = self.engine.scheduler.parked.get(context_id)
+        if parked is None or (owner is not None and parked.owner != owner):
+            raise NotFound(f"no kept context {context_id!r} of yours")
+        self.engine.release_context(context_id)
+
+    def tokenize(self, text: Any) -> list[int]:
+        if not isinstance(text, str):
+            raise InvalidArgument("tokenize takes a string")
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def count_tokens(self, text: Any = None, messages: Any = None) -> int:
+        if (text is None) == (messages is None):
+            raise InvalidArgument("count takes text or messages, not both")
+        if text is not None:
+            return len(self.tokenize(text))
+        rendered = self.tokenizer.apply_chat_template(validate_messages(messages),
+                                                      add_generation_prompt=True)
+        return len(self.tokenizer.encode(rendered, add_special_tokens=False))
+
+    def info(self) -> dict:
+        return {"model": Path(self.model_path).name, "context_length": self.engine.max_model_len,
+                "vocab_size": self.tokenizer.vocab_size, "params": self.model_config.n_params}
+
+    # -- the loop -------------------------------------------------------------
+    async def _loop(self) -> None:
+        while True:
+            if not self.engine.scheduler.has_work():
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            sched, plan = self.engine.schedule()
+            if not plan.seqs and not (plan.swap_out or plan.swap_in or plan.copies):
+                await asyncio.sleep(0.005)  # everything waits on memory held by parked work
+                continue
+            try:
+                out = await self.shard.execute.remote(plan)
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+                await self._recover_shard(e)
+                continue
+            deltas = self.engine.postprocess(sched, out)
+            self._meter.append((time.monotonic(), len(out.tokens)))
+            self._deliver(deltas)
+            await asyncio.sleep(0)  # let submissions and polls in between steps
+
+    async def _recover_shard(self, error: Exception) -> None:
+        now = time.monotonic()
+        self.shard_restarts.append(now)
+        self.total_shard_restarts += 1
+        while self.shard_restarts and now - self.shard_restarts[0] > SHARD_RESTART_WINDOW_S:
+            self.shard_restarts.popleft()
+        log.warning("model shard died (%s); restart %d", error, self.total_shard_restarts)
+        if len(self.shard_restarts) > MAX_SHARD_RESTARTS:
+            self.failed = f"the model shard died {len(self.shard_restarts)} times in a minute"
+            for request_id in list(self.engine.requests):
+                self._deliver([self.engine.abort(request_id)], error=self.failed)
+            return
+        self.engine.forget_kv()
+        try:
+            ray.kill(self.shard)
+        except ValueError as e:  # not an actor handle any more
+            log.debug("shard already gone: %s", e)
+        await self._start_shard()
+
+    def _deliver(self, deltas: list[Delta], error: str | None = None) -> None:
+        for delta in deltas:
+            target = self.client_of.get(delta.request_id)
+            if delta.finished:
+                self.client_of.pop(delta.request_id, None)
+                if target is not None and delta.usage is not None:
+                    self.on_usage(target[1], delta.usage.to_dict())
+            if target is not None:
+                item = delta.to_dict()
+                if error:
+                    item["error"] = Unavailable(error).to_wire()
+                self.outboxes.put(target[0], {"kind": "delta", "pid": target[1], "delta": item})
+
+    # -- status ---------------------------------------------------------------
+    def throughput(self, window_s: float = 10.0) -> float:
+        now = time.monotonic()
+        while self._meter and now - self._meter[0][0] > window_s:
+            self._meter.popleft()
+        return sum(n for _, n in self._meter) / window_s
+
+    def status(self) -> dict:
+        sched, blocks, stats = self.engine.scheduler, self.engine.blocks, self.engine.stats
+        used = blocks.num_blocks - blocks.num_free
+        return {
+            "model": {"path": self.model_path, "dtype": self.cfg.dtype, "device": self.cfg.device,
+                      "params": self.model_config.n_params,
+                      "context_length": self.model_config.context_length},
+            "memory": {**self.plan.to_dict(), "devices": self.shard_info["devices"],
+                       "kv_blocks_used": used, "kv_blocks_free": blocks.num_free,
+                       "kv_bytes_used": used * self.plan.kv_bytes_per_block,
+                       "kv_blocks_cached": len(blocks.cached),
+                       "swap_blocks_used": sched.swap.used},
+            "queues": {"running": len(sched.running), "waiting": len(sched.waiting),
+                       "swapped": len(sched.swapped), "parked": len(sched.parked)},
+            "preemptions": dict(sched.preemptions),
+            "prefix_cache": {"hit_tokens": blocks.hits, "query_tokens": blocks.queries,
+                             "hit_rate": blocks.hits / blocks.queries if blocks.queries else 0.0},
+            "throughput_tok_s": self.throughput(),
+            "engine": dict(stats),
+            "shard": {"restarts": self.total_shard_restarts, "failed": self.failed,
+                      **{k: v for k, v in self.shard_info.items() if k != "devices"}},
+        }
+
+
+REQUEST_FIELDS = {"request_id", "prompt", "messages", "prompt_ids", "params", "keep_context",
+                  "context", "tools", "tool_choice", "response_format"}

@@ -1,0 +1,166 @@
+"""llm: the Transformer core as a syscall — chat, complete, stream, embed, count.
+
+Requests carry the calling process's priority and are charged to its token
+quota; each result says what it used. ``tools=`` and ``response_format=``
+switch on grammar-constrained decoding, so tool calls and JSON always parse
+and validate against their schemas. ``keep_context=True`` keeps the
+conversation's KV in the kernel (resident, or suspended to host memory when
+memory is short — the kernel decides) so a follow-up with ``context=`` does not
+recompute it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmos_kernel.errors import LlmosError
+from syscalls import _context
+
+
+@dataclass
+class Result:
+    text: str
+    finish_reason: str | None
+    usage: dict
+    tool_calls: list[dict] = field(default_factory=list)  # OpenAI style: id, name, arguments
+    context_id: str | None = None
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] | None = None
+    messages: list[dict] | None = None  # the whole conversation, from tools.run_loop
+
+
+def _tool_specs(tools: Sequence[Any] | None) -> list[dict] | None:
+    if not tools:
+        return None
+    from llmos_kernel.services.tools import ToolSpec, spec_of
+
+    out = []
+    for t in tools:
+        if isinstance(t, dict):
+            out.append(t)
+        else:
+            spec = spec_of(t) if not isinstance(t, ToolSpec) else t
+            out.append(spec.to_openai())
+    return out
+
+
+async def _generate(spec: dict) -> AsyncIterator[dict]:
+    agent = _context.runtime()
+    request_id = uuid.uuid4().hex[:16]
+    spec["request_id"] = request_id
+    queue: asyncio.Queue = asyncio.Queue()
+    agent.streams[request_id] = queue
+    finished = False
+    try:
+        await _context.call("llm.generate", spec=spec)
+        while True:
+            delta = await queue.get()
+            if delta.get("error"):
+                raise LlmosError.from_wire(delta["error"])
+            finished = delta["finished"]
+            yield delta
+            if finished:
+                return
+    finally:
+        agent.streams.pop(request_id, None)
+        if not finished:
+            try:
+                await _context.call("llm.cancel", request_id=request_id)
+            except LlmosError:
+                pass  # it finished meanwhile
+
+
+def _spec(prompt: str | None, messages: list | None, *, tools=None, tool_choice="auto",
+          response_format=None, keep_context: bool = False, context: str | None = None,
+          **sampling) -> dict:
+    spec: dict[str, Any] = {"params": sampling}
+    if messages is not None:
+        spec["messages"] = messages
+    if prompt is not None:
+        spec["prompt"] = prompt
+    specs = _tool_specs(tools)
+    if specs:
+        spec["tools"], spec["tool_choice"] = specs, tool_choice
+    if response_format is not None:
+        spec["response_format"] = response_format
+    if keep_context:
+        spec["keep_context"] = True
+    if context is not None:
+        spec["context"] = context
+    return spec
+
+
+async def _collect(spec: dict) -> Result:
+    out = Result("", None, {})
+    async for delta in _generate(spec):
+        out.text += delta["text"]
+        out.token_ids += delta["token_ids"]
+        if delta.get("logprobs"):
+            out.logprobs = (out.logprobs or []) + delta["logprobs"]
+        if delta["finished"]:
+            out.finish_reason, out.usage = delta["finish_reason"], delta["usage"]
+            out.context_id = delta.get("context_id")
+    if "tools" in spec:
+        from llmos_kernel.engine.tool_calls import parse_tool_calls
+
+        out.text, calls = parse_tool_calls(out.text)
+        out.tool_calls = [c.to_openai() for c in calls]
+    return out
+
+
+async def chat(messages: list[dict], *, tools: Sequence[Any] | None = None,
+               tool_choice: str = "auto", response_format: dict | None = None,
+               keep_context: bool = False, context: str | None = None, **sampling) -> Result:
+    """One assistant turn for ``messages`` (OpenAI-style role/content dicts).
+
+    ``sampling``: max_tokens, temperature, top_p, top_k, min_p, seed, stop, ...
+    """
+    return await _collect(_spec(None, messages, tools=tools, tool_choice=tool_choice,
+                                response_format=response_format, keep_context=keep_context,
+                                context=context, **sampling))
+
+
+async def complete(prompt: str, *, response_format: dict | None = None,
+                   keep_context: bool = False, context: str | None = None,
+                   **sampling) -> Result:
+    """Continue raw text (no chat template)."""
+    return await _collect(_spec(prompt, None, response_format=response_format,
+                                keep_context=keep_context, context=context, **sampling))
+
+
+async def stream(messages: list[dict] | None = None, *, prompt: str | None = None,
+                 **kwargs) -> AsyncIterator[str]:
+    """Text pieces as they are generated (chat ``messages`` or raw ``prompt``)."""
+    async for delta in _generate(_spec(prompt, messages, **kwargs)):
+        if delta["text"]:
+            yield delta["text"]
+
+
+async def release(context_id: str) -> None:
+    """Free a context kept with ``keep_context=True``."""
+    await _context.call("llm.release", context_id=context_id)
+
+
+async def embed(texts: list[str]) -> list[list[float]]:
+    """Unit-length sentence embeddings (the kernel's embedding model)."""
+    return await _context.call("llm.embed", texts=texts)
+
+
+async def tokenize(text: str) -> list[int]:
+    return await _context.call("llm.tokenize", text=text)
+
+
+async def count(text: str | None = None, *, messages: list[dict] | None = None) -> int:
+    """Tokens in ``text``, or in ``messages`` as the chat template renders them."""
+    if messages is not None:
+        return await _context.call("llm.count", messages=messages)
+    return await _context.call("llm.count", text=text)
+
+
+async def info() -> dict:
+    """The model's name, context length and vocabulary size."""
+    return await _context.call("llm.info")
