@@ -6,11 +6,15 @@ the kernel over two channels, each with at most one call in flight:
 
 - ``host_batch``: every syscall its agents made since the last batch (sends,
   acks, LLM requests, file operations...), answered per call. Calls that take
-  long (an LLM generation, a wait) are answered "pending" and finished later
-  through the poll channel.
-- ``host_poll``: a long-poll returning whatever the kernel has for this host:
-  orders (spawn, kill, run a tool), delivered messages, LLM tokens, late
-  syscall results.
+  long (an LLM generation, a wait) are answered "pending" and finished later.
+- ``host_poll``: a long-poll for whatever the kernel has for this host.
+
+What the kernel has for a host (orders to spawn or kill, delivered messages,
+LLM tokens, late syscall results) comes back on whichever channel answers
+first, in numbered chunks the host applies in order. If the kernel dies
+mid-batch, the host of a driver script (which outlives it) sends the batch's
+idempotent calls (sends and acks, which carry their message ids) again once
+the kernel is back, in their order, and fails the others with Unavailable.
 
 Delivery is at least once; a message counts as handled when its handler
 finishes (``on_message`` returns, or the program asks for its next message,
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import hashlib
 import importlib
 import inspect
 import itertools
@@ -32,19 +37,32 @@ import sys
 import time
 import traceback
 import types
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgpack
 import ray
 
-from llmos_kernel.errors import LlmosError, Timeout, Unavailable
-from llmos_kernel.messages import DEFAULT_REGISTRY, Envelope, decode
+from llmos_kernel.errors import InvalidArgument, LlmosError, MessageError, Timeout, Unavailable
+from llmos_kernel.messages import (
+    DEFAULT_REGISTRY,
+    UNTYPED,
+    Envelope,
+    RawMessage,
+    decode,
+    encode,
+    message_type,
+    schema_of,
+)
 
 log = logging.getLogger("llmos.host")
 
 POLL_TIMEOUT_S = 10.0
+KERNEL_RESTART_WAIT_S = 60.0  # how long a driver's host retries a kernel that went away
+RETRY_DELAY_S = 0.5
+SEEN_LIMIT = 10_000  # message ids an agent remembers, to drop redeliveries
+RETRYABLE = frozenset({"ipc.send", "ipc.publish", "ipc.ack", "ipc.subscribe", "ipc.unsubscribe"})
 
 # The process the running task belongs to; the syscall layer reads it (syscalls._context).
 current: contextvars.ContextVar[AgentRuntime | None] = contextvars.ContextVar(
@@ -75,10 +93,10 @@ class AgentRuntime:
     pid: int
     capability: str
     name: str | None = None
-    mailbox: list[Message] = field(default_factory=list)
+    mailbox: dict[str, Message] = field(default_factory=dict)  # by id, in arrival order
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
     handling: str | None = None  # id of the message being handled (its sends are held)
-    seen: set[str] = field(default_factory=set)  # delivered ids, for dedup
+    seen: dict[str, None] = field(default_factory=dict)  # recently delivered ids, oldest first
     task: asyncio.Task | None = None
     killing: bool = False
     tools: dict[str, Callable] = field(default_factory=dict)
@@ -87,26 +105,35 @@ class AgentRuntime:
     behaviour: Any = None  # the instance, for a program written as a behaviour class
 
     def deliver(self, msg: Message) -> None:
-        if msg.id in self.seen:
+        if msg.id in self.seen or msg.id in self.mailbox:
+            if msg.id != self.handling and msg.id not in self.mailbox:
+                self.host.queue_ack(self, msg.id)  # handled already; its ack was lost
             return
-        self.seen.add(msg.id)
-        self.mailbox.append(msg)
+        self.seen[msg.id] = None
+        if len(self.seen) > SEEN_LIMIT:
+            del self.seen[next(iter(self.seen))]
+        self.mailbox[msg.id] = msg
         self.arrived.set()
 
     async def next_message(self, match: Callable[[Message], bool] | None = None,
                            timeout: float | None = None, *, handle: bool = True) -> Message:
-        """The first message in arrival order that ``match`` accepts."""
+        """The first message in arrival order that ``match`` accepts.
+
+        With ``handle`` (a receive), the previous message counts as handled and this one
+        becomes the message being handled; without it (a call's reply), it is acknowledged
+        at once.
+        """
         if handle:
-            await self.finish_message()
+            self.finish_message()
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            for i, msg in enumerate(self.mailbox):
+            for msg_id, msg in self.mailbox.items():
                 if match is None or match(msg):
-                    del self.mailbox[i]
+                    del self.mailbox[msg_id]
                     if handle:
-                        self.handling = msg.id
+                        self.handling = msg_id
                     else:
-                        self.host.queue_ack(self, msg.id)
+                        self.host.queue_ack(self, msg_id)
                     return msg
             self.arrived.clear()
             remaining = None if deadline is None else deadline - time.monotonic()
@@ -117,14 +144,16 @@ class AgentRuntime:
             except TimeoutError:
                 raise Timeout(f"no matching message within {timeout} s") from None
 
-    async def finish_message(self) -> None:
-        """The current handler is done: acknowledge its message (with its held sends)."""
+    def finish_message(self, reply: dict | None = None) -> None:
+        """The current handler is done: acknowledge its message (releasing its held sends),
+        with ``reply`` (an encoded message) as its answer to a call."""
         if self.handling is not None:
             msg_id, self.handling = self.handling, None
-            await self.host.syscall(self, "ipc.ack", {"id": msg_id})
+            self.host.queue_ack(self, msg_id, reply)
 
     def log(self, text: str) -> None:
         self.log_buffer.append(text)
+        self.host.logging.add(self)
         self.host.wake()
 
 
@@ -152,15 +181,19 @@ class AgentHost:
     def __init__(self, kernel: Any, host_id: str, *, token: str | None = None):
         self.kernel = ray.get_actor(kernel, namespace="llmos") if isinstance(kernel, str) else kernel
         self.host_id = host_id
-        self.token = token  # set for a driver host: it authenticates as the kernel's root
+        self.token = token  # the kernel's root token (driver host) or this host's secret
         self.agents: dict[int, AgentRuntime] = {}
         self.ops: list[list] = []
         self.futures: dict[str, asyncio.Future] = {}
         self.exits: list[dict] = []
+        self.logging: set[AgentRuntime] = set()  # agents with output to send
         self.sent_schemas: set[str] = set()  # message types this host has declared to the kernel
         self._ids = itertools.count()
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
+        self._inbound: tuple[str, int] = ("", 0)  # kernel epoch, next chunk start expected
+        self._early: dict[int, list] = {}  # chunks that arrived before their predecessors
+        self._down_since: float | None = None
         self.started_at = time.time()
 
     # -- lifecycle ------------------------------------------------------------
@@ -197,6 +230,18 @@ class AgentHost:
         self._wake.set()
 
     # -- syscalls -------------------------------------------------------------
+    def wire(self, msg: Any) -> dict:
+        """A message's type and msgpack payload; with its schema the first time this host
+        sends that type, so the kernel can validate types only agent programs define."""
+        payload = encode(msg)
+        if isinstance(msg, dict):
+            return {"type": UNTYPED, "payload": payload}
+        name = message_type(msg)
+        if name in self.sent_schemas:
+            return {"type": name, "payload": payload}
+        self.sent_schemas.add(name)
+        return {"type": name, "payload": payload, "schema": schema_of(type(msg))}
+
     async def syscall(self, agent: AgentRuntime, name: str, args: dict) -> Any:
         call_id = f"{self.host_id}:{next(self._ids)}"
         future = asyncio.get_running_loop().create_future()
@@ -208,34 +253,65 @@ class AgentHost:
             raise LlmosError.from_wire(reply["error"])
         return reply.get("ok")
 
-    def queue_ack(self, agent: AgentRuntime, msg_id: str) -> None:
-        self.ops.append([f"{self.host_id}:{next(self._ids)}", agent.capability, "ipc.ack",
-                         {"id": msg_id}, None])
+    def queue_ack(self, agent: AgentRuntime, msg_id: str, reply: dict | None = None) -> None:
+        """Acknowledge a message without waiting; a failed reply is noted in the agent's log."""
+        args: dict[str, Any] = {"id": msg_id}
+        if reply is not None:
+            args["reply"] = reply
+            call_id = f"{self.host_id}:{next(self._ids)}"
+            future = asyncio.get_running_loop().create_future()
+            future.add_done_callback(lambda f: _log_failure(agent, "reply", f.result()))
+            self.futures[call_id] = future
+        else:
+            call_id = ""  # nobody waits for a plain ack
+        self.ops.append([call_id, agent.capability, "ipc.ack", args, None])
         self._wake.set()
 
     async def _flush_loop(self) -> None:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            logs = {a.pid: "".join(a.log_buffer) for a in self.agents.values() if a.log_buffer}
-            for agent in self.agents.values():
-                agent.log_buffer.clear()
-            if not (self.ops or self.exits or logs):
+            if not (self.ops or self.exits or self.logging):
                 continue
             ops, self.ops = self.ops, []
             exits, self.exits = self.exits, []
+            logs = {a.pid: "".join(a.log_buffer) for a in self.logging}
+            for agent in self.logging:
+                agent.log_buffer.clear()
+            self.logging.clear()
             try:
                 reply = await self.kernel.host_batch.remote(self.host_id, ops, exits, logs,
                                                             self.token)
             except ray.exceptions.RayError as e:
-                self._fail(ops, Unavailable(f"kernel unreachable: {e}"))
+                await self._retry_later(ops, exits, e)
                 continue
+            except Exception as e:  # noqa: BLE001 - e.g. an argument Ray cannot serialize
+                self._fail(ops, InvalidArgument(f"cannot send these calls: {e}"))
+                continue
+            self._down_since = None
             if "error" in reply:
                 self._fail(ops, LlmosError.from_wire(reply["error"]))
                 continue
-            for call_id, result in reply["ok"].items():
+            self._receive(reply["ok"]["out"])
+            for call_id, result in reply["ok"]["results"].items():
                 if "pending" not in result:
                     self._resolve(call_id, result)
+
+    async def _retry_later(self, ops: list[list], exits: list[dict], error: Exception) -> None:
+        """The kernel went away mid-batch: keep what can be sent again, fail the rest."""
+        now = time.monotonic()
+        self._down_since = self._down_since or now
+        if now - self._down_since > KERNEL_RESTART_WAIT_S:
+            self._fail(ops, Unavailable(f"kernel unreachable for {KERNEL_RESTART_WAIT_S:.0f} s: "
+                                        f"{error}"))
+            return
+        again = [op for op in ops if op[2] in RETRYABLE]
+        self._fail([op for op in ops if op[2] not in RETRYABLE], Unavailable(
+            f"the kernel went away during this call (it may or may not have happened): {error}"))
+        self.ops[:0] = again
+        self.exits[:0] = exits
+        await asyncio.sleep(RETRY_DELAY_S)
+        self._wake.set()
 
     def _fail(self, ops: list[list], error: LlmosError) -> None:
         for op in ops:
@@ -252,13 +328,26 @@ class AgentHost:
                 reply = await self.kernel.host_poll.remote(self.host_id, POLL_TIMEOUT_S, self.token)
             except ray.exceptions.RayError as e:
                 log.warning("host %s lost the kernel: %s", self.host_id, e)
-                await asyncio.sleep(1.0)
+                await asyncio.sleep(RETRY_DELAY_S)
                 continue
             if "error" in reply:
                 log.error("host %s poll refused: %s", self.host_id, reply["error"])
                 await asyncio.sleep(1.0)
                 continue
-            for item in reply["ok"]:
+            self._receive(reply["ok"])
+
+    def _receive(self, chunk: list) -> None:
+        """Apply a numbered chunk of kernel items, in order across both channels."""
+        epoch, start, items = chunk
+        if epoch != self._inbound[0]:  # a new kernel (restarted): it numbers from zero
+            self._inbound, self._early = (epoch, 0), {}
+        if not items:
+            return
+        self._early[start] = items
+        while self._inbound[1] in self._early:
+            items = self._early.pop(self._inbound[1])
+            self._inbound = (epoch, self._inbound[1] + len(items))
+            for item in items:
                 try:
                     self._dispatch(item)
                 except Exception:
@@ -271,7 +360,7 @@ class AgentHost:
         elif kind == "msg":
             agent = self.agents.get(item["pid"])
             if agent is not None:
-                agent.deliver(_message(Envelope.from_wire(item["env"])))
+                agent.deliver(_message(Envelope(*item["env"])))
         elif kind == "delta":
             agent = self.agents.get(item["pid"])
             queue = agent.streams.get(item["delta"]["request_id"]) if agent else None
@@ -289,19 +378,20 @@ class AgentHost:
             log.error("host %s: unknown item kind %r", self.host_id, kind)
 
     # -- processes ------------------------------------------------------------
-    def attach(self, pid: int, capability: str, name: str | None = None) -> AgentRuntime:
-        """Make the calling task (a driver script) act as process ``pid``."""
+    def attach(self, pid: int, capability: str, name: str | None = None, *,
+               default: bool = True) -> AgentRuntime:
+        """Let a driver script act as process ``pid``: in every task outside an agent when
+        ``default``, else only where ``current`` is set to the returned runtime."""
         agent = AgentRuntime(self, pid, capability, name)
         self.agents[pid] = agent
-        attached[:] = [agent]
+        if default:
+            attached[:] = [agent]
         return agent
 
     def _spawn(self, order: dict) -> None:
         pid = order["pid"]
         agent = AgentRuntime(self, pid, order["capability"], order.get("name"))
         self.agents[pid] = agent
-        for wire in order.get("pending", []):
-            agent.deliver(_message(Envelope.from_wire(wire)))
         ctx = contextvars.copy_context()
         ctx.run(current.set, agent)
         agent.task = asyncio.get_running_loop().create_task(
@@ -317,7 +407,7 @@ class AgentHost:
                 result = entry(**args)
                 if inspect.isawaitable(result):
                     result = await result
-            await agent.finish_message()
+            agent.finish_message()
             exit_ = {"reason": "normal", "result": _plain(result)}
         except asyncio.CancelledError:
             exit_ = {"reason": "killed" if agent.killing else "shutdown"}
@@ -364,6 +454,12 @@ class AgentHost:
         self._wake.set()
 
 
+def _log_failure(agent: AgentRuntime, what: str, result: dict) -> None:
+    if "error" in result:
+        agent.log(f"[{what} failed] {result['error'].get('type')}: "
+                  f"{result['error'].get('message')}\n")
+
+
 async def _run_behaviour(agent: AgentRuntime, cls: type, args: dict) -> Any:
     """Run an OTP-like behaviour: ``init(**args)``, then ``on_message(msg)`` per message."""
     behaviour = cls()
@@ -381,10 +477,9 @@ async def _run_behaviour(agent: AgentRuntime, cls: type, args: dict) -> Any:
         reply = on_message(msg)
         if inspect.isawaitable(reply):
             reply = await reply
-        if reply is not None and msg.expects_reply:
-            from syscalls import ipc
-
-            await ipc.reply(msg, reply)
+        agent.finish_message(
+            {"to": msg.sender, "correlation_id": msg.id, **agent.host.wire(reply)}
+            if reply is not None and msg.expects_reply else None)
         if getattr(behaviour, "stopped", False):
             return getattr(behaviour, "result", None)
 
@@ -396,10 +491,19 @@ def load_program(program: dict) -> Any:
         module_name, _, attr = program["ref"].partition(":")
         module = importlib.import_module(module_name)
     elif kind == "source":
-        module = types.ModuleType(f"llmos_program_{uuid.uuid4().hex[:8]}")
-        module.__file__ = program.get("filename", "<program>")
-        sys.modules[module.__name__] = module
-        exec(compile(program["code"], module.__file__, "exec"), module.__dict__)  # noqa: S102 - running the user's program is the point
+        # One module per distinct source text: a second spawn of the same program reuses it,
+        # so its @message classes are declared once per host.
+        name = "llmos_program_" + hashlib.sha1(program["code"].encode()).hexdigest()[:16]
+        module = sys.modules.get(name)
+        if module is None:
+            module = types.ModuleType(name)
+            module.__file__ = program.get("filename", "<program>")
+            sys.modules[name] = module
+            try:
+                exec(compile(program["code"], module.__file__, "exec"), module.__dict__)  # noqa: S102 - running the user's program is the point
+            except BaseException:
+                del sys.modules[name]
+                raise
         attr = program.get("attr") or ""
     elif kind == "pickle":
         return ray.cloudpickle.loads(program["data"])
@@ -414,7 +518,12 @@ def load_program(program: dict) -> Any:
 
 
 def _message(env: Envelope) -> Message:
-    body = decode(env.payload, registry=DEFAULT_REGISTRY)
+    """The kernel validated the payload; a type this host has no class for stays raw."""
+    try:
+        body = decode(env.payload, registry=DEFAULT_REGISTRY)
+    except MessageError:
+        raw = msgpack.unpackb(env.payload, raw=False)
+        body = RawMessage(raw["t"], raw["v"], raw["f"])
     return Message(env.id, env.sender, env.type, body, env.correlation_id, env.topic,
                    expects_reply=env.reply_to == "call", timestamp=env.timestamp)
 

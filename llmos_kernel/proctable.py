@@ -85,6 +85,7 @@ class Process:
     trap_exits: bool = False
     isolated: bool = False
     resources: dict = field(default_factory=dict)
+    placement: str | None = None  # the shared host it asked to run on
     host: str | None = None
     status: str = "starting"
     exit: dict | None = None

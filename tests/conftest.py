@@ -63,3 +63,80 @@ def engine(model_path):
     from llmos_kernel.engine.local import load_engine
 
     return load_engine(str(model_path), kv_budget="512MiB", swap_budget="256MiB")
+
+
+AGENTS_DIR = Path(__file__).parent / "agents"
+
+
+class KernelHarness:
+    """One kernel for the whole session, and one event loop (in a thread) to talk to it.
+
+    ``run(coro)`` runs a coroutine on that loop as the attached test driver process,
+    so tests can use the syscall layer (``from syscalls import ipc, proc, ...``).
+    """
+
+    def __init__(self, handle, state_dir: Path, name: str):
+        import asyncio
+        import threading
+
+        self.handle, self.state_dir, self.name = handle, state_dir, name
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.pid = self.run(self._attach())
+
+    async def _attach(self) -> int:
+        import syscalls
+
+        return await syscalls.attach("test-driver", kernel=self.name, state_dir=str(self.state_dir))
+
+    def run(self, coro, timeout: float = 300.0):
+        import asyncio
+
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def call(self, method: str, *args, timeout: float = 120.0):
+        """A driver-API call with the root token, e.g. ``call("ps")``."""
+        import ray
+
+        from llmos_kernel.client import unwrap
+
+        token = (self.state_dir / "root.token").read_text()
+        return unwrap(ray.get(getattr(self.handle, method).remote(token, *args), timeout=timeout))
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance for the session; agent hosts can import tests/agents/*."""
+    import ray
+
+    ray.init(namespace="llmos", include_dashboard=False, logging_level="ERROR",
+             log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(AGENTS_DIR),
+                                       "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}})
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def kernel(ray_session, model_path, tmp_path_factory):
+    """A kernel on the real model, shared by every test that needs one."""
+    import ray
+
+    from llmos_kernel.kernel import KernelConfig
+    from llmos_kernel.launcher import start_kernel
+    from llmos_kernel.llm_service import LLMConfig
+
+    state = tmp_path_factory.mktemp("kernel-state")
+    name = "test-kernel"
+    handle = start_kernel(KernelConfig(
+        state_dir=str(state), name=name, hosts=2,
+        llm=LLMConfig(model=str(model_path), kv_budget="512MiB", swap_budget="256MiB")),
+        detached=False)
+    harness = KernelHarness(handle, state, name)
+    yield harness
+    harness.close()
+    ray.kill(handle)

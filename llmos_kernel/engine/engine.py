@@ -178,13 +178,19 @@ class LLMEngine:
             raise NotFound(f"no request {request_id!r} is running (finished, cancelled or unknown)")
         return self._finish(state, "abort", keep=False)
 
+    def suspend_context(self, context_id: str) -> bool:
+        """Snapshot a kept context to host memory now (the kernel also does it under pressure)."""
+        if context_id not in self.scheduler.parked:
+            raise NotFound(f"no parked context {context_id!r}")
+        return self.scheduler.suspend(context_id)
+
     def release_context(self, context_id: str) -> None:
         if context_id not in self.scheduler.parked:
             raise NotFound(f"no parked context {context_id!r}")
         self.scheduler.drop_parked(context_id)
 
     def has_unfinished(self) -> bool:
-        return bool(self.requests)
+        return bool(self.requests) or self.scheduler.has_work()
 
     def forget_kv(self) -> None:
         """After a runner restart: nothing computed survives; every request recomputes."""

@@ -102,7 +102,8 @@ class Scheduler:
         return self.running + self.swapped + self.waiting
 
     def has_work(self) -> bool:
-        return bool(self.running or self.swapped or self.waiting)
+        return bool(self.running or self.swapped or self.waiting or self._pending_swap_out
+                    or self._pending_drops)
 
     def remove(self, seq: Sequence) -> None:
         """Take a sequence out of every queue and free whatever memory it holds."""
@@ -137,16 +138,25 @@ class Scheduler:
         """Free device blocks held by the least recently parked resident context."""
         for key, seq in self.parked.items():
             if seq.status is Status.PARKED and seq.table.blocks:
-                if self._swap_out(seq):
-                    seq.status = Status.SUSPENDED
-                    self.preemptions["suspend"] += 1
-                else:
-                    self.blocks.release(seq.table)
-                    seq.num_computed = 0
-                    self.preemptions["drop"] += 1
-                self.parked.move_to_end(key)
+                self.suspend(key)
                 return True
         return False
+
+    def suspend(self, key: str) -> bool:
+        """Move a parked context's KV to host memory (or, without room there, drop it:
+        a follow-up then recomputes). False if it holds no device blocks."""
+        seq = self.parked.get(key)
+        if seq is None or seq.status is not Status.PARKED or not seq.table.blocks:
+            return False
+        if self._swap_out(seq):
+            seq.status = Status.SUSPENDED
+            self.preemptions["suspend"] += 1
+        else:
+            self.blocks.release(seq.table)
+            seq.num_computed = 0
+            self.preemptions["drop"] += 1
+        self.parked.move_to_end(key)
+        return True
 
     # -- the step -----------------------------------------------------------
     def _order(self, seq: Sequence) -> tuple:
