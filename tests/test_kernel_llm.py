@@ -1,0 +1,112 @@
+"""The kernel's LLM service through Ray: concurrency, bad input, a dying shard, status."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import pytest
+import ray
+
+from llmos_kernel.bench.prompts import chat_prompts
+from llmos_kernel.client import KernelClient
+from llmos_kernel.errors import ContextOverflow, InvalidArgument, LlmosError, NotFound
+
+
+@pytest.fixture(scope="module")
+def client(kernel):
+    token = (kernel.state_dir / "root.token").read_text()
+
+    async def make():
+        return KernelClient(kernel.handle, token)
+
+    return kernel.run(make())
+
+
+MESSAGES = chat_prompts(8, min_words=4, max_words=120, seed=11)
+
+
+def greedy(n: int = 16) -> dict:
+    return {"max_tokens": n, "temperature": 0, "ignore_eos": True}
+
+
+@pytest.fixture(scope="module")
+def alone(kernel, client):
+    """Each prompt run by itself, one after another."""
+    async def run():
+        return [(await client.generate(messages=m, **greedy())).token_ids for m in MESSAGES]
+
+    return kernel.run(run())
+
+
+def test_concurrent_mixed_load_gives_the_same_greedy_tokens(kernel, client, alone):
+    async def run():
+        return await asyncio.gather(*[client.generate(messages=m, **greedy())
+                                      for m in MESSAGES])
+
+    together = kernel.run(run())
+    assert [c.token_ids for c in together] == alone
+    assert all(c.finish_reason == "length" for c in together)
+
+
+@pytest.mark.parametrize("spec, error", [
+    ({"prompt": 42}, InvalidArgument),
+    ({"prompt": "hi", "bogus": 1}, InvalidArgument),
+    ({"prompt": "hi", "params": {"temperature": "hot"}}, InvalidArgument),
+    ({"prompt": "hi", "params": {"max_tokens": 0}}, InvalidArgument),
+    ({"prompt": "hi", "messages": []}, InvalidArgument),
+    ({"messages": [{"role": "user"}]}, InvalidArgument),
+    ({"prompt_ids": [10**9]}, InvalidArgument),
+    ({"prompt": "word " * 9000}, ContextOverflow),
+    ({"prompt": "hi", "context": "never-kept"}, NotFound),
+])
+def test_bad_requests_get_typed_errors_and_the_kernel_keeps_serving(kernel, client, spec, error):
+    async def run():
+        reply = await client.handle.submit.remote(client.token, client.client_id, spec)
+        with pytest.raises(error):
+            from llmos_kernel.client import unwrap
+            unwrap(reply)
+        return await client.generate(prompt="The sky is", **greedy(2))
+
+    assert len(kernel.run(run()).token_ids) == 2
+
+
+def test_cancelling_an_unknown_request_is_a_typed_error(kernel, client):
+    with pytest.raises(NotFound):
+        kernel.run(client.cancel("no-such-request"))
+
+
+def test_kernel_restarts_a_killed_shard_and_finishes_every_request(kernel, client, alone):
+    async def run():
+        tasks = [asyncio.ensure_future(client.generate(messages=m, **greedy()))
+                 for m in MESSAGES]
+        while (await client.status())["engine"]["tokens_generated"] == 0:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)  # mid-run
+        shard = ray.get_actor(f"{kernel.name}-shard-0", namespace="llmos")
+        os.kill((await shard.info.remote())["pid"], signal.SIGKILL)
+        return await asyncio.gather(*tasks)
+
+    before = kernel.run(client.status())["shard"]["restarts"]
+    results = kernel.run(run())
+    assert [c.token_ids for c in results] == alone
+    assert kernel.run(client.status())["shard"]["restarts"] == before + 1
+
+
+def test_status_shows_the_memory_map_queues_and_throughput(kernel, client):
+    st = kernel.run(client.status())
+    mem = st["memory"]
+    assert mem["kv_pool_bytes"] <= mem["kv_budget_bytes"]
+    assert mem["kv_blocks_used"] + mem["kv_blocks_free"] == mem["num_blocks"]
+    assert {d["name"] for d in mem["devices"]} >= {"cpu"}
+    assert set(st["queues"]) == {"running", "waiting", "swapped", "parked"}
+    assert set(st["preemptions"]) >= {"swap", "recompute"}
+    assert st["throughput_tok_s"] >= 0
+    assert st["engine"]["tokens_generated"] > 0
+
+
+def test_an_error_reaches_the_caller_not_the_kernel(kernel, client):
+    with pytest.raises(LlmosError):
+        kernel.run(client.generate(prompt="hi", temperature=-1))
+    assert kernel.run(client.generate(prompt="Hello", **greedy(1))).token_ids
