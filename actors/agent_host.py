@@ -139,6 +139,9 @@ class AgentRuntime:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise Timeout(f"no matching message within {timeout} s")
+            if remaining is None:
+                await self.arrived.wait()
+                continue
             try:
                 await asyncio.wait_for(self.arrived.wait(), remaining)
             except TimeoutError:
@@ -498,6 +501,8 @@ def load_program(program: dict) -> Any:
         if module is None:
             module = types.ModuleType(name)
             module.__file__ = program.get("filename", "<program>")
+            module.__llmos_program__ = {k: program[k] for k in ("kind", "code", "filename")
+                                        if k in program}  # lets it spawn its own classes
             sys.modules[name] = module
             try:
                 exec(compile(program["code"], module.__file__, "exec"), module.__dict__)  # noqa: S102 - running the user's program is the point

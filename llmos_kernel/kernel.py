@@ -49,6 +49,7 @@ from llmos_kernel.processes import ProcessManager
 from llmos_kernel.proctable import Process, ProcessTable
 from llmos_kernel.services.approvals import ApprovalQueue
 from llmos_kernel.services.fs import FileSystem
+from llmos_kernel.services.memory import MemoryStore
 from llmos_kernel.services.system_tools import file_and_kv_tools
 from llmos_kernel.services.tools import ToolRegistry, ToolSpec, builtin_tools
 
@@ -97,10 +98,9 @@ class Kernel:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         (self.state_dir / "logs").mkdir(exist_ok=True)
         self.started_at = time.time()
-        self.root_token = secrets.token_hex(16)
-        fd = os.open(self.state_dir / ROOT_TOKEN_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(self.root_token)
+        self.root_token = self._root_token()
+        self.epoch = secrets.token_hex(8)  # numbers this instance's chunks to hosts
+        self._chunks: dict[str, int] = {}  # host id -> items handed out so far
         self.outboxes = Outboxes()
         self.table = ProcessTable(self.state_dir / "processes.db")
         self.store = MailboxStore(self.state_dir / "mailbox.db")
@@ -116,12 +116,24 @@ class Kernel:
         self.llm = LLMService(cfg.llm, cfg.name, self.outboxes, on_usage=self._charge_tokens)
         self.procs = ProcessManager(cfg.name, self.table, self.ipc, self.outboxes,
                                     shared_hosts=cfg.hosts, on_final_exit=self._reap)
-        self._memory = None
+        self._memory: asyncio.Future[MemoryStore] | None = None
+        self._embedder = None  # the memory store's sentence embedder, once loaded
         self._tool_calls: dict[str, tuple[str, asyncio.Future]] = {}
         self._log_bytes: dict[int, int] = {}
         self._ready: asyncio.Future | None = None
         # Start serving by ourselves, also after Ray restarts this actor from scratch.
         ray.get_runtime_context().current_actor.ready.remote()
+
+    def _root_token(self) -> str:
+        """A new token; after Ray restarts the actor, the one its drivers already hold."""
+        path = self.state_dir / ROOT_TOKEN_FILE
+        if ray.get_runtime_context().was_current_actor_reconstructed and path.exists():
+            return path.read_text().strip()
+        token = secrets.token_hex(16)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token)
+        return token
 
     async def _started(self) -> None:
         if self._ready is None:
@@ -175,7 +187,8 @@ class Kernel:
     # -- the host channel ---------------------------------------------------------
     async def host_batch(self, host_id: str, ops: list, exits: list, logs: dict,
                          secret: str) -> dict:
-        """All syscalls a host's agents made since its last batch, answered per call."""
+        """All syscalls a host's agents made since its last batch, answered per call, with
+        whatever the kernel has for the host by then (see ``_chunk``)."""
         try:
             await self._started()
             host = self._host(host_id, secret)
@@ -183,16 +196,16 @@ class Kernel:
             return {"error": e.to_wire()}
         self._write_logs(host_id, logs)
         results: dict[str, dict] = {}
-        if not isinstance(ops, list):
-            ops = []
         staged_sends: list[str] = []
-        for op in ops:
+        for op in ops if isinstance(ops, list) else []:
             call_id = op[0] if isinstance(op, list) and op else None
             if not isinstance(call_id, str):
                 continue
-            results[call_id] = self._op(host_id, op)
-            if isinstance(op, list) and len(op) > 2 and op[2] in ("ipc.send", "ipc.publish"):
-                staged_sends.append(call_id)
+            result = self._op(host_id, op)
+            if call_id:  # "" marks a call nobody waits for (a plain ack)
+                results[call_id] = result
+                if len(op) > 2 and op[2] in ("ipc.send", "ipc.publish", "ipc.ack"):
+                    staged_sends.append(call_id)
         for report in exits if isinstance(exits, list) else []:
             self._exit_report(host, report)
         try:
@@ -201,7 +214,7 @@ class Kernel:
             log.exception("mailbox commit failed")
             for call_id in staged_sends:
                 results[call_id] = {"error": Unavailable(f"could not persist: {e}").to_wire()}
-        return {"ok": results}
+        return {"ok": {"results": results, "out": await self._chunk(host_id, 0.0)}}
 
     def _host(self, host_id: Any, secret: Any):
         if isinstance(secret, str) and hmac.compare_digest(secret, self.root_token):
@@ -251,12 +264,26 @@ class Kernel:
         self.procs.exited(proc.pid, {k: report.get(k) for k in ("reason", "result", "error")})
 
     async def host_poll(self, host_id: str, timeout: float, secret: str) -> dict:
+        """Wait (up to ``timeout`` s) until the kernel has something for this host."""
         try:
             await self._started()
             self._host(host_id, secret)
         except LlmosError as e:
             return {"error": e.to_wire()}
-        return {"ok": await self.outboxes.take(host_id, min(max(float(timeout), 0.0), 60.0))}
+        return {"ok": await self._chunk(host_id, min(max(float(timeout), 0.0), 60.0))}
+
+    async def _chunk(self, host_id: str, timeout: float) -> list:
+        """``[epoch, start, items]``: the host's next items, numbered so that a host applies
+        the chunks it gets from its two channels in order, whichever answers first."""
+        deadline = time.monotonic() + timeout
+        items: list = []
+        while self.outboxes.items.get(host_id) or timeout > 0:
+            items = await self.outboxes.take(host_id, max(deadline - time.monotonic(), 0.0))
+            if items or time.monotonic() >= deadline:
+                break  # else woken by items another channel took first: keep waiting
+        start = self._chunks.get(host_id, 0)
+        self._chunks[host_id] = start + len(items)
+        return [self.epoch, start, items]
 
     def _write_logs(self, host_id: str, logs: Any) -> None:
         if not isinstance(logs, dict):
@@ -279,14 +306,22 @@ class Kernel:
         return self.state_dir / "logs" / f"{pid}.log"
 
     # -- services the syscall table uses -------------------------------------------
-    def memory_service(self):
-        if self._memory is None:
-            from llmos_kernel.core.embedder import Embedder
-            from llmos_kernel.services.memory import MemoryStore
+    async def memory_service(self) -> MemoryStore:
+        """The long-term memory store; its embedding model loads on first use, off the loop."""
+        if self._memory is None or (self._memory.done() and self._memory.exception()):
+            self._memory = asyncio.ensure_future(asyncio.to_thread(self._open_memory))
+        return await asyncio.shield(self._memory)
 
-            self._memory = MemoryStore(self.state_dir / "memory.db",
-                                       Embedder.load(self.cfg.memory_model).embed)
-        return self._memory
+    def _open_memory(self) -> MemoryStore:
+        from llmos_kernel.core.embedder import Embedder
+
+        self._embedder = Embedder.load(self.cfg.memory_model)
+        return MemoryStore(self.state_dir / "memory.db", self._embedder.embed)
+
+    async def embed(self, texts: list[str]) -> list[list[float]]:
+        """Unit sentence embeddings from the memory store's model, computed off the loop."""
+        await self.memory_service()
+        return (await asyncio.to_thread(self._embedder.embed, texts)).tolist()
 
     def _charge_tokens(self, pid: int, usage: dict) -> None:
         proc = self.table.procs.get(pid)
@@ -301,35 +336,41 @@ class Kernel:
         self.tools.unregister_owner(proc.pid)
 
     def register_agent_tool(self, proc: Process, spec: Any) -> dict:
-        if not isinstance(spec, dict):
-            raise InvalidArgument("tools.register takes a tool spec dict")
-        try:
-            tool_spec = ToolSpec(**spec)
-        except TypeError as e:
-            raise InvalidArgument(f"bad tool spec: {e}") from None
+        """Add a tool that runs in ``proc``'s own host, as ``proc``, when anyone calls it."""
+        tool_spec = _agent_tool_spec(spec)
 
-        async def run_on_host(args: dict, owner: Process = proc, name: str = tool_spec.name):
+        async def run_on_host(args: dict, owner: int = proc.pid, name: str = tool_spec.name):
+            host = self.table.get(owner).host
+            if host is None:
+                raise Unavailable(f"process {owner}, which runs tool {name!r}, is not running")
             call = secrets.token_hex(8)
             future = asyncio.get_running_loop().create_future()
-            self._tool_calls[call] = (owner.host, future)
-            self.outboxes.put(owner.host, {"kind": "tool", "call": call, "pid": owner.pid,
-                                           "name": name, "args": args})
-            reply = await future
+            self._tool_calls[call] = (host, future)
+            try:
+                self.outboxes.put(host, {"kind": "tool", "call": call, "pid": owner,
+                                         "name": name, "args": args})
+                reply = await future
+            finally:
+                self._tool_calls.pop(call, None)
             if "error" in reply:
-                raise ToolError(reply["error"].get("message", "the tool failed"))
-            return reply["ok"]
+                raise ToolError(f"tool {name!r} failed in process {owner}: "
+                                f"{reply['error'].get('message', 'no message')}")
+            return reply.get("ok")
 
         self.tools.register(tool_spec, owner=proc.pid, executor=run_on_host)
         return tool_spec.to_openai()
 
     def _tool_result(self, host_id: str, args: Any) -> dict:
         call = args.get("call") if isinstance(args, dict) else None
-        pending = self._tool_calls.get(call)
+        pending = self._tool_calls.get(call) if isinstance(call, str) else None
         if pending is None or pending[0] != host_id:
             raise NotFound(f"no tool call {call!r} is waiting on this host")
-        del self._tool_calls[call]
+        reply = args.get("reply")
+        if not isinstance(reply, dict) or not ("ok" in reply or isinstance(reply.get("error"),
+                                                                          dict)):
+            reply = {"error": {"message": f"the host sent a malformed tool reply: {reply!r:.200}"}}
         if not pending[1].done():
-            pending[1].set_result(args.get("reply") or {"error": {"message": "no reply"}})
+            pending[1].set_result(reply)
         return {"ok": None}
 
     # -- driver API (root token) -----------------------------------------------------
@@ -429,6 +470,12 @@ class Kernel:
         self.llm.release_context(context_id)
 
     @answer
+    async def configure(self, token: str, options: dict) -> dict:
+        """Change scheduling knobs at run time (prefix_caching, max_batch_tokens, max_seqs)."""
+        self._check_root(token)
+        return self.llm.configure(options)
+
+    @answer
     async def status(self, token: str) -> dict:
         self._check_root(token)
         return self._status()
@@ -439,7 +486,8 @@ class Kernel:
                 "uptime_s": time.time() - self.started_at,
                 "config": dataclasses.asdict(self.cfg),
                 "processes": {"live": len(live), "total": len(self.table.procs),
-                              "hosts": {h: len(i.pids) for h, i in self.procs.hosts.items()}},
+                              "hosts": {h: len(i.pids) for h, i in self.procs.hosts.items()},
+                              "shared_hosts": self.procs.shared_host_ids()},
                 "ipc": {**self.ipc.stats, "pending": sum(
                     self.store.receivers_with_pending().values())},
                 **self.llm.status()}
@@ -457,6 +505,30 @@ def _typed_payload(type_: str, version: int, fields: Any) -> bytes:
     import msgpack
 
     return msgpack.packb({"t": type_, "v": version, "f": fields}, use_bin_type=True)
+
+
+MAX_TOOL_TIMEOUT_S = 3600.0
+
+
+def _agent_tool_spec(spec: Any) -> ToolSpec:
+    """A ToolSpec from the plain fields a program sent with ``tools.register``."""
+    if not isinstance(spec, dict) or not all(isinstance(k, str) for k in spec):
+        raise InvalidArgument("tools.register takes a tool spec dict (name, description, "
+                              "parameters, dangerous, timeout_s)")
+    if not isinstance(spec.get("description", ""), str):
+        raise InvalidArgument("a tool's description must be a string")
+    if not isinstance(spec.get("dangerous", False), bool):
+        raise InvalidArgument("a tool's dangerous flag must be true or false")
+    timeout = spec.get("timeout_s", 10.0)
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) \
+            or not 0 < timeout <= MAX_TOOL_TIMEOUT_S:
+        raise InvalidArgument(f"a tool's timeout_s must be a number in (0, {MAX_TOOL_TIMEOUT_S:g}]")
+    try:
+        return ToolSpec(**spec)
+    except LlmosError:
+        raise
+    except Exception as e:  # noqa: BLE001 - TypeError for fields, jsonschema for odd schemas
+        raise InvalidArgument(f"bad tool spec: {type(e).__name__}: {e}") from None
 
 
 def _check_client(client: Any) -> None:

@@ -274,6 +274,21 @@ class LLMService:
                     item["error"] = Unavailable(error).to_wire()
                 self.outboxes.put(target[0], {"kind": "delta", "pid": target[1], "delta": item})
 
+    def configure(self, options: Any) -> dict:
+        if not isinstance(options, dict):
+            raise InvalidArgument("configure takes a dict of options")
+        sched = self.engine.scheduler.cfg
+        for key, value in options.items():
+            if key == "prefix_caching" and isinstance(value, bool):
+                self.engine.blocks.prefix_caching = value
+            elif key in ("max_batch_tokens", "max_seqs") and isinstance(value, int) and value > 0:
+                setattr(sched, key, value)
+            else:
+                raise InvalidArgument(f"cannot set {key}={value!r}; settable: prefix_caching "
+                                      "(bool), max_batch_tokens, max_seqs (positive ints)")
+        return {"prefix_caching": self.engine.blocks.prefix_caching,
+                "max_batch_tokens": sched.max_batch_tokens, "max_seqs": sched.max_seqs}
+
     # -- status ---------------------------------------------------------------
     def throughput(self, window_s: float = 10.0) -> float:
         now = time.monotonic()

@@ -9,6 +9,7 @@ function / behaviour class object. A behaviour class has OTP-like hooks:
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,9 @@ def program_spec(program: Any) -> dict:
     if callable(program):
         module = getattr(program, "__module__", None)
         qualname = getattr(program, "__qualname__", "")
+        origin = getattr(sys.modules.get(module or ""), "__llmos_program__", None)
+        if origin is not None and "<locals>" not in qualname:  # defined in a shipped .py file
+            return {**origin, "attr": qualname, "label": qualname}
         if module and module != "__main__" and "<locals>" not in qualname:
             return {"kind": "module", "ref": f"{module}:{qualname}", "label": qualname}
         import ray
@@ -65,16 +69,18 @@ async def spawn(program: Any, args: dict | None = None, *, name: str | None = No
                 priority: int | None = None, quotas: dict | None = None,
                 restart: dict | str | None = None, tools: list[str] | None = None,
                 approval: str | None = None, trap_exits: bool = False, isolated: bool = False,
-                resources: dict | None = None) -> int:
+                resources: dict | None = None, host: str | None = None) -> int:
     """Start a child process; returns its pid. You become its supervisor.
 
     ``restart`` is a restart type ("permanent", "transient", "temporary") or a dict
     with ``restart``, and, for the children it will supervise, ``strategy``
     ("one_for_one", "one_for_all", "rest_for_one"), ``intensity`` and ``period_s``.
+    ``host`` pins it to one shared agent host (``llmos kernel status`` lists them).
     """
     spec: dict[str, Any] = {"program": program_spec(program), "args": args or {}}
     for key, value in (("name", name), ("priority", priority), ("quotas", quotas),
-                       ("tools", tools), ("approval", approval), ("resources", resources)):
+                       ("tools", tools), ("approval", approval), ("resources", resources),
+                       ("host", host)):
         if value is not None:
             spec[key] = value
     if restart is not None:

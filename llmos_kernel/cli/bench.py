@@ -39,3 +39,74 @@ def core(model: str, new_tokens: int, batch_size: int, as_json: bool) -> None:
     _report(result, [("load seconds (lower wins)", "load_s", "ref_load_s"),
                      ("decode tok/s, 1 stream", "decode_tok_s", "ref_decode_tok_s"),
                      (f"aggregate tok/s, {batch_size} prompts", b, f"ref_{b}")], as_json)
+
+
+@bench.command()
+@click.option("--agents", type=int, default=1000, show_default=True,
+              help="Idle agents spawned at once.")
+@click.option("--messages", type=int, default=200, show_default=True,
+              help="Round trips per ping-pong pair.")
+@click.option("--pairs", type=int, default=50, show_default=True,
+              help="Ping-pong pairs running at once.")
+@click.option("--kernel", "kernel_name", default=None,
+              help="A running kernel to measure (default: start a local Ray and a kernel).")
+@click.option("--state-dir", default=None, help="That kernel's state dir (for its root token).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
+def ipc(agents: int, messages: int, pairs: int, kernel_name: str | None, state_dir: str | None,
+        as_json: bool) -> None:
+    """Spawn rate and message ping-pong vs plain Ray actor calls."""
+    from llmos_kernel.bench import ipc as ipc_bench
+
+    result = ipc_bench.run(agents=agents, messages=messages, pairs=pairs, kernel=kernel_name,
+                           state_dir=state_dir,
+                           progress=lambda m: click.echo(f"[bench] {m}", err=True))
+    if not as_json:
+        click.echo(f"spawned {agents} agents in {result['spawn_s']:.2f} s "
+                   f"({result['spawn_per_s']:.0f}/s), {result['agents_alive']} alive, "
+                   f"{result['bytes_per_idle_agent'] / 1024:.1f} KiB per idle agent")
+    _report(result, [("msgs/s, one host", "msgs_per_s_local", "ray_calls_per_s"),
+                     ("msgs/s, across hosts", "msgs_per_s_cross", "ray_calls_per_s"),
+                     ("round trip p50 s (lower wins)", "lat_p50_s", "ray_lat_p50_s"),
+                     ("round trip p99 s (lower wins)", "lat_p99_s", "ray_lat_p99_s")], as_json)
+
+
+@bench.command()
+@click.option("--address", default=None,
+              help="Drive the kernel of this Ray cluster ('auto' for the local one); "
+                   "default: start a private kernel for the run.")
+@click.option("--name", "kernel_name", default="kernel", show_default=True,
+              help="Kernel to drive; started here (and stopped after) if none is running.")
+@click.option("--model", default=store.DEFAULT_MODEL, show_default=True)
+@click.option("--concurrency", type=int, default=64, show_default=True)
+@click.option("--requests", type=int, default=128, show_default=True)
+@click.option("--max-tokens", type=int, default=64, show_default=True)
+@click.option("--shared-prefix", type=int, default=0, show_default=True,
+              help="Every prompt starts with the same system text of this many tokens; the "
+                   "workload is also run with prefix caching off.")
+@click.option("--no-baseline", is_flag=True, help="Skip the transformers baseline.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
+def serve(address, kernel_name, model, concurrency, requests, max_tokens, shared_prefix, no_baseline,
+          as_json) -> None:
+    """The kernel under concurrent load vs transformers' padded batches."""
+    from llmos_kernel.bench import serve as serve_bench
+
+    result = serve_bench.run(kernel_name=kernel_name, address=address, concurrency=concurrency, requests=requests,
+                             max_tokens=max_tokens, shared_prefix=shared_prefix,
+                             baseline=not no_baseline, model=model,
+                             progress=lambda m: click.echo(f"[bench] {m}", err=True))
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    if "ref_agg_tok_s" in result:
+        _report(result, [("aggregate tok/s", "agg_tok_s", "ref_agg_tok_s")], False)
+    else:
+        click.echo(f"aggregate tok/s {result['agg_tok_s']:.1f}")
+    click.echo(f"compute bound {result['compute_bound_tok_s']:.0f} tok/s "
+               f"(GEMM peak {result['gemm_peak_gflops']:.0f} GFLOP/s): llmos reaches "
+               f"{result['agg_tok_s'] / result['compute_bound_tok_s']:.0%}")
+    click.echo(f"TTFT p50 {result['ttft_p50_s']:.2f}s p99 {result['ttft_p99_s']:.2f}s; "
+               f"ITL p50 {result['itl_p50_s'] * 1e3:.0f}ms p99 {result['itl_p99_s'] * 1e3:.0f}ms; "
+               f"prefix hit rate {result['prefix_hit_rate']:.0%}")
+    if "ttft_p50_nocache_s" in result:
+        click.echo(f"TTFT p50 without prefix caching {result['ttft_p50_nocache_s']:.2f}s "
+                   f"({result['ttft_p50_nocache_s'] / result['ttft_p50_s']:.1f}x the cached)")

@@ -16,10 +16,14 @@ def models() -> None:
 
 
 @models.command()
-@click.argument("name", default=store.DEFAULT_MODEL)
-def pull(name: str) -> None:
-    """Fetch a known model into the store and print its path (a no-op if it is there)."""
-    click.echo(store.pull(name, progress=_ProgressLine()))
+@click.argument("names", nargs=-1)
+def pull(names: tuple[str, ...]) -> None:
+    """Fetch known models into the store and print their paths (a no-op if there).
+
+    With no NAME: the default model.
+    """
+    for name in names or (store.DEFAULT_MODEL,):
+        click.echo(store.pull(name, progress=_ProgressLine()))
 
 
 @models.command(name="list")

@@ -1,0 +1,178 @@
+"""``llmos bench serve``: the kernel under a concurrent mixed workload, beside transformers.
+
+Ours: ``concurrency`` requests in flight through a kernel (a running one, or
+one started here), prompts of different lengths, each generating exactly
+``max_tokens`` tokens; aggregate tokens/s, time to first token and
+inter-token latency percentiles, prefix-cache hit rate. The baseline, in the
+same run: transformers' padded batched ``generate`` on the same prompts, in
+batches of ``concurrency``. Also this machine's fp32 GEMM peak, to state our
+throughput as a fraction of the compute bound ``peak / (2 * params)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from llmos_kernel import store
+from llmos_kernel.bench.core import load_reference
+from llmos_kernel.bench.prompts import chat_prompts, shared_system_prompt
+
+
+def gemm_peak_flops(seconds: float = 1.0) -> float:
+    """Best fp32 GEMM rate over a few shapes the engine runs (576 → 1536, 64..256 rows)."""
+    best = 0.0
+    for rows in (64, 128, 256):
+        x, w = torch.randn(rows, 576), torch.randn(576, 1536)
+        for _ in range(3):
+            x @ w
+        n, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds / 3:
+            x @ w
+            n += 1
+        best = max(best, 2 * rows * 576 * 1536 * n / (time.perf_counter() - started))
+    return best
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+async def _drive(client, workloads: list[list[dict]], concurrency: int, max_tokens: int) -> dict:
+    gate = asyncio.Semaphore(concurrency)
+    ttfts: list[float] = []
+    itls: list[float] = []
+    total = 0
+
+    async def one(messages: list[dict]) -> None:
+        nonlocal total
+        async with gate:
+            sent = time.perf_counter()
+            request_id = await client.submit(messages=messages, max_tokens=max_tokens,
+                                             temperature=0, ignore_eos=True)
+            last = None
+            async for delta in client.stream(request_id):
+                now = time.perf_counter()
+                if delta["token_ids"]:
+                    if last is None:
+                        ttfts.append(now - sent)
+                    else:
+                        itls.append((now - last) / len(delta["token_ids"]))
+                    last = now
+                    total += len(delta["token_ids"])
+
+    started = time.perf_counter()
+    await asyncio.gather(*(one(m) for m in workloads))
+    wall = time.perf_counter() - started
+    return {"agg_tok_s": total / wall, "ttft_p50_s": _pct(ttfts, 0.5),
+            "ttft_p99_s": _pct(ttfts, 0.99), "itl_p50_s": _pct(itls, 0.5),
+            "itl_p99_s": _pct(itls, 0.99), "wall_s": wall, "tokens": total}
+
+
+def _reference(model_path, tokenizer, workloads, concurrency: int, max_tokens: int) -> float:
+    hf = load_reference(model_path)
+    pad = tokenizer.pad_token_id or 0
+    batches = [workloads[i:i + concurrency] for i in range(0, len(workloads), concurrency)]
+    total, started = 0, time.perf_counter()
+    for batch in batches:
+        ids = [tokenizer.encode(tokenizer.apply_chat_template(m), add_special_tokens=False)
+               for m in batch]
+        width = max(map(len, ids))
+        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids])
+        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
+        with torch.no_grad():
+            out = hf.generate(input_ids, attention_mask=mask, max_new_tokens=max_tokens,
+                              min_new_tokens=max_tokens, do_sample=False, pad_token_id=pad)
+        total += (out.shape[1] - width) * len(batch)
+    return total / (time.perf_counter() - started)
+
+
+def run(*, kernel_name: str = "kernel", address: str | None = None, concurrency: int = 64,
+        requests: int = 128,
+        max_tokens: int = 64, shared_prefix: int = 0, baseline: bool = True,
+        model: str = store.DEFAULT_MODEL, kv_budget: str = "auto",
+        progress: Callable[[str], None] = lambda _: None) -> dict:
+    import ray
+
+    from llmos_kernel.client import KernelClient, unwrap
+    from llmos_kernel.launcher import find_kernel
+
+    started_here = None
+    if not ray.is_initialized():
+        if address:
+            from llmos_kernel.launcher import connect_ray
+
+            connect_ray(address)
+        else:  # a private local Ray instance: nothing else running here can disturb it
+            ray.init(namespace="llmos", logging_level="ERROR", log_to_driver=False,
+                     include_dashboard=False)
+    if find_kernel(kernel_name) is None:
+        import tempfile
+
+        from llmos_kernel.kernel import KernelConfig
+        from llmos_kernel.launcher import start_kernel
+        from llmos_kernel.llm_service import LLMConfig
+
+        progress(f"starting a kernel ({model})")
+        state = tempfile.mkdtemp(prefix="llmos-bench-")
+        started_here = start_kernel(KernelConfig(
+            state_dir=state, name=kernel_name,
+            llm=LLMConfig(model=model, kv_budget=kv_budget, max_seqs=max(64, concurrency))),
+            detached=False)
+        client = KernelClient(started_here, (Path(state) / "root.token").read_text())
+    else:
+        client = KernelClient.connect(kernel_name)
+
+    async def status() -> dict:
+        return await client.status()
+
+    loop = asyncio.new_event_loop()
+    st = loop.run_until_complete(status())
+    model_path = st["model"]["path"]
+    from llmos_kernel.core.gguf_file import GGUFFile
+    from llmos_kernel.core.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_gguf(GGUFFile.open(model_path).metadata)
+    system = shared_system_prompt(shared_prefix, tokenizer) if shared_prefix else None
+    workloads = chat_prompts(requests, system=system)
+
+    progress("warming up")
+    loop.run_until_complete(_drive(client, workloads[:2], 2, 4))
+    progress(f"llmos: {requests} requests, {concurrency} at a time, {max_tokens} tokens each")
+    before = loop.run_until_complete(status())["prefix_cache"]
+    ours = loop.run_until_complete(_drive(client, workloads, concurrency, max_tokens))
+    after = loop.run_until_complete(status())["prefix_cache"]
+    queried = after["query_tokens"] - before["query_tokens"]
+    result = {**ours, "prefix_hit_rate": (after["hit_tokens"] - before["hit_tokens"]) / queried
+              if queried else 0.0, "concurrency": concurrency, "requests": requests,
+              "max_tokens": max_tokens, "shared_prefix": shared_prefix}
+    if shared_prefix:
+        progress("the same workload with prefix caching off")
+        unwrap(loop.run_until_complete(client.handle.configure.remote(
+            client.token, {"prefix_caching": False})))
+        try:
+            nocache = loop.run_until_complete(_drive(client, workloads, concurrency, max_tokens))
+        finally:
+            unwrap(loop.run_until_complete(client.handle.configure.remote(
+                client.token, {"prefix_caching": True})))
+        result["ttft_p50_nocache_s"] = nocache["ttft_p50_s"]
+        result["agg_tok_s_nocache"] = nocache["agg_tok_s"]
+    progress("measuring this machine's fp32 GEMM peak")
+    peak = gemm_peak_flops()
+    result["gemm_peak_gflops"] = peak / 1e9
+    result["compute_bound_tok_s"] = peak / (2 * st["model"]["params"])
+    if baseline:
+        progress("baseline: transformers, padded batches of the same prompts")
+        result["ref_agg_tok_s"] = _reference(store.resolve_model(model_path), tokenizer,
+                                             workloads, concurrency, max_tokens)
+    loop.run_until_complete(client.close())
+    if started_here is not None:
+        ray.kill(started_here)
+    return result
