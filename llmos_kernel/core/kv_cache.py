@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from llmos_kernel.core import paged_attention
 from llmos_kernel.core.gguf_file import ModelConfig
 
 
@@ -19,6 +20,8 @@ class KVPool:
         if num_blocks < 1 or block_size < 1:
             raise ValueError("a KV pool needs at least one block of at least one slot")
         self.num_blocks, self.block_size = num_blocks, block_size
+        self.paged_kernel = (torch.device(device).type == "cpu" and dtype == torch.float32
+                             and paged_attention.available())
         shape = (cfg.n_layers, 2, num_blocks * block_size, cfg.n_kv_heads, cfg.head_dim)
         if torch.device(device).type == "cpu" and dtype == torch.float32:
             # calloc'd pages: zero (so padding slots never hold NaN) yet only resident once used

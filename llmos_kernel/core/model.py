@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmos_kernel.core import paged_attention
 from llmos_kernel.core.gguf_file import ModelConfig
 from llmos_kernel.core.kv_cache import KVPool
 
@@ -42,10 +43,22 @@ class StepBatch:
     positions: torch.Tensor  # [T]
     slot_mapping: torch.Tensor  # [T] where each new token's K/V is written
     n_decode: int = 0
-    decode_slots: torch.Tensor | None = None  # [Bd, max_ctx] slots to gather (padded)
-    decode_mask: torch.Tensor | None = None  # [Bd, 1, 1, max_ctx] True where a key is real
+    decode_tables: torch.Tensor | None = None  # [Bd, max_blocks] block tables (int64)
+    decode_lens: torch.Tensor | None = None  # [Bd] keys each decode attends to (int64)
+    block_size: int = 16
     prefills: list[PrefillChunk] = field(default_factory=list)
     logits_rows: torch.Tensor | None = None  # [N] rows whose next-token logits are wanted
+    _gather: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+
+    def decode_gather(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padded slot indices ``[Bd, max_ctx]`` and key mask (for the non-kernel path)."""
+        if self._gather is None:
+            max_ctx = int(self.decode_lens.max())
+            bs = self.block_size
+            slots = (self.decode_tables[:, :, None] * bs + torch.arange(bs)).flatten(1)
+            mask = torch.arange(max_ctx)[None, :] < self.decode_lens[:, None]
+            self._gather = slots[:, :max_ctx], mask[:, None, None, :]
+        return self._gather
 
 
 class RMSNorm(nn.Module):
@@ -91,22 +104,26 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 batch: StepBatch, kv: KVPool) -> torch.Tensor:
-        T = x.shape[0]
-        q, k, v = (x @ self.wqkv).split(self.split, dim=-1)
-        q = apply_rotary(q.view(T, self.n_heads, self.hd), *rope)
-        k = apply_rotary(k.view(T, self.n_kv, self.hd), *rope)
-        v = v.view(T, self.n_kv, self.hd)
+        T, H, KV = x.shape[0], self.n_heads, self.n_kv
+        qkv = x @ self.wqkv
+        qk = apply_rotary(qkv[:, :(H + KV) * self.hd].view(T, H + KV, self.hd), *rope)
+        q, k = qk[:, :H], qk[:, H:]
+        v = qkv[:, (H + KV) * self.hd:].view(T, KV, self.hd)
         k_cache, v_cache = kv.layer(self.layer)
         k_cache.index_copy_(0, batch.slot_mapping, k)
         v_cache.index_copy_(0, batch.slot_mapping, v)
 
         parts = []
         nd = batch.n_decode
-        if nd:
-            qd = q[:nd].unsqueeze(2)  # [Bd, H, 1, hd]
-            kd = k_cache[batch.decode_slots].transpose(1, 2)  # [Bd, kvh, ctx, hd]
-            vd = v_cache[batch.decode_slots].transpose(1, 2)
-            out = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=batch.decode_mask,
+        if nd and kv.paged_kernel:
+            out = paged_attention.decode(q[:nd], k_cache, v_cache, batch.decode_tables,
+                                         batch.decode_lens, batch.block_size, self.scale)
+            parts.append(out.reshape(nd, -1))
+        elif nd:
+            slots, mask = batch.decode_gather()
+            kd = k_cache[slots].transpose(1, 2)  # [Bd, kvh, ctx, hd]
+            vd = v_cache[slots].transpose(1, 2)
+            out = F.scaled_dot_product_attention(q[:nd].unsqueeze(2), kd, vd, attn_mask=mask,
                                                  scale=self.scale, enable_gqa=True)
             parts.append(out.reshape(nd, -1))
         for chunk in batch.prefills:
@@ -159,9 +176,9 @@ class Transformer(nn.Module):
         self.embed = nn.Parameter(torch.empty(cfg.vocab_size, cfg.d_model), requires_grad=False)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        # Untied models get their own head; tied ones read the embedding matrix.
-        self.head = None if cfg.tied_embeddings else nn.Parameter(
-            torch.empty(cfg.vocab_size, cfg.d_model), requires_grad=False)
+        # The output head, input-major like every projection (a copy of the embedding when
+        # the model ties them: x @ W runs small batches far faster than F.linear here).
+        self.output = nn.Parameter(torch.empty(cfg.d_model, cfg.vocab_size), requires_grad=False)
         self.rotary = Rotary(cfg.head_dim, cfg.rope_base, cfg.context_length)
 
     @property
@@ -183,5 +200,4 @@ class Transformer(nn.Module):
         h = self.hidden_states(batch, kv)
         if batch.logits_rows is not None:
             h = h[batch.logits_rows]
-        head = self.embed if self.head is None else self.head
-        return F.linear(h, head).float()
+        return (h @ self.output).float()

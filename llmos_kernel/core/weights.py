@@ -43,8 +43,7 @@ def _state_dict(gguf: GGUFFile, cfg: ModelConfig) -> dict[str, np.ndarray]:
 
     sd: dict[str, np.ndarray] = {"embed": raw["token_embd.weight"],
                                  "norm.weight": raw["output_norm.weight"]}
-    if not cfg.tied_embeddings:
-        sd["head"] = raw["output.weight"]
+    sd["output"] = raw["token_embd.weight" if cfg.tied_embeddings else "output.weight"].T
     for i in range(cfg.n_layers):
         def t(name: str, i: int = i) -> np.ndarray:
             return raw[f"blk.{i}.{name}.weight"]

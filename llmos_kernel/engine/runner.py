@@ -115,13 +115,12 @@ class ModelRunner:
             slot_mapping=torch.tensor(slots), n_decode=len(decode), prefills=prefills,
             logits_rows=torch.tensor(logits_rows, dtype=torch.long))
         if decode:
-            lengths = torch.tensor([s.start + 1 for s in decode])
-            max_ctx = int(lengths.max())
-            n_blocks = -(-max_ctx // bs)
-            table = torch.tensor([s.blocks[:n_blocks] + [0] * (n_blocks - len(s.blocks[:n_blocks]))
-                                  for s in decode])
-            batch.decode_slots = (table[:, :, None] * bs + torch.arange(bs)).flatten(1)[:, :max_ctx]
-            batch.decode_mask = (torch.arange(max_ctx)[None, :] < lengths[:, None])[:, None, None, :]
+            lens = [s.start + 1 for s in decode]
+            width = -(-max(lens) // bs)
+            batch.decode_tables = torch.tensor(
+                [(s.blocks + [s.blocks[0]] * width)[:width] for s in decode], dtype=torch.long)
+            batch.decode_lens = torch.tensor(lens, dtype=torch.long)
+            batch.block_size = bs
         return batch, sampled
 
     def _sample(self, logits: torch.Tensor, sampled: list[SeqStep], out: StepOutput) -> None:
