@@ -72,24 +72,25 @@ class RMSNorm(nn.Module):
 
 
 class Rotary(nn.Module):
-    """RoPE tables (the rotate-half form; GGUF's permuted Q/K rows are undone at load)."""
+    """RoPE on adjacent pairs (2i, 2i+1) as complex rotations by position * base^(-2i/d).
+
+    GGUF stores llama Q/K rows in exactly this pair order (llama.cpp permutes Hugging
+    Face's half-split layout at conversion), so the weights are used as stored.
+    """
 
     def __init__(self, head_dim: int, base: float, max_positions: int):
         super().__init__()
         inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
+        self.register_buffer("cis", torch.polar(torch.ones_like(freqs), freqs), persistent=False)
 
-    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.cos[positions].to(dtype)[:, None, :], self.sin[positions].to(dtype)[:, None, :]
+    def table(self, positions: torch.Tensor) -> torch.Tensor:
+        return self.cis[positions][:, None, :]  # [T, 1, head_dim / 2], complex
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def apply_rotary(x: torch.Tensor, cis: torch.Tensor) -> torch.Tensor:
+    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(pairs * cis).flatten(-2).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -102,11 +103,11 @@ class Attention(nn.Module):
         self.split = (q_dim, kv_dim, kv_dim)
         self.scale = cfg.head_dim ** -0.5
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                batch: StepBatch, kv: KVPool) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, batch: StepBatch,
+                kv: KVPool) -> torch.Tensor:
         T, H, KV = x.shape[0], self.n_heads, self.n_kv
         qkv = x @ self.wqkv
-        qk = apply_rotary(qkv[:, :(H + KV) * self.hd].view(T, H + KV, self.hd), *rope)
+        qk = apply_rotary(qkv[:, :(H + KV) * self.hd].view(T, H + KV, self.hd), rope)
         q, k = qk[:, :H], qk[:, H:]
         v = qkv[:, (H + KV) * self.hd:].view(T, KV, self.hd)
         k_cache, v_cache = kv.layer(self.layer)
@@ -189,7 +190,7 @@ class Transformer(nn.Module):
     def hidden_states(self, batch: StepBatch, kv: KVPool) -> torch.Tensor:
         """Final-norm hidden states ``[T, d]`` of every new token (KV written)."""
         x = F.embedding(batch.tokens, self.embed)
-        rope = self.rotary.tables(batch.positions, x.dtype)
+        rope = self.rotary.table(batch.positions)
         for block in self.blocks:
             x = block(x, rope, batch, kv)
         return self.norm(x)

@@ -1,4 +1,4 @@
-"""Load GGUF tensors into the Transformer: dequantize, un-permute Q/K, fuse, transpose."""
+"""Load GGUF tensors into the Transformer: dequantize, fuse, transpose to input-major."""
 
 from __future__ import annotations
 
@@ -25,12 +25,6 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     return DTYPES[name]
 
 
-def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """Undo llama.cpp's interleaved-RoPE row order so rotate-half RoPE applies."""
-    half = w.shape[0] // n_heads // 2
-    return w.reshape(n_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
 def _state_dict(gguf: GGUFFile, cfg: ModelConfig) -> dict[str, np.ndarray]:
     names = ["token_embd.weight", "output_norm.weight"]
     if not cfg.tied_embeddings:
@@ -48,12 +42,11 @@ def _state_dict(gguf: GGUFFile, cfg: ModelConfig) -> dict[str, np.ndarray]:
         def t(name: str, i: int = i) -> np.ndarray:
             return raw[f"blk.{i}.{name}.weight"]
 
-        q = unpermute_qk(t("attn_q"), cfg.n_heads)
-        k = unpermute_qk(t("attn_k"), cfg.n_kv_heads)
         p = f"blocks.{i}."
         sd[p + "attn_norm.weight"] = t("attn_norm")
         sd[p + "ffn_norm.weight"] = t("ffn_norm")
-        sd[p + "attn.wqkv"] = np.concatenate([q, k, t("attn_v")]).T
+        # Q/K rows stay in GGUF's RoPE pair order (see model.Rotary)
+        sd[p + "attn.wqkv"] = np.concatenate([t("attn_q"), t("attn_k"), t("attn_v")]).T
         sd[p + "attn.wo"] = t("attn_output").T
         sd[p + "ffn.w_gate_up"] = np.concatenate([t("ffn_gate"), t("ffn_up")]).T
         sd[p + "ffn.w_down"] = t("ffn_down").T
