@@ -1,4 +1,9 @@
-"""``llmos models ...`` run as a real subprocess: its output, and one clear error line per bad input."""
+"""``llmos models ...`` and ``llmos generate`` run as real subprocesses.
+
+Their output, and one clear error line (no traceback, non-zero exit) for every bad input:
+a missing file, a non-GGUF file, a truncated GGUF, an unsupported architecture or tensor
+type, and (for generate) a prompt longer than the context.
+"""
 
 from __future__ import annotations
 
@@ -49,6 +54,18 @@ def write_gguf(path: Path, arch: str, tensor_type: gguf.GGMLQuantizationType) ->
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+OPENERS = {
+    "inspect": lambda path: ("models", "inspect", path),
+    "generate": lambda path: ("generate", "--model", path, "--max-tokens", "1", "Hello"),
+}
+
+
+@pytest.fixture(params=list(OPENERS))
+def opening(request):
+    """The commands that open a model file: each must fail the same clear way."""
+    return OPENERS[request.param]
 
 
 @pytest.fixture(scope="module")
@@ -112,40 +129,54 @@ def test_unknown_model_name():
     assert_one_error_line(llmos("models", "pull", "gpt-17"), "unknown model", "smollm2")
 
 
-def test_missing_file(tmp_path):
+def test_missing_file(tmp_path, opening):
     missing = tmp_path / "missing.gguf"
-    assert_one_error_line(llmos("models", "inspect", str(missing)), str(missing))
+    assert_one_error_line(llmos(*opening(str(missing))), str(missing))
 
 
-def test_not_a_gguf_file(tmp_path):
+def test_not_a_gguf_file(tmp_path, opening):
     noise = tmp_path / "noise.gguf"
     noise.write_bytes(np.random.default_rng(0).bytes(4096))
-    assert_one_error_line(llmos("models", "inspect", str(noise)), "not a GGUF file")
+    assert_one_error_line(llmos(*opening(str(noise))), "not a GGUF file")
     empty = tmp_path / "empty.gguf"
     empty.touch()
-    assert_one_error_line(llmos("models", "inspect", str(empty)), str(empty))
+    assert_one_error_line(llmos(*opening(str(empty))), str(empty))
 
 
 @pytest.mark.parametrize("keep", [2_000, 1_000_000, "half"])
-def test_truncated_gguf(model_path, tmp_path, keep):
+def test_truncated_gguf(model_path, tmp_path, keep, opening):
     size = model_path.stat().st_size // 2 if keep == "half" else keep
     cut = tmp_path / "cut.gguf"
     with model_path.open("rb") as f:
         cut.write_bytes(f.read(size))
-    assert_one_error_line(llmos("models", "inspect", str(cut)), "cut.gguf", "truncated")
+    assert_one_error_line(llmos(*opening(str(cut))), "cut.gguf", "truncated")
 
 
-def test_unsupported_architecture(tmp_path):
+def test_unsupported_architecture(tmp_path, opening):
     path = write_gguf(tmp_path / "gpt2.gguf", "gpt2", gguf.GGMLQuantizationType.F32)
-    assert_one_error_line(llmos("models", "inspect", str(path)), "architecture 'gpt2'")
+    assert_one_error_line(llmos(*opening(str(path))), "architecture 'gpt2'")
 
 
 @pytest.mark.parametrize("tensor_type", [gguf.GGMLQuantizationType.Q2_K,
                                          gguf.GGMLQuantizationType.IQ4_NL])
-def test_unsupported_tensor_type(tmp_path, tensor_type):
+def test_unsupported_tensor_type(tmp_path, tensor_type, opening):
     path = write_gguf(tmp_path / "odd.gguf", "llama", tensor_type)
-    assert_one_error_line(llmos("models", "inspect", str(path)),
+    assert_one_error_line(llmos(*opening(str(path))),
                           "token_embd.weight", f"type {tensor_type.name}")
+
+
+def test_generate_prints_only_the_text_and_is_reproducible(model_path):
+    args = ("generate", "--model", str(model_path), "--seed", "7", "--temperature", "0.8",
+            "--max-tokens", "12", "Name a colour.")
+    first, second = llmos(*args), llmos(*args)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == second.stdout and first.stdout.strip()
+    assert first.stderr == ""
+
+
+def test_generate_over_long_prompt(model_path):
+    result = llmos("generate", "--model", str(model_path), "--raw", "word " * 9000)
+    assert_one_error_line(result, "context", "9")
 
 
 def test_a_directory_is_not_a_model(tmp_path):
