@@ -74,6 +74,7 @@ class LLMService:
         self._loop_task: asyncio.Task | None = None
         self._meter: collections.deque[tuple[float, int]] = collections.deque()
         self._grammars = None  # GrammarCompiler, built on first constrained request
+        self._steps: collections.deque[float] = collections.deque(maxlen=256)  # step seconds
 
     # -- lifecycle ------------------------------------------------------------
     async def start(self) -> None:
@@ -232,6 +233,7 @@ class LLMService:
             if not plan.seqs and not (plan.swap_out or plan.swap_in or plan.copies):
                 await asyncio.sleep(0.005)  # everything waits on memory held by parked work
                 continue
+            started = time.perf_counter()
             try:
                 out = await self.shard.execute.remote(plan)
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
@@ -239,6 +241,7 @@ class LLMService:
                 continue
             deltas = self.engine.postprocess(sched, out)
             self._meter.append((time.monotonic(), len(out.tokens)))
+            self._steps.append(time.perf_counter() - started)
             self._deliver(deltas)
             await asyncio.sleep(0)  # let submissions and polls in between steps
 
@@ -314,6 +317,7 @@ class LLMService:
             "prefix_cache": {"hit_tokens": blocks.hits, "query_tokens": blocks.queries,
                              "hit_rate": blocks.hits / blocks.queries if blocks.queries else 0.0},
             "throughput_tok_s": self.throughput(),
+            "step_p50_s": sorted(self._steps)[len(self._steps) // 2] if self._steps else None,
             "engine": dict(stats),
             "shard": {"restarts": self.total_shard_restarts, "failed": self.failed,
                       **{k: v for k, v in self.shard_info.items() if k != "devices"}},

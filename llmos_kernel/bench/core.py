@@ -90,6 +90,35 @@ def _ref_batch(hf, batch: list[list[int]], n: int, pad_id: int) -> float:
     return (out.shape[1] - width) * len(batch) / took
 
 
+def _context_restore(engine, n_tokens: int = 1000) -> tuple[float, float]:
+    """Seconds to the first token after a kept 1,000-token context: restored from a host
+    snapshot, and recomputed from scratch (prefix cache off)."""
+    tok = engine.tokenizer
+    text = " ".join(f"fact {i}: the {i}th lamp is {'on' if i % 2 else 'off'}." for i in range(400))
+    ids = tok.encode(text)[:n_tokens]
+    follow = tok.encode(" Which lamps are on?")
+    params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+    engine.add_request(Request("snapshot", ids, params, keep_context=True))
+    engine.run_until_done()
+    engine.suspend_context("snapshot")
+    engine.run_until_done()  # the swap-out runs as a step of its own
+
+    started = time.perf_counter()
+    engine.add_request(Request("restore", follow, params, context="snapshot"))
+    engine.run_until_done()
+    restore = time.perf_counter() - started
+
+    engine.blocks.prefix_caching = False
+    try:
+        started = time.perf_counter()
+        engine.add_request(Request("recompute", ids + [0] + follow, params))
+        engine.run_until_done()
+        recompute = time.perf_counter() - started
+    finally:
+        engine.blocks.prefix_caching = True
+    return restore, recompute
+
+
 def run(model: str = store.DEFAULT_MODEL, *, new_tokens: int = 128, batch_size: int = 32,
         progress: Callable[[str], None] = lambda _: None) -> dict:
     set_threads()
@@ -115,7 +144,10 @@ def run(model: str = store.DEFAULT_MODEL, *, new_tokens: int = 128, batch_size: 
     progress(f"batch of {batch_size} prompts x {new_tokens} tokens")
     agg = _ours_batch(engine, batch, new_tokens)
     ref_agg = _ref_batch(hf, batch, new_tokens, tok.pad_token_id or 0)
+    progress("a 1,000-token context: restore a snapshot vs recompute")
+    restore, recompute = _context_restore(engine)
     return {
+        "context_restore_s": restore, "context_recompute_s": recompute,
         "load_s": load_s, "ref_load_s": ref_load_s,
         "decode_tok_s": decode, "ref_decode_tok_s": ref_decode,
         f"batch{batch_size}_tok_s": agg, f"ref_batch{batch_size}_tok_s": ref_agg,

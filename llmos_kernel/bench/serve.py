@@ -76,6 +76,17 @@ async def _drive(client, workloads: list[list[dict]], concurrency: int, max_toke
             "itl_p99_s": _pct(itls, 0.99), "wall_s": wall, "tokens": total}
 
 
+async def _ttft(client, messages: list[dict]) -> float:
+    """Time to first token of one high-priority request."""
+    sent = time.perf_counter()
+    request_id = await client.submit(messages=messages, max_tokens=1, temperature=0,
+                                     priority=10)
+    async for delta in client.stream(request_id):
+        if delta["token_ids"]:
+            return time.perf_counter() - sent
+    return float("nan")
+
+
 def _reference(model_path, tokenizer, workloads, concurrency: int, max_tokens: int) -> float:
     hf = load_reference(model_path)
     pad = tokenizer.pad_token_id or 0
@@ -145,14 +156,26 @@ def run(*, kernel_name: str = "kernel", address: str | None = None, concurrency:
 
     progress("warming up")
     loop.run_until_complete(_drive(client, workloads[:2], 2, 4))
+    probe = [{"role": "user", "content": "Say yes."}]
+    ttft_idle = loop.run_until_complete(_ttft(client, probe))
     progress(f"llmos: {requests} requests, {concurrency} at a time, {max_tokens} tokens each")
     before = loop.run_until_complete(status())["prefix_cache"]
-    ours = loop.run_until_complete(_drive(client, workloads, concurrency, max_tokens))
+
+    async def loaded() -> tuple[dict, float, float]:
+        run = asyncio.ensure_future(_drive(client, workloads, concurrency, max_tokens))
+        await asyncio.sleep(2.0)  # let the low-priority work saturate the engine
+        ttft = await _ttft(client, probe)
+        step = (await client.status())["step_p50_s"]
+        return await run, ttft, step
+
+    ours, ttft_busy, step_s = loop.run_until_complete(loaded())
     after = loop.run_until_complete(status())["prefix_cache"]
     queried = after["query_tokens"] - before["query_tokens"]
     result = {**ours, "prefix_hit_rate": (after["hit_tokens"] - before["hit_tokens"]) / queried
               if queried else 0.0, "concurrency": concurrency, "requests": requests,
-              "max_tokens": max_tokens, "shared_prefix": shared_prefix}
+              "max_tokens": max_tokens, "shared_prefix": shared_prefix,
+              "ttft_high_priority_idle_s": ttft_idle, "ttft_high_priority_busy_s": ttft_busy,
+              "step_p50_s": step_s}
     if shared_prefix:
         progress("the same workload with prefix caching off")
         unwrap(loop.run_until_complete(client.handle.configure.remote(

@@ -39,6 +39,11 @@ def core(model: str, new_tokens: int, batch_size: int, as_json: bool) -> None:
     _report(result, [("load seconds (lower wins)", "load_s", "ref_load_s"),
                      ("decode tok/s, 1 stream", "decode_tok_s", "ref_decode_tok_s"),
                      (f"aggregate tok/s, {batch_size} prompts", b, f"ref_{b}")], as_json)
+    if not as_json:
+        click.echo(f"1,000-token context: restored from a snapshot in "
+                   f"{result['context_restore_s']:.3f}s, recomputed in "
+                   f"{result['context_recompute_s']:.3f}s "
+                   f"({result['context_recompute_s'] / result['context_restore_s']:.1f}x)")
 
 
 @bench.command()
@@ -107,6 +112,9 @@ def serve(address, kernel_name, model, concurrency, requests, max_tokens, shared
     click.echo(f"TTFT p50 {result['ttft_p50_s']:.2f}s p99 {result['ttft_p99_s']:.2f}s; "
                f"ITL p50 {result['itl_p50_s'] * 1e3:.0f}ms p99 {result['itl_p99_s'] * 1e3:.0f}ms; "
                f"prefix hit rate {result['prefix_hit_rate']:.0%}")
+    click.echo(f"high-priority TTFT: {result['ttft_high_priority_idle_s']:.2f}s idle, "
+               f"{result['ttft_high_priority_busy_s']:.2f}s under load "
+               f"(step p50 {result['step_p50_s']:.2f}s)")
     if "ttft_p50_nocache_s" in result:
         click.echo(f"TTFT p50 without prefix caching {result['ttft_p50_nocache_s']:.2f}s "
                    f"({result['ttft_p50_nocache_s'] / result['ttft_p50_s']:.1f}x the cached)")

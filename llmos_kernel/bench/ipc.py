@@ -1,0 +1,215 @@
+"""``llmos bench ipc``: processes and messages, beside raw Ray actor calls in the same run.
+
+Measured, in one run on one kernel with two shared agent hosts:
+
+- spawn rate: ``agents`` idle agents spawned at once, until their hosts run them all;
+  memory per idle agent is the hosts' RSS growth divided by the agents;
+- ping-pong: ``pairs`` pinger/ponger pairs at once, ``messages`` round trips each,
+  both agents on one host (local) or on different hosts (cross); a message is one
+  ping or one pong, each durably committed before its sender hears ok;
+- the baseline: the same ping-pong between two plain Ray async actors, where each
+  message is one actor call its sender awaits (``ray_calls_per_s`` = calls/s).
+
+Latencies are ping-pong round trips (two messages) under that load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import ray
+
+from llmos_kernel.messages import message
+from syscalls import ipc, proc
+
+
+@message(name="bench.Ping")
+class Ping:
+    n: int
+
+
+async def idle() -> None:
+    """An agent that waits for a message that never comes."""
+    await ipc.recv()
+
+
+class Ponger:
+    """Answers every Ping with the next number (its answer leaves with the handler's ack)."""
+
+    def on_message(self, msg: ipc.Message) -> Ping:
+        return Ping(msg.body.n + 1)
+
+
+async def pinger(peer: int, count: int, start_at: float = 0.0) -> dict:
+    """From ``start_at`` (epoch s), ``count`` round trips with ``peer``: each round trip
+    is one ``ipc.call``; returns the wall-clock span and each round trip's time."""
+    await asyncio.sleep(max(start_at - time.time(), 0.0))
+    rtts = []
+    start = time.time()
+    for i in range(count):
+        sent = time.perf_counter()
+        await ipc.call(peer, Ping(i))
+        rtts.append(time.perf_counter() - sent)
+    return {"start": start, "end": time.time(), "rtts": rtts}
+
+
+class RayPeer:
+    """One side of the baseline: every message is an awaited call on the other actor."""
+
+    def __init__(self) -> None:
+        self.peer = None
+        self.waiting: dict[int, asyncio.Future] = {}
+
+    def connect(self, peer) -> None:
+        self.peer = peer
+
+    async def ping(self, pair: int, n: int) -> None:
+        await self.peer.pong.remote(pair, n + 1)
+
+    async def pong(self, pair: int, n: int) -> None:
+        self.waiting.pop(pair).set_result(n)
+
+    async def run(self, pairs: int, count: int) -> dict:
+        async def one(pair: int) -> list[float]:
+            rtts = []
+            for i in range(count):
+                sent = time.perf_counter()
+                answered = self.waiting[pair] = asyncio.get_running_loop().create_future()
+                await self.peer.ping.remote(pair, i)
+                await answered
+                rtts.append(time.perf_counter() - sent)
+            return rtts
+
+        start = time.perf_counter()
+        rtts = await asyncio.gather(*(one(p) for p in range(pairs)))
+        return {"elapsed": time.perf_counter() - start, "rtts": [r for rs in rtts for r in rs]}
+
+
+def _quantile(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[round(q * 100) - 1]
+
+
+def ray_baseline(pairs: int, count: int) -> dict:
+    """Calls per second and round trips of the Ray ping-pong."""
+    actor = ray.remote(RayPeer).options(num_cpus=0, max_concurrency=10_000)
+    a, b = actor.remote(), actor.remote()
+    ray.get([a.connect.remote(b), b.connect.remote(a)])
+    ray.get(a.run.remote(2, 20))  # warm up both processes
+    out = ray.get(a.run.remote(pairs, count))
+    for handle in (a, b):
+        ray.kill(handle)
+    return {"ray_calls_per_s": 2 * pairs * count / out["elapsed"],
+            "ray_lat_p50_s": _quantile(out["rtts"], 0.5),
+            "ray_lat_p99_s": _quantile(out["rtts"], 0.99)}
+
+
+async def _hosts(kernel) -> list[str]:
+    status = await kernel.call("status")
+    return status["processes"]["shared_hosts"]
+
+
+async def _host_info(host_ids: list[str]) -> list[dict]:
+    return await asyncio.gather(*(ray.get_actor(h, namespace="llmos").info.remote()
+                                  for h in host_ids))
+
+
+async def spawn_idle(kernel, agents: int) -> dict:
+    """Spawn ``agents`` idle agents at once; time until their hosts run them all."""
+    hosts = await _hosts(kernel)
+    before = await _host_info(hosts)
+    start = time.perf_counter()
+    pids = await asyncio.gather(*(proc.spawn(idle) for _ in range(agents)))
+    while sum(i["agents"] for i in await _host_info(hosts)) < sum(
+            i["agents"] for i in before) + agents:
+        await asyncio.sleep(0.02)
+    elapsed = time.perf_counter() - start
+    after = await _host_info(hosts)
+    alive = sum(1 for p in await proc.ps() if p["pid"] in set(pids) and p["status"] == "running")
+    rss = sum(i["rss_bytes"] for i in after) - sum(i["rss_bytes"] for i in before)
+    return {"pids": pids, "spawn_s": elapsed, "spawn_per_s": agents / elapsed,
+            "agents_alive": alive, "bytes_per_idle_agent": rss / agents}
+
+
+async def ping_pong(pairs: int, count: int, hosts: tuple[str, str]) -> dict:
+    """``pairs`` pinger/ponger pairs, pinger on hosts[0] and ponger on hosts[1], all
+    starting together once every one of them is spawned."""
+    pongers = await asyncio.gather(*(proc.spawn(Ponger, host=hosts[1]) for _ in range(pairs)))
+    start_at = time.time() + 1.0 + pairs / 500
+    pingers = await asyncio.gather(*(
+        proc.spawn(pinger, {"peer": p, "count": count, "start_at": start_at}, host=hosts[0])
+        for p in pongers))
+    results = [(await proc.wait(p))["result"] for p in pingers]
+    await asyncio.gather(*(proc.kill(p) for p in pongers))
+    rtts = [r for res in results for r in res["rtts"]]
+    span = max(r["end"] for r in results) - min(r["start"] for r in results)
+    return {"msgs_per_s": 2 * pairs * count / span, "lat_p50_s": _quantile(rtts, 0.5),
+            "lat_p99_s": _quantile(rtts, 0.99), "span_s": span}
+
+
+async def _measure(kernel, agents: int, messages: int, pairs: int,
+                   progress: Callable[[str], None]) -> dict:
+    hosts = await _hosts(kernel)
+    progress(f"spawning {agents} idle agents")
+    spawned = await spawn_idle(kernel, agents)
+    progress(f"{spawned['agents_alive']} alive after {spawned['spawn_s']:.2f} s; "
+             f"ping-pong, {pairs} pairs x {messages} round trips, one host")
+    local = await ping_pong(pairs, messages, (hosts[0], hosts[0]))
+    progress("ping-pong across hosts")
+    cross = await ping_pong(pairs, messages, (hosts[0], hosts[1]))
+    await asyncio.gather(*(proc.kill(p) for p in spawned.pop("pids")))
+    return {**spawned, "msgs_per_s_local": local["msgs_per_s"],
+            "msgs_per_s_cross": cross["msgs_per_s"],
+            "lat_p50_s": cross["lat_p50_s"], "lat_p99_s": cross["lat_p99_s"],
+            "lat_local_p50_s": local["lat_p50_s"], "lat_local_p99_s": local["lat_p99_s"]}
+
+
+def run(*, agents: int = 1000, messages: int = 200, pairs: int = 50, kernel: str | None = None,
+        state_dir: str | None = None, model: str | None = None,
+        progress: Callable[[str], None] = lambda m: None) -> dict:
+    """Run the benchmark against kernel ``kernel``, or a kernel of its own on a local Ray."""
+    import syscalls
+    from llmos_kernel.client import KernelClient
+
+    own = kernel is None
+    if own:
+        handle, kernel, state_dir = _own_kernel(model, progress)
+    client = KernelClient.connect(kernel, state_dir=state_dir)
+
+    async def main() -> dict:
+        await syscalls.attach("bench-ipc", kernel=kernel, state_dir=state_dir)
+        return await _measure(client, agents, messages, pairs, progress)
+
+    try:
+        result = asyncio.run(main())
+        progress("baseline: plain Ray async actors")
+        result.update(ray_baseline(pairs, messages))
+    finally:
+        if own:
+            ray.get(handle.shutdown.remote())
+            ray.kill(handle)
+    result.update(agents=agents, pairs=pairs, messages=messages)
+    return result
+
+
+def _own_kernel(model: str | None, progress: Callable[[str], None]):
+    from llmos_kernel import store
+    from llmos_kernel.kernel import NAMESPACE, KernelConfig
+    from llmos_kernel.launcher import start_kernel
+    from llmos_kernel.llm_service import LLMConfig
+
+    progress("starting a local Ray and a kernel")
+    if not ray.is_initialized():
+        ray.init(namespace=NAMESPACE, include_dashboard=False, logging_level="ERROR",
+                 log_to_driver=False)
+    state = Path(tempfile.mkdtemp(prefix="llmos-bench-ipc-"))
+    name = f"bench-ipc-{int(time.time())}"
+    handle = start_kernel(KernelConfig(
+        state_dir=str(state), name=name, hosts=2,
+        llm=LLMConfig(model=model or store.DEFAULT_MODEL, kv_budget="64MiB", swap_budget=0)),
+        detached=False)
+    return handle, name, str(state)
