@@ -8,7 +8,6 @@ import time
 import click
 
 from llmos_kernel import store
-from llmos_kernel.core.sampling import SamplingParams
 
 
 @click.command()
@@ -39,6 +38,7 @@ def generate(prompt: str, model: str, raw: bool, system: str | None, temperature
 
     Prints only the generated text on stdout.
     """
+    from llmos_kernel.core.sampling import SamplingParams
     from llmos_kernel.engine.engine import Request
     from llmos_kernel.engine.local import load_engine, set_threads
 
