@@ -97,7 +97,7 @@ class KernelClient:
         try:
             while True:
                 delta = await queue.get()
-                if "error" in delta:
+                if delta.get("error"):
                     raise LlmosError.from_wire(delta["error"])
                 yield delta
                 if delta["finished"]:

@@ -41,6 +41,7 @@ from llmos_kernel.outbox import Outboxes
 
 log = logging.getLogger("llmos.llm")
 
+TOOL_STRING_LIMIT = 128  # chars per unbounded string argument, so a call always closes
 MAX_SHARD_RESTARTS = 5  # within SHARD_RESTART_WINDOW_S, then the service gives up
 SHARD_RESTART_WINDOW_S = 60.0
 

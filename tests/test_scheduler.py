@@ -154,3 +154,25 @@ def test_beam_search_matches_transformers(engine, hf_model):
     while expected and expected[-1] == 0 and 0 not in tok.stop_token_ids:
         expected.pop()
     assert ours == expected
+
+
+class _BrokenConstraint:
+    """A grammar matcher that fails, as a buggy or hostile grammar could."""
+
+    def allowed_mask(self) -> bytes:
+        raise RuntimeError("matcher exploded")
+
+    def advance(self, token: int) -> None:
+        raise RuntimeError("matcher exploded")
+
+    def is_done(self) -> bool:
+        return False
+
+
+def test_a_failing_constraint_ends_only_its_own_request(engine, prompts, reference):
+    engine.add_request(Request("broken", prompts[0], greedy(8), constraint=_BrokenConstraint()))
+    engine.add_request(Request("fine", prompts[1], greedy(8)))
+    out = engine.run_until_done()
+    assert out["broken"][-1].finish_reason == "error"
+    assert "matcher exploded" in out["broken"][-1].error["message"]
+    assert tokens_of(out["fine"]) == reference[1]

@@ -26,6 +26,7 @@ from llmos_kernel.errors import (
     AlreadyExists,
     ContextOverflow,
     InvalidArgument,
+    LlmosError,
     NotFound,
     QuotaExceeded,
 )
@@ -70,6 +71,7 @@ class Delta:
     usage: Usage | None = None
     logprobs: list[float] | None = None
     context_id: str | None = None
+    error: dict | None = None  # {"type", "message"} when finish_reason is "error"
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -118,6 +120,7 @@ class LLMEngine:
         self.requests: dict[str, _RequestState] = {}
         self._seq_of: dict[int, Sequence] = {}
         self._next_seq = 0
+        self._failed: list[Delta] = []  # requests ended by an error while scheduling
         self.stats = {"steps": 0, "tokens_computed": 0, "tokens_generated": 0,
                       "step_seconds": 0.0, "last_step_s": 0.0, "last_step_tokens": 0}
 
@@ -158,6 +161,9 @@ class LLMEngine:
         state = _RequestState(req, [seq], time.monotonic(),
                               self.tokenizer.incremental_decoder(skip_special_tokens=True),
                               StopChecker(params.stop))
+        if params.num_beams > 1 and req.constraint is not None:
+            raise InvalidArgument("beam search cannot be combined with a grammar "
+                                  "(tools or response_format); use num_beams=1")
         if params.num_beams > 1:
             state.beam = BeamSearch(params.num_beams, self._stop_ids(params), params.max_tokens,
                                     params.length_penalty, params.no_repeat_ngram_size, prompt)
@@ -211,9 +217,24 @@ class LLMEngine:
             step = SeqStep(seq.seq_id, seq.token_ids[start:start + work.num_tokens], start,
                            list(seq.table.blocks))
             if start + work.num_tokens == seq.num_tokens:
-                self._sampling_fields(seq, step)
+                try:
+                    self._sampling_fields(seq, step)
+                except Exception as e:  # noqa: BLE001 - a broken constraint fails its request only
+                    self._fail(seq.request_id, e)
+                    continue
             plan.seqs.append(step)
         return sched, plan
+
+    def _fail(self, request_id: str, error: Exception) -> None:
+        """End one request with an error delta; everyone else's step goes on."""
+        state = self.requests.get(request_id)
+        if state is None:
+            return
+        delta = self._finish(state, "error", keep=False)
+        wire = error.to_wire() if isinstance(error, LlmosError) else {
+            "type": "LlmosError", "message": f"{type(error).__name__}: {error}"}
+        delta.error = wire
+        self._failed.append(delta)
 
     def _sampling_fields(self, seq: Sequence, step: SeqStep) -> None:
         params = seq.params
@@ -240,7 +261,8 @@ class LLMEngine:
         self.stats["last_step_s"] = out.seconds
         self.stats["last_step_tokens"] = sched.num_tokens
         self.stats["tokens_computed"] += sched.num_tokens
-        deltas: dict[str, Delta] = {}
+        deltas: dict[str, Delta] = {d.request_id: d for d in self._failed}
+        self._failed.clear()
         beam_rounds: set[str] = set()
         now = time.monotonic()
         for work in sched.works:
@@ -286,7 +308,14 @@ class LLMEngine:
             delta.logprobs = (delta.logprobs or []) + [seq.logprobs[-1]]
         reason = None
         if seq.constraint is not None:
-            seq.constraint.advance(token)
+            try:
+                seq.constraint.advance(token)
+            except Exception as e:  # noqa: BLE001 - a broken constraint fails its request only
+                self._fail(seq.request_id, e)
+                failed = self._failed.pop()
+                delta.finished, delta.finish_reason, delta.error = True, "error", failed.error
+                delta.usage = failed.usage
+                return
         if token in self._stop_ids(params):
             reason = "stop"
         else:

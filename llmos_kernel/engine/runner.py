@@ -55,8 +55,20 @@ class StepOutput:
 
 
 def unpack_mask(packed: bytes, vocab: int) -> torch.Tensor:
-    bits = np.unpackbits(np.frombuffer(packed, dtype=np.uint8), bitorder="little")[:vocab]
-    return torch.from_numpy(bits.astype(bool))
+    return _unpack_masks([packed], vocab)[0]
+
+
+def _unpack_masks(packed: list[bytes | None], vocab: int) -> list[torch.Tensor | None]:
+    """Grammar bitmasks to bool rows, all rows in one unpackbits call."""
+    present = [p for p in packed if p is not None]
+    if not present:
+        return [None] * len(packed)
+    width = max(len(p) for p in present)
+    raw = np.frombuffer(b"".join(p.ljust(width, b"\0") for p in present), dtype=np.uint8)
+    bits = np.unpackbits(raw.reshape(len(present), width), axis=1, bitorder="little")
+    table = torch.from_numpy(bits[:, :vocab].astype(bool))
+    rows = iter(table)
+    return [None if p is None else next(rows) for p in packed]
 
 
 class ModelRunner:
@@ -138,10 +150,10 @@ class ModelRunner:
         idx = [i for i, s in enumerate(sampled) if not s.beam_width]
         if not idx:
             return
+        masks = _unpack_masks([sampled[i].allowed for i in idx], vocab)
         rows = [SampleRow(params=sampled[i].params, output_ids=sampled[i].output_ids,
-                          prompt_ids=sampled[i].prompt_ids,
-                          allowed_mask=None if sampled[i].allowed is None
-                          else unpack_mask(sampled[i].allowed, vocab)) for i in idx]
+                          prompt_ids=sampled[i].prompt_ids, allowed_mask=masks[j])
+                for j, i in enumerate(idx)]
         res = sample(logits if len(idx) == len(sampled) else logits[idx], rows)
         for j, i in enumerate(idx):
             sid = sampled[i].seq_id
