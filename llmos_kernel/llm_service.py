@@ -189,8 +189,21 @@ class LLMService:
         return list(ids)
 
     def constraint_for(self, spec: dict):
-        """A grammar constraint for response_format / tools (None when unconstrained)."""
-        return
+        """A grammar matcher for ``tools`` / ``response_format`` (None when unconstrained)."""
+        tools, response_format = spec.get("tools"), spec.get("response_format")
+        if not tools and response_format is None:
+            return None
+        from llmos_kernel.engine.grammar import GrammarCompiler
+        from llmos_kernel.engine.tool_calls import response_format_grammar, tool_call_grammar
+
+        if tools and response_format is not None:
+            raise InvalidArgument("give tools or response_format, not both")
+        if self._grammars is None:
+            self._grammars = GrammarCompiler(self.tokenizer)
+        grammar = (tool_call_grammar(self._grammars, tools, spec.get("tool_choice", "auto"),
+                                     max_string_length=TOOL_STRING_LIMIT)
+                   if tools else response_format_grammar(self._grammars, response_format))
+        return grammar.matcher() if grammar is not None else None
 
     def cancel(self, client: str, request_id: str, owner: int | None = None) -> None:
         target = self.client_of.get(request_id)
