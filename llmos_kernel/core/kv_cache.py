@@ -21,6 +21,7 @@ class KVPool:
             raise ValueError("a KV pool needs at least one block of at least one slot")
         self.num_blocks, self.block_size = num_blocks, block_size
         self.paged_kernel = (torch.device(device).type == "cpu" and dtype == torch.float32
+                             and cfg.n_heads // cfg.n_kv_heads <= paged_attention.MAX_GROUP
                              and paged_attention.available())
         shape = (cfg.n_layers, 2, num_blocks * block_size, cfg.n_kv_heads, cfg.head_dim)
         if torch.device(device).type == "cpu" and dtype == torch.float32:

@@ -109,6 +109,13 @@ int paged_decode(const float *q, const float *k, const float *v, float *out,
 }
 """
 
+# Vectorized reductions, but not -ffast-math: that links crtfastmath, which turns on
+# flush-to-zero for the whole process that loads us (subnormals would vanish in user code).
+_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros",
+          "-fassociative-math", "-freciprocal-math"]
+
+MAX_GROUP = 64  # query heads per KV head the kernel handles (its per-head scratch)
+
 _lib: ctypes.CDLL | None = None
 _tried = False
 _lock = threading.Lock()
@@ -119,7 +126,8 @@ def _build() -> ctypes.CDLL | None:
     if compiler is None:
         log.info("no C compiler: decode attention uses gather + SDPA")
         return None
-    tag = hashlib.sha256((_SOURCE + platform.machine() + _cpu_flags()).encode()).hexdigest()[:16]
+    tag = hashlib.sha256((_SOURCE + " ".join(_FLAGS) + platform.machine()
+                          + _cpu_flags()).encode()).hexdigest()[:16]
     cache = llmos_home() / "cache" / "kernels"
     target = cache / f"paged_attention_{tag}.so"
     if not target.exists():
@@ -127,8 +135,7 @@ def _build() -> ctypes.CDLL | None:
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
             src, so = Path(tmp) / "pa.c", Path(tmp) / "pa.so"
             src.write_text(_SOURCE)
-            flags = ["-O3", "-march=native", "-ffast-math", "-fno-finite-math-only"]
-            done = subprocess.run([compiler, *flags, "-shared", "-fPIC", "-pthread", str(src),
+            done = subprocess.run([compiler, *_FLAGS, "-shared", "-fPIC", "-pthread", str(src),
                                    "-o", str(so), "-lm"], capture_output=True, text=True,
                                   check=False)
             if done.returncode != 0:
