@@ -2,11 +2,12 @@
 
 Agents are asyncio tasks, not actors: a Ray actor costs ~0.5 s and ~100 MB,
 an agent here costs a task, a mailbox and a few kilobytes. The host talks to
-the kernel over two channels, each with at most one call in flight:
+the kernel over two channels:
 
 - ``host_batch``: every syscall its agents made since the last batch (sends,
   acks, LLM requests, file operations...), answered per call. Calls that take
   long (an LLM generation, a wait) are answered "pending" and finished later.
+  Two numbered batches may be in flight; the kernel runs them in order.
 - ``host_poll``: a long-poll for whatever the kernel has for this host.
 
 What the kernel has for a host (orders to spawn or kill, delivered messages,
@@ -18,9 +19,11 @@ the kernel is back, in their order, and fails the others with Unavailable.
 
 Delivery is at least once; a message counts as handled when its handler
 finishes (``on_message`` returns, or the program asks for its next message,
-or exits). Messages a handler sends are committed together with that
-acknowledgement, so a handler that finished is never re-run for the same
-message and its messages are never sent twice.
+calls ``ipc.done()``, or exits). Messages a handler sends are committed
+together with that acknowledgement, so a handler that finished is never
+re-run for the same message and its messages are never sent twice; if the
+host or the kernel dies first, the message is delivered again. A driver
+script is no handler: what it receives is acknowledged at once.
 """
 
 from __future__ import annotations
@@ -58,9 +61,10 @@ from llmos_kernel.messages import (
 
 log = logging.getLogger("llmos.host")
 
-POLL_TIMEOUT_S = 10.0
+POLL_TIMEOUT_S = 5.0
 KERNEL_RESTART_WAIT_S = 60.0  # how long a driver's host retries a kernel that went away
 RETRY_DELAY_S = 0.5
+BATCHES_IN_FLIGHT = 2
 SEEN_LIMIT = 10_000  # message ids an agent remembers, to drop redeliveries
 RETRYABLE = frozenset({"ipc.send", "ipc.publish", "ipc.ack", "ipc.subscribe", "ipc.unsubscribe"})
 
@@ -84,6 +88,25 @@ class Message:
     expects_reply: bool = False
     timestamp: float = 0.0
 
+    @classmethod
+    def arrived(cls, wire: list) -> Message:
+        """From an envelope's wire form; the body stays encoded until it is received, when
+        the receiving program has declared its message types."""
+        env = Envelope(*wire)
+        return cls(env.id, env.sender, env.type, env.payload, env.correlation_id, env.topic,
+                   expects_reply=env.reply_to == "call", timestamp=env.timestamp)
+
+    def decoded(self) -> Message:
+        """The kernel validated the payload; a type this process has no class for stays a
+        RawMessage."""
+        if type(self.body) is bytes:
+            try:
+                self.body = decode(self.body, registry=DEFAULT_REGISTRY)
+            except MessageError:
+                raw = msgpack.unpackb(self.body, raw=False)
+                self.body = RawMessage(raw["t"], raw["v"], raw["f"])
+        return self
+
 
 @dataclass(eq=False)
 class AgentRuntime:
@@ -103,6 +126,7 @@ class AgentRuntime:
     streams: dict[str, asyncio.Queue] = field(default_factory=dict)  # LLM request id -> deltas
     log_buffer: list[str] = field(default_factory=list)
     behaviour: Any = None  # the instance, for a program written as a behaviour class
+    handles: bool = True  # False for a driver script: what it receives is acked at once
 
     def deliver(self, msg: Message) -> None:
         if msg.id in self.seen or msg.id in self.mailbox:
@@ -123,29 +147,29 @@ class AgentRuntime:
         becomes the message being handled; without it (a call's reply), it is acknowledged
         at once.
         """
+        handle = handle and self.handles
         if handle:
             self.finish_message()
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            for msg_id, msg in self.mailbox.items():
-                if match is None or match(msg):
-                    del self.mailbox[msg_id]
-                    if handle:
-                        self.handling = msg_id
-                    else:
-                        self.host.queue_ack(self, msg_id)
-                    return msg
-            self.arrived.clear()
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                raise Timeout(f"no matching message within {timeout} s")
-            if remaining is None:
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        timer = None if deadline is None else loop.call_at(deadline, self.arrived.set)
+        try:
+            while True:
+                for msg_id, msg in self.mailbox.items():
+                    if match is None or match(msg):
+                        del self.mailbox[msg_id]
+                        if handle:
+                            self.handling = msg_id
+                        else:
+                            self.host.queue_ack(self, msg_id)
+                        return msg.decoded()
+                if deadline is not None and loop.time() >= deadline:
+                    raise Timeout(f"no matching message within {timeout} s")
+                self.arrived.clear()
                 await self.arrived.wait()
-                continue
-            try:
-                await asyncio.wait_for(self.arrived.wait(), remaining)
-            except TimeoutError:
-                raise Timeout(f"no matching message within {timeout} s") from None
+        finally:
+            if timer is not None:
+                timer.cancel()
 
     def finish_message(self, reply: dict | None = None) -> None:
         """The current handler is done: acknowledge its message (releasing its held sends),
@@ -158,6 +182,16 @@ class AgentRuntime:
         self.log_buffer.append(text)
         self.host.logging.add(self)
         self.host.wake()
+
+
+@dataclass
+class _Batch:
+    """One host_batch call's cargo: syscalls, exit reports, output by pid."""
+
+    ops: list[list]
+    exits: list[dict]
+    logs: dict[int, str]
+    error: Exception | None = None  # why it failed in flight (None: refused, not run)
 
 
 class _Capture:
@@ -196,6 +230,11 @@ class AgentHost:
         self._tasks: list[asyncio.Task] = []
         self._inbound: tuple[str, int] = ("", 0)  # kernel epoch, next chunk start expected
         self._early: dict[int, list] = {}  # chunks that arrived before their predecessors
+        self._epoch = ""  # the kernel instance our batches are numbered for
+        self._seq = 0  # the next batch's number
+        self._in_flight: set[int] = set()
+        self._setback: dict[int, _Batch] = {}  # batches to send again, by number
+        self._unsent_logs: dict[int, str] = {}  # output of batches that must go again
         self._down_since: float | None = None
         self.started_at = time.time()
 
@@ -271,50 +310,81 @@ class AgentHost:
         self._wake.set()
 
     async def _flush_loop(self) -> None:
+        """Send what agents asked for, up to BATCHES_IN_FLIGHT numbered batches at a time (the
+        kernel runs a host's batches in their order), so the kernel works on one batch while
+        this host works on the answers to the one before."""
         while True:
             await self._wake.wait()
             self._wake.clear()
-            if not (self.ops or self.exits or self.logging):
+            if self._setback or len(self._in_flight) >= BATCHES_IN_FLIGHT or not (
+                    self.ops or self.exits or self.logging or self._unsent_logs):
                 continue
-            ops, self.ops = self.ops, []
-            exits, self.exits = self.exits, []
-            logs = {a.pid: "".join(a.log_buffer) for a in self.logging}
+            batch = _Batch(self.ops, self.exits, self._unsent_logs)
+            self.ops, self.exits, self._unsent_logs = [], [], {}
             for agent in self.logging:
+                batch.logs[agent.pid] = batch.logs.get(agent.pid, "") + "".join(agent.log_buffer)
                 agent.log_buffer.clear()
             self.logging.clear()
-            try:
-                reply = await self.kernel.host_batch.remote(self.host_id, ops, exits, logs,
-                                                            self.token)
-            except ray.exceptions.RayError as e:
-                await self._retry_later(ops, exits, e)
-                continue
-            except Exception as e:  # noqa: BLE001 - e.g. an argument Ray cannot serialize
-                self._fail(ops, InvalidArgument(f"cannot send these calls: {e}"))
-                continue
-            self._down_since = None
-            if "error" in reply:
-                self._fail(ops, LlmosError.from_wire(reply["error"]))
-                continue
-            self._receive(reply["ok"]["out"])
-            for call_id, result in reply["ok"]["results"].items():
-                if "pending" not in result:
-                    self._resolve(call_id, result)
+            seq, self._seq = self._seq, self._seq + 1
+            self._in_flight.add(seq)
+            asyncio.get_running_loop().create_task(self._send(seq, batch))
 
-    async def _retry_later(self, ops: list[list], exits: list[dict], error: Exception) -> None:
-        """The kernel went away mid-batch: keep what can be sent again, fail the rest."""
-        now = time.monotonic()
-        self._down_since = self._down_since or now
-        if now - self._down_since > KERNEL_RESTART_WAIT_S:
-            self._fail(ops, Unavailable(f"kernel unreachable for {KERNEL_RESTART_WAIT_S:.0f} s: "
-                                        f"{error}"))
-            return
-        again = [op for op in ops if op[2] in RETRYABLE]
-        self._fail([op for op in ops if op[2] not in RETRYABLE], Unavailable(
-            f"the kernel went away during this call (it may or may not have happened): {error}"))
+    async def _send(self, seq: int, batch: _Batch) -> None:
+        try:
+            reply = await self.kernel.host_batch.remote(self.host_id, self._epoch, seq, batch.ops,
+                                                        batch.exits, batch.logs, self.token)
+        except ray.exceptions.RayError as e:
+            batch.error = e
+            self._setback[seq] = batch
+        except Exception as e:  # noqa: BLE001 - e.g. an argument Ray cannot serialize
+            self._fail(batch.ops, InvalidArgument(f"cannot send these calls: {e}"))
+        else:
+            if "error" in reply:
+                self._fail(batch.ops, LlmosError.from_wire(reply["error"]))
+            elif "resync" in reply["ok"]:  # a new kernel, or a batch went missing: renumber
+                self._epoch = reply["ok"]["resync"]
+                self._setback[seq] = batch
+            else:
+                self._down_since = None
+                self._receive(reply["ok"]["out"])
+                for call_id, result in reply["ok"]["results"].items():
+                    if "pending" not in result:
+                        self._resolve(call_id, result)
+        finally:
+            self._in_flight.discard(seq)
+            if self._setback and not self._in_flight:
+                await self._send_again()
+            self._wake.set()
+
+    async def _send_again(self) -> None:
+        """Queue what batches that failed or were refused carried, in their order, ahead of
+        anything newer; a batch lost with the kernel keeps only its idempotent calls."""
+        batches = [self._setback[seq] for seq in sorted(self._setback)]
+        errors = [b.error for b in batches if b.error is not None]
+        again: list[list] = []
+        self.exits[:0] = [report for b in batches for report in b.exits]
+        for b in reversed(batches):
+            for pid, text in b.logs.items():
+                self._unsent_logs[pid] = text + self._unsent_logs.get(pid, "")
+        for b in batches:
+            if b.error is None:
+                again += b.ops
+                continue
+            again += [op for op in b.ops if op[2] in RETRYABLE]
+            self._fail([op for op in b.ops if op[2] not in RETRYABLE], Unavailable(
+                f"the kernel went away during this call (it may or may not have happened): "
+                f"{b.error}"))
+        if errors:
+            now = time.monotonic()
+            self._down_since = self._down_since or now
+            if now - self._down_since > KERNEL_RESTART_WAIT_S:
+                self._fail(again, Unavailable(f"kernel unreachable for "
+                                              f"{KERNEL_RESTART_WAIT_S:.0f} s: {errors[-1]}"))
+                again = []
+            await asyncio.sleep(RETRY_DELAY_S)
         self.ops[:0] = again
-        self.exits[:0] = exits
-        await asyncio.sleep(RETRY_DELAY_S)
-        self._wake.set()
+        self._epoch, self._seq = ("" if errors else self._epoch), 0
+        self._setback.clear()
 
     def _fail(self, ops: list[list], error: LlmosError) -> None:
         for op in ops:
@@ -363,7 +433,7 @@ class AgentHost:
         elif kind == "msg":
             agent = self.agents.get(item["pid"])
             if agent is not None:
-                agent.deliver(_message(Envelope(*item["env"])))
+                agent.deliver(Message.arrived(item["env"]))
         elif kind == "delta":
             agent = self.agents.get(item["pid"])
             queue = agent.streams.get(item["delta"]["request_id"]) if agent else None
@@ -384,8 +454,9 @@ class AgentHost:
     def attach(self, pid: int, capability: str, name: str | None = None, *,
                default: bool = True) -> AgentRuntime:
         """Let a driver script act as process ``pid``: in every task outside an agent when
-        ``default``, else only where ``current`` is set to the returned runtime."""
-        agent = AgentRuntime(self, pid, capability, name)
+        ``default``, else only where ``current`` is set to the returned runtime. A script
+        is not a message handler: a message it receives is acknowledged at once."""
+        agent = AgentRuntime(self, pid, capability, name, handles=False)
         self.agents[pid] = agent
         if default:
             attached[:] = [agent]
@@ -415,7 +486,7 @@ class AgentHost:
         except asyncio.CancelledError:
             exit_ = {"reason": "killed" if agent.killing else "shutdown"}
         except Exception as e:  # noqa: BLE001 - the program crashed: its supervisor decides
-            exit_ = {"reason": "error",
+            exit_ = {"reason": "error", "handling": agent.handling,
                      "error": {"type": type(e).__name__, "message": str(e),
                                "traceback": traceback.format_exc(limit=20)}}
             agent.log(f"[exit] {type(e).__name__}: {e}\n")
@@ -446,9 +517,13 @@ class AgentHost:
             fn = agent.tools[order["name"]]
             ctx = contextvars.copy_context()
             ctx.run(current.set, agent)
-            result = fn(**decode_args(fn, order["args"]))
-            if inspect.isawaitable(result):
-                result = await asyncio.get_running_loop().create_task(result, context=ctx)
+            kwargs = decode_args(fn, order["args"])
+            if inspect.iscoroutinefunction(fn):
+                result = await asyncio.get_running_loop().create_task(fn(**kwargs), context=ctx)
+            else:  # a plain function may block: keep the host's loop (other agents) moving
+                result = await asyncio.to_thread(ctx.run, fn, **kwargs)
+                if inspect.isawaitable(result):
+                    result = await asyncio.get_running_loop().create_task(result, context=ctx)
             reply = {"ok": _plain(result)}
         except Exception as e:  # noqa: BLE001 - reported to the caller as a ToolError
             reply = {"error": {"type": "ToolError", "message": f"{type(e).__name__}: {e}"}}
@@ -522,17 +597,6 @@ def load_program(program: dict) -> Any:
     raise ValueError(f"program {program.get('label')!r} defines neither main() nor class Agent")
 
 
-def _message(env: Envelope) -> Message:
-    """The kernel validated the payload; a type this host has no class for stays raw."""
-    try:
-        body = decode(env.payload, registry=DEFAULT_REGISTRY)
-    except MessageError:
-        raw = msgpack.unpackb(env.payload, raw=False)
-        body = RawMessage(raw["t"], raw["v"], raw["f"])
-    return Message(env.id, env.sender, env.type, body, env.correlation_id, env.topic,
-                   expects_reply=env.reply_to == "call", timestamp=env.timestamp)
-
-
 def _plain(value: Any) -> Any:
     """Make a program's result msgpack-friendly (dataclasses to dicts, others to repr)."""
     from llmos_kernel.services.tools import to_json
@@ -543,4 +607,24 @@ def _plain(value: Any) -> Any:
         return repr(value)
 
 
-RemoteAgentHost = ray.remote(AgentHost)
+class _HostActor:
+    """The Ray actor around an AgentHost. Ray wraps every method of an actor class (for
+    tracing), so the host's own methods, called per message, live on a plain object."""
+
+    def __init__(self, kernel: Any, host_id: str, *, token: str | None = None):
+        self.host = AgentHost(kernel, host_id, token=token)
+
+    async def start(self) -> dict:
+        return await self.host.start()
+
+    async def lifetime(self) -> None:
+        await self.host.lifetime()
+
+    def info(self) -> dict:
+        return self.host.info()
+
+    async def stop(self) -> None:
+        await self.host.stop()
+
+
+RemoteAgentHost = ray.remote(_HostActor)

@@ -2,10 +2,15 @@
 
 Within one host batch, every send and acknowledgement is staged and then
 committed to the mailbox store in one transaction before any sender hears
-"ok"; then new messages are pushed to their receivers' hosts. Messages sent
-by a handler while it handles message M are held until M is acknowledged and
-committed together with that acknowledgement, so a crash either loses both
-(M is redelivered, the handler runs again) or keeps both (never twice).
+"ok"; then new messages are pushed to their receivers' hosts — straight from
+memory while a receiver has nothing older waiting, else read back from the
+store in order. Messages sent by a handler while it handles message M are
+held until M is acknowledged and committed together with that
+acknowledgement, so a crash either loses both (M is redelivered, the handler
+runs again) or keeps both (never twice). A message whose handler raises is
+not redelivered but dead-lettered with the error, so one bad message cannot
+crash-loop its receiver; only host and kernel failures redeliver. Message ids are kept per sender (the
+kernel prefixes the sender's pid), so one program cannot claim another's.
 """
 
 from __future__ import annotations
@@ -22,13 +27,15 @@ from llmos_kernel.messages import (
     UNTYPED,
     Envelope,
     MessageRegistry,
-    decode,
+    check,
     new_message_id,
 )
 from llmos_kernel.outbox import Outboxes
 from llmos_kernel.proctable import Process, ProcessTable
 
 DELIVERY_WINDOW = 512  # unacknowledged messages in flight per receiver
+MAX_ID = 200  # characters in a sender-chosen message id
+_REPLY_ARGS = ("to", "type", "payload", "schema", "correlation_id")
 SCHEMAS_KEY = "schemas"
 TOPICS_KEY = "topics"
 
@@ -53,6 +60,7 @@ class IPCService:
         self.inflight: dict[str, int] = {}  # delivered, unacknowledged msg id -> receiver
         self.window: dict[int, int] = defaultdict(int)  # receiver -> messages in flight
         self.cursor: dict[int, int] = defaultdict(int)  # receiver -> last delivered seq
+        self.caught_up: set[int] = set()  # receivers with every committed message pushed
         self.batch = _Batch()
         self.stats = {"sent": 0, "delivered": 0, "acked": 0, "dead": 0}
 
@@ -63,7 +71,7 @@ class IPCService:
         receiver = self._receiver(args.get("to"))
         env = self._envelope(sender.pid, receiver.pid, args)
         self._validate_payload(env)
-        if not receiver.alive and receiver.restart.restart == "temporary":
+        if not receiver.alive:  # for good: one about to restart is "starting"
             self.batch.dead.append((env, f"process {receiver.pid} has exited"))
             raise NoSuchProcess(f"process {receiver.pid} has exited; the message was "
                                 "dead-lettered")
@@ -72,7 +80,8 @@ class IPCService:
             raise QuotaExceeded(f"the mailbox of process {receiver.pid} is full "
                                 f"({receiver.quotas.mailbox} pending messages); retry later")
         self.batch.per_receiver[receiver.pid] += 1
-        if handling is not None and args.get("reply_to") != "call":
+        if handling is not None and args.get("reply_to") != "call" and \
+                self.inflight.get(handling) == sender.pid:
             self.held[handling].append(env)
         else:
             self.batch.sends.append(env)
@@ -84,8 +93,8 @@ class IPCService:
             raise InvalidArgument("topic must be a non-empty string of at most 200 characters")
         self._learn_schema(args.get("type"), args.get("schema"))
         base = args.get("id") or new_message_id()
-        if not isinstance(base, str) or len(base) > 200:
-            raise InvalidArgument("message id must be a string of at most 200 characters")
+        if not isinstance(base, str) or len(base) > MAX_ID - 21:
+            raise MessageError(f"message id must be a string of at most {MAX_ID - 21} characters")
         delivered = []
         for pid in sorted(self.topics.get(topic, ())):
             proc = self.table.procs.get(pid)
@@ -106,14 +115,23 @@ class IPCService:
         (members.add if on else members.discard)(proc.pid)
         self.store.set_meta(TOPICS_KEY, {t: sorted(p) for t, p in self.topics.items() if p})
 
-    def ack(self, proc: Process, msg_id: Any) -> None:
+    def ack(self, proc: Process, msg_id: Any, reply: Any = None) -> dict | None:
+        """A handler finished: settle its message, release its held sends and send its reply.
+
+        An ack for a message not in flight to ``proc`` is ignored: a stale one (from before a
+        kernel restart; the message is delivered again) or someone else's.
+        """
         if not isinstance(msg_id, str):
             raise InvalidArgument("ack takes a message id")
-        owner = self.inflight.get(msg_id)
-        if owner is not None and owner != proc.pid:
-            raise InvalidArgument(f"message {msg_id} was not delivered to you")
+        if self.inflight.get(msg_id) != proc.pid:
+            return None
         self.batch.acks.append(msg_id)
         self.batch.sends.extend(self.held.pop(msg_id, ()))
+        if reply is None:
+            return None
+        if not isinstance(reply, dict):
+            raise InvalidArgument("a reply is a dict of ipc.send arguments")
+        return self.send(proc, {k: v for k, v in reply.items() if k in _REPLY_ARGS}, None)
 
     def _receiver(self, to: Any) -> Process:
         if isinstance(to, bool) or not isinstance(to, int | str):
@@ -121,13 +139,20 @@ class IPCService:
         return self.table.find(to)
 
     def _envelope(self, sender: int, receiver: int, args: dict) -> Envelope:
+        """The stored envelope; a sender-chosen id is kept apart from other senders' ids."""
         payload = args.get("payload")
         if not isinstance(payload, bytes):
             raise MessageError("payload must be msgpack bytes (use syscalls.ipc.send)")
         if len(payload) > MAX_MESSAGE_BYTES:
             raise MessageError(f"message of {len(payload)} bytes exceeds the "
                                f"{MAX_MESSAGE_BYTES}-byte limit")
-        wire = [args.get("id") or new_message_id(), sender, receiver, args.get("type"), payload,
+        given = args.get("id")
+        if given is None:
+            given = new_message_id()
+        elif not isinstance(given, str) or not 0 < len(given) <= MAX_ID:
+            raise MessageError(f"message id must be a non-empty string of at most {MAX_ID} "
+                               f"characters, got {given!r:.60}")
+        wire = [f"{sender}:{given}", sender, receiver, args.get("type"), payload,
                 args.get("correlation_id"), args.get("reply_to"), args.get("deadline"),
                 time.time(), args.get("topic")]
         return Envelope.from_wire(wire)
@@ -144,17 +169,18 @@ class IPCService:
             self.store.set_meta(SCHEMAS_KEY, [self.schemas.schema(n) for n in self.schemas.names()])
 
     def _validate_payload(self, env: Envelope) -> None:
-        if env.type != UNTYPED and env.type not in self.schemas:
-            error = MessageError(f"unknown message type {env.type!r}: declare it with @message "
-                                 "in the sending program")
-        else:
-            try:
-                decode(env.payload, registry=self.schemas)
-                return
-            except MessageError as e:
-                error = e
-        self.batch.dead.append((env, str(error)))
-        raise error
+        """The payload decodes, against its type's schema, as a message of the type it is
+        sent as; else it becomes a dead letter and the sender gets the MessageError."""
+        try:
+            if env.type != UNTYPED and env.type not in self.schemas:
+                raise MessageError(f"unknown message type {env.type!r}: declare it with "
+                                   "@message in the sending program")
+            tag = check(env.payload, registry=self.schemas)
+            if tag != env.type:
+                raise MessageError(f"the payload is a {tag} message but was sent as {env.type}")
+        except MessageError as error:
+            self.batch.dead.append((env, str(error)))
+            raise
 
     # -- commit and delivery ----------------------------------------------------
     def commit(self) -> None:
@@ -163,38 +189,65 @@ class IPCService:
         if not (batch.sends or batch.acks or batch.dead):
             return
         fresh = self.store.commit(batch.sends, batch.acks, batch.dead)
-        self.stats["sent"] += sum(fresh)
+        new = [env for env, is_new in zip(batch.sends, fresh, strict=True) if is_new]
+        self.stats["sent"] += len(new)
         self.stats["acked"] += len(batch.acks)
         self.stats["dead"] += len(batch.dead)
-        touched = {env.receiver for env, new in zip(batch.sends, fresh, strict=True) if new}
+        freed = set()
         for msg_id in batch.acks:
             pid = self.inflight.pop(msg_id, None)
             if pid is not None:
                 self.window[pid] -= 1
-                touched.add(pid)
-        for pid in touched:
+                freed.add(pid)
+        for seq, env in enumerate(new, self.store.last_seq - len(new) + 1):
+            self._push(env, seq)
+        for pid in freed - self.caught_up:
             self.pump(pid)
 
+    def _push(self, env: Envelope, seq: int) -> None:
+        """Deliver a just-committed message straight away if nothing older waits before it."""
+        pid = env.receiver
+        if pid not in self.caught_up:
+            return
+        proc = self.table.procs.get(pid)
+        if proc is None or proc.status != "running" or proc.host is None or \
+                self.window[pid] >= DELIVERY_WINDOW:
+            self.caught_up.discard(pid)
+            return
+        self._deliver(proc, env, seq)
+
+    def _deliver(self, proc: Process, env: Envelope, seq: int) -> None:
+        self.cursor[proc.pid] = seq
+        self.inflight[env.id] = proc.pid
+        self.window[proc.pid] += 1
+        self.stats["delivered"] += 1
+        self.outboxes.put(proc.host, {"kind": "msg", "pid": proc.pid, "env": env.to_wire()})
+
     def pump(self, pid: int) -> None:
-        """Deliver pending messages to a running receiver, up to its in-flight window."""
+        """Deliver pending messages from the store to a running receiver, up to its window."""
         proc = self.table.procs.get(pid)
         if proc is None or proc.status != "running" or proc.host is None:
+            self.caught_up.discard(pid)
             return
         room = DELIVERY_WINDOW - self.window[pid]
         if room <= 0:
             return
-        for stored in self.store.pending(pid, after_seq=self.cursor[pid], limit=room):
-            env = stored.envelope
-            self.cursor[pid] = stored.seq
-            self.inflight[env.id] = pid
-            self.window[pid] += 1
-            self.stats["delivered"] += 1
-            self.outboxes.put(proc.host, {"kind": "msg", "pid": pid, "env": env.to_wire()})
+        rows = self.store.pending(pid, after_seq=self.cursor[pid], limit=room)
+        for stored in rows:
+            self._deliver(proc, stored.envelope, stored.seq)
+        if len(rows) < room:
+            self.caught_up.add(pid)
 
     def pump_all(self) -> None:
         for pid in self.store.receivers_with_pending():
-            if self.window[pid] < DELIVERY_WINDOW // 2:
+            if pid not in self.caught_up and self.window[pid] < DELIVERY_WINDOW // 2:
                 self.pump(pid)
+
+    def reject(self, pid: int, msg_id: Any, reason: str) -> None:
+        """The handler of ``msg_id`` raised: the message becomes a dead letter instead of
+        being delivered again (it would crash every restart of its receiver)."""
+        if isinstance(msg_id, str) and self.inflight.get(msg_id) == pid:
+            self.store.dead_letter(pid, reason, ids=[msg_id])
 
     def forget_deliveries(self, pid: int) -> None:
         """The receiver's host is gone: its unacknowledged messages will be delivered again,
@@ -204,9 +257,12 @@ class IPCService:
             self.held.pop(msg_id, None)
         self.window[pid] = 0
         self.cursor[pid] = 0
+        self.caught_up.discard(pid)
 
     def bury(self, pid: int, reason: str) -> int:
-        """The process is gone for good: its pending messages become dead letters."""
+        """The process is gone for good: its pending messages become dead letters (after the
+        staged batch is committed: its last acks settle what it did handle)."""
+        self.commit()
         self.forget_deliveries(pid)
         for topic in self.topics.values():
             topic.discard(pid)

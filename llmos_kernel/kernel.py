@@ -39,6 +39,7 @@ from llmos_kernel.errors import (
     ToolError,
     Unavailable,
 )
+from llmos_kernel.host_channel import HostChannel, internal_error
 from llmos_kernel.ipc import IPCService
 from llmos_kernel.llm_service import LLMConfig, LLMService
 from llmos_kernel.mailbox import MailboxStore
@@ -58,7 +59,6 @@ log = logging.getLogger("llmos.kernel")
 NAMESPACE = "llmos"
 DEFAULT_NAME = "kernel"
 ROOT_TOKEN_FILE = "root.token"
-MAX_LOG_BYTES = 8 << 20  # per process; later output is dropped with a note
 
 
 @dataclass
@@ -68,6 +68,7 @@ class KernelConfig:
     llm: LLMConfig = field(default_factory=LLMConfig)
     hosts: int = 1  # shared agent hosts
     memory_model: str = "minilm"
+    driver_silent_s: float = 60.0  # a driver script's host silent this long is gone
 
 
 def answer(method):
@@ -82,13 +83,9 @@ def answer(method):
             return {"error": e.to_wire()}
         except Exception as e:
             log.exception("kernel call %s failed", method.__name__)
-            return {"error": _internal(method.__name__, e)}
+            return {"error": internal_error(method.__name__, e)}
 
     return wrapper
-
-
-def _internal(where: str, e: Exception) -> dict:
-    return {"type": "LlmosError", "message": f"internal error in {where}: {type(e).__name__}: {e}"}
 
 
 class Kernel:
@@ -99,8 +96,6 @@ class Kernel:
         (self.state_dir / "logs").mkdir(exist_ok=True)
         self.started_at = time.time()
         self.root_token = self._root_token()
-        self.epoch = secrets.token_hex(8)  # numbers this instance's chunks to hosts
-        self._chunks: dict[str, int] = {}  # host id -> items handed out so far
         self.outboxes = Outboxes()
         self.table = ProcessTable(self.state_dir / "processes.db")
         self.store = MailboxStore(self.state_dir / "mailbox.db")
@@ -116,10 +111,11 @@ class Kernel:
         self.llm = LLMService(cfg.llm, cfg.name, self.outboxes, on_usage=self._charge_tokens)
         self.procs = ProcessManager(cfg.name, self.table, self.ipc, self.outboxes,
                                     shared_hosts=cfg.hosts, on_final_exit=self._reap)
+        self.channel = HostChannel(self)
         self._memory: asyncio.Future[MemoryStore] | None = None
         self._embedder = None  # the memory store's sentence embedder, once loaded
         self._tool_calls: dict[str, tuple[str, asyncio.Future]] = {}
-        self._log_bytes: dict[int, int] = {}
+        self._tool_owners: dict[int, str] = {}  # pid -> capability hash that registered
         self._ready: asyncio.Future | None = None
         # Start serving by ourselves, also after Ray restarts this actor from scratch.
         ray.get_runtime_context().current_actor.ready.remote()
@@ -158,13 +154,16 @@ class Kernel:
         return {"ok": self._status()}
 
     async def _housekeeping(self) -> None:
-        """Expire messages past their deadline and re-pump mailboxes, every second."""
+        """Every second: expire messages past their deadline, re-pump mailboxes, and let
+        the processes of driver scripts that went silent exit."""
         while True:
             await asyncio.sleep(1.0)
             try:
                 expired = self.store.expire()
                 if expired:
                     log.info("%d messages expired", len(expired))
+                self.procs.reap_drivers(self.cfg.driver_silent_s)
+                self.ipc.commit()
                 self.ipc.pump_all()
             except Exception:
                 log.exception("housekeeping failed")
@@ -175,135 +174,23 @@ class Kernel:
             raise PermissionDenied("bad or missing root token (read it from the kernel's "
                                    f"state dir: {self.state_dir / ROOT_TOKEN_FILE})")
 
-    def _caller(self, host_id: str, capability: Any) -> Process:
-        proc = self.table.by_capability(capability)
-        if proc is None or not proc.alive:
-            raise PermissionDenied("this capability is not valid (its process exited or was "
-                                   "restarted with a new one)")
-        if proc.host != host_id:
-            raise PermissionDenied(f"process {proc.pid} does not run on host {host_id}")
-        return proc
-
-    # -- the host channel ---------------------------------------------------------
-    async def host_batch(self, host_id: str, ops: list, exits: list, logs: dict,
-                         secret: str) -> dict:
-        """All syscalls a host's agents made since its last batch, answered per call, with
-        whatever the kernel has for the host by then (see ``_chunk``)."""
+    # -- the host channel (llmos_kernel.host_channel) -----------------------------
+    async def host_batch(self, host_id: str, epoch: str, seq: int, ops: list, exits: list,
+                         logs: dict, secret: str) -> dict:
+        """A host's syscalls since its previous batch, answered per call."""
         try:
             await self._started()
-            host = self._host(host_id, secret)
         except LlmosError as e:
             return {"error": e.to_wire()}
-        self._write_logs(host_id, logs)
-        results: dict[str, dict] = {}
-        staged_sends: list[str] = []
-        for op in ops if isinstance(ops, list) else []:
-            call_id = op[0] if isinstance(op, list) and op else None
-            if not isinstance(call_id, str):
-                continue
-            result = self._op(host_id, op)
-            if call_id:  # "" marks a call nobody waits for (a plain ack)
-                results[call_id] = result
-                if len(op) > 2 and op[2] in ("ipc.send", "ipc.publish", "ipc.ack"):
-                    staged_sends.append(call_id)
-        for report in exits if isinstance(exits, list) else []:
-            self._exit_report(host, report)
-        try:
-            self.ipc.commit()
-        except Exception as e:
-            log.exception("mailbox commit failed")
-            for call_id in staged_sends:
-                results[call_id] = {"error": Unavailable(f"could not persist: {e}").to_wire()}
-        return {"ok": {"results": results, "out": await self._chunk(host_id, 0.0)}}
-
-    def _host(self, host_id: Any, secret: Any):
-        if isinstance(secret, str) and hmac.compare_digest(secret, self.root_token):
-            self.procs.register_driver_host(host_id, secret)
-        return self.procs.check_host(host_id, secret)
-
-    def _op(self, host_id: str, op: list) -> dict:
-        try:
-            if len(op) != 5:
-                raise InvalidArgument("a syscall is [call id, capability, name, args, handling]")
-            call_id, capability, name, args, handling = op
-            if name == "tools.result":
-                return self._tool_result(host_id, args)
-            proc = self._caller(host_id, capability)
-            args = syscall_table.check_args(name, args)
-            spec = syscall_table.TABLE[name]
-            if handling is not None and not isinstance(handling, str):
-                raise InvalidArgument("handling must be a message id or None")
-            if spec.slow:
-                asyncio.get_running_loop().create_task(
-                    self._slow(host_id, call_id, spec.fn(self, proc, args, handling)))
-                return {"pending": True}
-            return {"ok": spec.fn(self, proc, args, handling)}
-        except LlmosError as e:
-            return {"error": e.to_wire()}
-        except Exception as e:
-            log.exception("syscall %r failed", op[2] if len(op) > 2 else op)
-            return {"error": _internal("syscall", e)}
-
-    async def _slow(self, host_id: str, call_id: str, coro) -> None:
-        try:
-            reply = {"ok": await coro}
-        except LlmosError as e:
-            reply = {"error": e.to_wire()}
-        except Exception as e:
-            log.exception("slow syscall failed")
-            reply = {"error": _internal("syscall", e)}
-        self.ipc.commit()
-        self.outboxes.put(host_id, {"kind": "reply", "call": call_id, "reply": reply})
-
-    def _exit_report(self, host, report: Any) -> None:
-        if not isinstance(report, dict) or not isinstance(report.get("pid"), int):
-            return
-        proc = self.table.procs.get(report["pid"])
-        if proc is None or proc.host != host.host_id:
-            return  # a host may only report its own agents
-        self.procs.exited(proc.pid, {k: report.get(k) for k in ("reason", "result", "error")})
+        return await self.channel.batch(host_id, epoch, seq, ops, exits, logs, secret)
 
     async def host_poll(self, host_id: str, timeout: float, secret: str) -> dict:
         """Wait (up to ``timeout`` s) until the kernel has something for this host."""
         try:
             await self._started()
-            self._host(host_id, secret)
         except LlmosError as e:
             return {"error": e.to_wire()}
-        return {"ok": await self._chunk(host_id, min(max(float(timeout), 0.0), 60.0))}
-
-    async def _chunk(self, host_id: str, timeout: float) -> list:
-        """``[epoch, start, items]``: the host's next items, numbered so that a host applies
-        the chunks it gets from its two channels in order, whichever answers first."""
-        deadline = time.monotonic() + timeout
-        items: list = []
-        while self.outboxes.items.get(host_id) or timeout > 0:
-            items = await self.outboxes.take(host_id, max(deadline - time.monotonic(), 0.0))
-            if items or time.monotonic() >= deadline:
-                break  # else woken by items another channel took first: keep waiting
-        start = self._chunks.get(host_id, 0)
-        self._chunks[host_id] = start + len(items)
-        return [self.epoch, start, items]
-
-    def _write_logs(self, host_id: str, logs: Any) -> None:
-        if not isinstance(logs, dict):
-            return
-        for pid, text in logs.items():
-            proc = self.table.procs.get(pid) if isinstance(pid, int) else None
-            if proc is None or proc.host != host_id or not isinstance(text, str):
-                continue
-            used = self._log_bytes.get(pid) or _size(self._log_path(pid))
-            if used >= MAX_LOG_BYTES:
-                continue
-            data = text.encode("utf-8", errors="replace")[:MAX_LOG_BYTES - used]
-            if used + len(data) >= MAX_LOG_BYTES:
-                data += b"\n[llmos: log limit reached; further output dropped]\n"
-            with open(self._log_path(pid), "ab") as f:
-                f.write(data)
-            self._log_bytes[pid] = used + len(data)
-
-    def _log_path(self, pid: int) -> Path:
-        return self.state_dir / "logs" / f"{pid}.log"
+        return await self.channel.poll(host_id, timeout, secret)
 
     # -- services the syscall table uses -------------------------------------------
     async def memory_service(self) -> MemoryStore:
@@ -334,10 +221,14 @@ class Kernel:
 
     def _reap(self, proc: Process) -> None:
         self.tools.unregister_owner(proc.pid)
+        self._tool_owners.pop(proc.pid, None)
 
     def register_agent_tool(self, proc: Process, spec: Any) -> dict:
         """Add a tool that runs in ``proc``'s own host, as ``proc``, when anyone calls it."""
         tool_spec = _agent_tool_spec(spec)
+        if self._tool_owners.get(proc.pid, proc.cap_hash) != proc.cap_hash:
+            self.tools.unregister_owner(proc.pid)  # restarted: it offers its tools anew
+        self._tool_owners[proc.pid] = proc.cap_hash
 
         async def run_on_host(args: dict, owner: int = proc.pid, name: str = tool_spec.name):
             host = self.table.get(owner).host
@@ -416,14 +307,15 @@ class Kernel:
             raise InvalidArgument("message type must be a non-empty string")
         if type_ != UNTYPED and type_ not in self.ipc.schemas:
             raise InvalidArgument(f"unknown message type {type_!r}; it becomes known when a "
-                                  "program that declares it sends or receives it, or use "
-                                  f"type {UNTYPED!r} for a plain dict")
+                                  "program that declares it sends one, or use type "
+                                  f"{UNTYPED!r} for a plain dict")
         payload = encode(fields) if type_ == UNTYPED else _typed_payload(
             type_, self.ipc.schemas.schema(type_)["version"], fields)
         user = Process(pid=0, program={"kind": "attached"}, status="running")
-        result = self.ipc.send(user, {"to": to, "type": type_, "payload": payload}, None)
-        self.ipc.commit()
-        return result
+        try:
+            return self.ipc.send(user, {"to": to, "type": type_, "payload": payload}, None)
+        finally:
+            self.ipc.commit()  # the message, or its dead letter
 
     @answer
     async def logs(self, token: str, pid: int, offset: int = 0) -> dict:
@@ -431,9 +323,18 @@ class Kernel:
         self.table.get(pid)
         if not isinstance(offset, int) or offset < 0:
             raise InvalidArgument("offset must be an int >= 0")
-        data = await asyncio.to_thread(_read_from, self._log_path(pid), offset)
+        data = await asyncio.to_thread(_read_from, self.channel.log_path(pid), offset)
         return {"text": data.decode("utf-8", errors="replace"), "offset": offset + len(data),
                 "alive": self.table.get(pid).alive}
+
+    @answer
+    async def dead_letters(self, token: str, pid: int | None = None, limit: int = 100) -> list:
+        """Messages that will never be delivered (malformed, expired, receiver gone), and why."""
+        self._check_root(token)
+        return [{"id": d.envelope.id, "sender": d.envelope.sender,
+                 "receiver": d.envelope.receiver, "type": d.envelope.type, "reason": d.reason,
+                 "died_at": d.died_at}
+                for d in self.store.dead_letters(receiver=pid, limit=limit)]
 
     @answer
     async def approvals(self, token: str) -> list:
@@ -490,6 +391,7 @@ class Kernel:
                               "shared_hosts": self.procs.shared_host_ids()},
                 "ipc": {**self.ipc.stats, "pending": sum(
                     self.store.receivers_with_pending().values())},
+                "host_channel": self.channel.stats,
                 **self.llm.status()}
 
     async def shutdown(self) -> None:
@@ -543,13 +445,6 @@ def _read_from(path: Path, offset: int, limit: int = 1 << 20) -> bytes:
             return f.read(limit)
     except FileNotFoundError:
         return b""
-
-
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return 0
 
 
 RemoteKernel = ray.remote(Kernel)

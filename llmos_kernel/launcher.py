@@ -72,7 +72,7 @@ def start_kernel(cfg: KernelConfig, *, detached: bool = True) -> ray.actor.Actor
                             "(llmos kernel status; llmos kernel stop)")
     handle = RemoteKernel.options(
         name=cfg.name, namespace=NAMESPACE, lifetime="detached" if detached else None,
-        num_cpus=0, max_concurrency=10_000, max_restarts=0,
+        num_cpus=0, max_concurrency=10_000, max_restarts=-1,  # back from its state dir
     ).remote(cfg)
     reply = ray.get(handle.ready.remote())
     if "error" in reply:

@@ -202,6 +202,11 @@ class MailboxStore:
             self._apply(delta)
         return fresh
 
+    @property
+    def last_seq(self) -> int:
+        """The sequence number of the newest message committed (0 if none ever was)."""
+        return self._next_seq - 1
+
     def pending(self, receiver: int, *, after_seq: int = 0, limit: int = 1000
                 ) -> list[StoredMessage]:
         """Unacked messages for ``receiver`` with seq > ``after_seq``, in commit order."""
@@ -236,9 +241,13 @@ class MailboxStore:
             self._conn()
             return self._pending.get(receiver, 0)
 
-    def dead_letter(self, receiver: int, reason: str) -> int:
-        """Move all of ``receiver``'s pending messages to dead letters; returns how many."""
-        return len(self._bury_where("receiver = ?", (receiver,), reason))
+    def dead_letter(self, receiver: int, reason: str, *, ids: Sequence[str] | None = None) -> int:
+        """Move ``receiver``'s pending messages (all, or those of ``ids``) to dead letters;
+        returns how many."""
+        if ids is None:
+            return len(self._bury_where("receiver = ?", (receiver,), reason))
+        return len(self._bury_where(f"receiver = ? AND id IN {_IDS}",
+                                    (receiver, json.dumps(list(ids))), reason))
 
     def expire(self, now: float | None = None) -> list[Envelope]:
         """Move every pending message whose deadline has passed to dead letters; return them."""

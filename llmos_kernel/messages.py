@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import itertools
 import math
 import os
 import sys
@@ -94,6 +95,7 @@ class MessageRegistry:
     def __init__(self) -> None:
         self._classes: dict[str, type] = {}
         self._schemas: dict[str, dict] = {}
+        self._walks: dict[tuple[str, str], _Walk] = {}  # for types known by schema alone
 
     def register(self, cls: type) -> None:
         info = _info(cls)
@@ -107,6 +109,7 @@ class MessageRegistry:
             self._check_same_schema(schema_of(cls))
         self._classes[info.name] = cls
         self._schemas.pop(info.name, None)
+        self._walks = {k: w for k, w in self._walks.items() if k[0] != info.name}
 
     def register_schema(self, schema: dict) -> None:
         """Know a type by its schema alone; a name already known must have the same schema."""
@@ -124,6 +127,14 @@ class MessageRegistry:
                 f"message type {schema['name']!r} is already registered with a different "
                 f"schema (version {known['version']}); give one of them another name"
             )
+
+    def _walk(self, name: str, mode: str) -> _Walk:
+        """A cached pass over a type known by schema alone."""
+        walk = self._walks.get((name, mode))
+        if walk is None:
+            walk = self._walks[name, mode] = _Walk(
+                mode, _schema_typemap(self._schemas[name]), MAX_DEPTH)
+        return walk
 
     def lookup(self, name: str) -> type | None:
         """The class registered under ``name``, or None (unknown, or known by schema only)."""
@@ -243,6 +254,11 @@ def _info(cls: type) -> _MessageInfo:
     return info
 
 
+def message_type(cls_or_msg: Any) -> str:
+    """The type name a @message class (or instance) travels under."""
+    return _info(cls_or_msg if isinstance(cls_or_msg, type) else type(cls_or_msg)).name
+
+
 def schema_of(cls_or_name: type | str, *, registry: MessageRegistry | None = None) -> dict:
     """The portable schema of a message class (or of a registered name): plain, msgpack-able."""
     if isinstance(cls_or_name, str):
@@ -297,19 +313,30 @@ def _check_descriptor(desc: Any, known: set[str], where: str, depth: int) -> Non
 
 
 class _Walk:
-    """One conversion pass: ``encode`` (objects -> plain), ``decode`` (plain -> objects)
-    or ``validate`` (plain -> checked plain)."""
+    """One conversion pass: ``encode`` (objects -> plain), ``decode`` (plain -> objects),
+    ``validate`` (plain -> checked plain) or ``check`` (plain -> nothing; it only raises).
+
+    ``run`` walks once without tracking where it is (most input is fine); only when
+    something is wrong does it walk again, naming field paths, to say exactly where.
+    """
 
     def __init__(self, mode: str, typemap: Mapping[str, tuple[dict, type | None]],
                  max_depth: int) -> None:
         self.mode, self.typemap, self.max_depth = mode, typemap, max_depth
 
-    def fields(self, type_name: str, value: Any, path: str, depth: int) -> Any:
+    def run(self, type_name: str, value: Any) -> Any:
+        try:
+            return self.fields(type_name, value, None, 0)
+        except MessageError:
+            self.fields(type_name, value, type_name, 0)
+            raise
+
+    def fields(self, type_name: str, value: Any, path: str | None, depth: int) -> Any:
         descs, cls = self.typemap[type_name]
         if self.mode == "encode":
             if type(value) is not cls:
                 raise MessageError(f"{path}: expected {type_name}, got {_describe(value)}")
-            return {f: self.value(d, getattr(value, f), f"{path}.{f}", depth + 1)
+            return {f: self.value(d, getattr(value, f), _sub(path, ".", f), depth + 1)
                     for f, d in descs.items()}
         if not isinstance(value, dict):
             raise MessageError(f"{path}: expected {type_name} fields (a map), got "
@@ -322,7 +349,12 @@ class _Walk:
                 + (f"; missing {', '.join(missing)}" if missing else "")
                 + (f"; unexpected {', '.join(map(str, extra))}" if extra else "")
             )
-        out = {f: self.value(d, value[f], f"{path}.{f}", depth + 1) for f, d in descs.items()}
+        if self.mode == "check":
+            for f, d in descs.items():
+                self.value(d, value[f], _sub(path, ".", f), depth + 1)
+            return None
+        out = {f: self.value(d, value[f], _sub(path, ".", f), depth + 1)
+               for f, d in descs.items()}
         if self.mode == "decode" and cls is not None:
             try:
                 return cls(**out)
@@ -330,22 +362,22 @@ class _Walk:
                 raise MessageError(f"{path}: {type_name} rejected its fields: {e}") from e
         return out
 
-    def value(self, desc: Any, value: Any, path: str, depth: int) -> Any:
-        if depth > self.max_depth:
-            raise MessageError(f"{path}: nested deeper than {self.max_depth} levels")
-        if isinstance(desc, str):
-            if desc == "any":
-                return _check_plain(value, path, depth, self.max_depth)
-            expected = _SCALARS[desc]
+    def value(self, desc: Any, value: Any, path: str | None, depth: int) -> Any:
+        if type(desc) is str:
+            expected = _SCALARS.get(desc)
             if type(value) is expected:
                 if expected is int and not _INT_MIN <= value <= _INT_MAX:
                     raise MessageError(f"{path}: int {value} does not fit in 64 bits")
                 return value
+            if desc == "any":
+                return _check_plain(value, path, depth, self.max_depth)
             if expected is float and type(value) is int:
                 return float(value)
             if expected is bytes and self.mode == "encode" and type(value) is bytearray:
                 return bytes(value)
             raise MessageError(f"{path}: expected {_type_name(desc)}, got {_describe(value)}")
+        if depth > self.max_depth:
+            raise MessageError(f"{path}: nested deeper than {self.max_depth} levels")
         ((kind, arg),) = desc.items()
         if kind == "optional":
             return None if value is None else self.value(arg, value, path, depth)
@@ -353,12 +385,14 @@ class _Walk:
             ok = (list, tuple) if self.mode == "encode" else (list,)
             if type(value) not in ok:
                 raise MessageError(f"{path}: expected {_type_name(desc)}, got {_describe(value)}")
-            items = [self.value(arg, v, f"{path}[{i}]", depth + 1) for i, v in enumerate(value)]
+            items = [self.value(arg, v, _sub(path, "[]", i), depth + 1)
+                     for i, v in enumerate(value)]
             return tuple(items) if kind == "tuple" and self.mode == "decode" else items
         if kind == "dict":
             if type(value) is not dict or not all(type(k) is str for k in value):
                 raise MessageError(f"{path}: expected {_type_name(desc)}, got {_describe(value)}")
-            return {k: self.value(arg, v, f"{path}[{k!r}]", depth + 1) for k, v in value.items()}
+            return {k: self.value(arg, v, _sub(path, "[k]", k), depth + 1)
+                    for k, v in value.items()}
         if kind == "literal":
             if any(type(value) is type(a) and value == a for a in arg):
                 return value
@@ -366,7 +400,25 @@ class _Walk:
         return self.fields(arg, value, path, depth)
 
 
-def _check_plain(value: Any, path: str, depth: int, max_depth: int) -> Any:
+def _sub(path: str | None, how: str, key: Any) -> str | None:
+    """The path of a part (``a.b``, ``a[2]``, ``a['k']``), or None while paths are not
+    tracked."""
+    if path is None:
+        return None
+    return f"{path}.{key}" if how == "." else f"{path}[{key!r}]" if how == "[k]" else \
+        f"{path}[{key}]"
+
+
+def _plain(value: Any) -> Any:
+    """A whole untyped message (or other ``Any`` value) checked: plain msgpack values only."""
+    try:
+        return _check_plain(value, None, 0, MAX_DEPTH)
+    except MessageError:
+        _check_plain(value, UNTYPED, 0, MAX_DEPTH)
+        raise
+
+
+def _check_plain(value: Any, path: str | None, depth: int, max_depth: int) -> Any:
     """An ``Any`` field: plain msgpack values only (maps keyed by str or bytes)."""
     if depth > max_depth:
         raise MessageError(f"{path}: nested deeper than {max_depth} levels")
@@ -376,12 +428,13 @@ def _check_plain(value: Any, path: str, depth: int, max_depth: int) -> Any:
     if kind in _LITERAL_TYPES:
         return value
     if kind in (list, tuple):
-        return [_check_plain(v, f"{path}[{i}]", depth + 1, max_depth) for i, v in enumerate(value)]
+        return [_check_plain(v, _sub(path, "[]", i), depth + 1, max_depth)
+                for i, v in enumerate(value)]
     if kind is dict:
         for k in value:
             if type(k) not in (str, bytes):
                 raise MessageError(f"{path}: map keys must be str or bytes, got {_describe(k)}")
-        return {k: _check_plain(v, f"{path}[{k!r}]", depth + 1, max_depth)
+        return {k: _check_plain(v, _sub(path, "[k]", k), depth + 1, max_depth)
                 for k, v in value.items()}
     raise MessageError(f"{path}: {_describe(value)} is not a plain msgpack value")
 
@@ -417,9 +470,7 @@ def validate(schema: dict, fields: Any, *, max_depth: int = MAX_DEPTH) -> dict:
 
 
 def _validate_checked(schema: dict, fields: Any, max_depth: int = MAX_DEPTH) -> dict:
-    return _Walk("validate", _schema_typemap(schema), max_depth).fields(
-        schema["name"], fields, schema["name"], 0
-    )
+    return _Walk("validate", _schema_typemap(schema), max_depth).run(schema["name"], fields)
 
 
 def encode(msg: Any, *, max_bytes: int = MAX_MESSAGE_BYTES) -> bytes:
@@ -429,7 +480,7 @@ def encode(msg: Any, *, max_bytes: int = MAX_MESSAGE_BYTES) -> bytes:
             if type(k) is not str:
                 raise MessageError(f"{UNTYPED}: field names must be str, got {_describe(k)}")
         name, version = UNTYPED, 1
-        fields = _check_plain(msg, UNTYPED, 0, MAX_DEPTH)
+        fields = _plain(msg)
     else:
         try:
             info = _info(type(msg))
@@ -438,7 +489,7 @@ def encode(msg: Any, *, max_bytes: int = MAX_MESSAGE_BYTES) -> bytes:
                 f"cannot encode {_describe(msg)}: send a @message instance or a dict"
             ) from None
         name, version = info.name, info.version
-        fields = _Walk("encode", _typemap(type(msg)), MAX_DEPTH).fields(name, msg, name, 0)
+        fields = _Walk("encode", _typemap(type(msg)), MAX_DEPTH).run(name, msg)
     data = msgpack.packb({"t": name, "v": version, "f": fields}, use_bin_type=True)
     if len(data) > max_bytes:
         raise MessageError(f"{name} message is {len(data)} bytes, over the {max_bytes}-byte limit")
@@ -455,6 +506,39 @@ def decode(
     """Rebuild a message from msgpack bytes: a @message instance, a dict for untyped messages,
     or a RawMessage for types the registry knows only by schema. Anything wrong raises
     MessageError; nothing half-checked is returned."""
+    name, version, fields = _unpack(data, max_bytes)
+    if name == UNTYPED:
+        result = _plain(fields)
+    else:
+        result = _decode_typed(name, version, fields, registry or DEFAULT_REGISTRY)
+    if expected is not None and not isinstance(result, expected):
+        want = expected if isinstance(expected, tuple) else (expected,)
+        raise MessageError(
+            f"expected a {' or '.join(t.__qualname__ for t in want)} message, got {name}"
+        )
+    return result
+
+
+def check(data: bytes, *, registry: MessageRegistry) -> str:
+    """The type name of an encoded message once it is checked against its schema, building
+    nothing (what a router needs); MessageError as ``decode`` would raise it."""
+    name, version, fields = _unpack(data, MAX_MESSAGE_BYTES)
+    if name == UNTYPED:
+        _plain(fields)
+        return name
+    cls = registry.lookup(name)
+    known_version = _info(cls).version if cls is not None else registry.schema(name)["version"]
+    if version != known_version:
+        raise MessageError(
+            f"{name} message has version {version}, but version {known_version} is registered"
+        )
+    walk = registry._walk(name, "check") if cls is None else _Walk("check", _typemap(cls),
+                                                                     MAX_DEPTH)
+    walk.run(name, fields)
+    return name
+
+
+def _unpack(data: Any, max_bytes: int) -> tuple[str, int, dict]:
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise MessageError(f"a message is bytes, got {_describe(data)}")
     if len(data) > max_bytes:
@@ -466,17 +550,7 @@ def decode(
     if not (type(obj) is dict and obj.keys() == {"t", "v", "f"} and type(obj["t"]) is str
             and type(obj["v"]) is int and type(obj["f"]) is dict):
         raise MessageError('message must be a map {"t": type name, "v": version, "f": fields}')
-    name, version, fields = obj["t"], obj["v"], obj["f"]
-    if name == UNTYPED:
-        result = _check_plain(fields, UNTYPED, 0, MAX_DEPTH)
-    else:
-        result = _decode_typed(name, version, fields, registry or DEFAULT_REGISTRY)
-    if expected is not None and not isinstance(result, expected):
-        want = expected if isinstance(expected, tuple) else (expected,)
-        raise MessageError(
-            f"expected a {' or '.join(t.__qualname__ for t in want)} message, got {name}"
-        )
-    return result
+    return obj["t"], obj["v"], obj["f"]
 
 
 def _decode_typed(name: str, version: int, fields: dict,
@@ -494,8 +568,8 @@ def _decode_typed(name: str, version: int, fields: dict,
             f"{name} message has version {version}, but version {known_version} is registered"
         )
     if cls is None:
-        return RawMessage(name, version, _validate_checked(schema, fields))
-    return _Walk("decode", _typemap(cls), MAX_DEPTH).fields(name, fields, name, 0)
+        return RawMessage(name, version, registry._walk(name, "validate").run(name, fields))
+    return _Walk("decode", _typemap(cls), MAX_DEPTH).run(name, fields)
 
 
 def _reject_ext(code: int, data: bytes) -> Any:
@@ -509,9 +583,22 @@ def _known_hint(names: list[str]) -> str:
     return f"; known: {shown}{', ...' if len(names) > 10 else ''}"
 
 
+_ID_PREFIX = os.urandom(6).hex()  # this process's; a counter tells its ids apart
+_ID_COUNTER = itertools.count()
+
+
+def _new_id_prefix() -> None:
+    global _ID_PREFIX
+    _ID_PREFIX = os.urandom(6).hex()
+
+
+os.register_at_fork(after_in_child=_new_id_prefix)
+
+
 def new_message_id() -> str:
-    """A unique, time-ordered message id: 16 hex digits of nanoseconds, 16 random."""
-    return f"{time.time_ns():016x}{os.urandom(8).hex()}"
+    """A unique, time-ordered message id: nanoseconds, a random per-process prefix and a
+    counter (all hex)."""
+    return f"{time.time_ns():016x}{_ID_PREFIX}{next(_ID_COUNTER):x}"
 
 
 _MAX_TEXT = 256
@@ -552,28 +639,30 @@ class Envelope:
         if type(w) not in (list, tuple) or len(w) != 10:
             raise MessageError(f"an envelope is a 10-item list, got {_describe(w)}")
         env = cls(*w)
-        for name in ("id", "type"):
-            _check_text(env, name, optional=False)
-        for name in ("correlation_id", "reply_to", "topic"):
-            _check_text(env, name, optional=True)
-        for name in ("sender", "receiver"):
-            pid = getattr(env, name)
+        _check_text(env.id, "id", optional=False)
+        _check_text(env.type, "type", optional=False)
+        for value, name in ((env.correlation_id, "correlation_id"),
+                            (env.reply_to, "reply_to"), (env.topic, "topic")):
+            if value is not None:
+                _check_text(value, name, optional=True)
+        for pid, name in ((env.sender, "sender"), (env.receiver, "receiver")):
             if type(pid) is not int or not 0 <= pid <= _MAX_PID:
                 raise MessageError(f"envelope.{name}: expected a pid (int >= 0), got {pid!r}")
         if type(env.payload) is not bytes:
             raise MessageError(f"envelope.payload: expected bytes, got {_describe(env.payload)}")
-        for name, optional in (("deadline", True), ("timestamp", False)):
-            t = getattr(env, name)
-            if t is None and optional:
-                continue
-            if type(t) not in (int, float) or not math.isfinite(t):
-                raise MessageError(f"envelope.{name}: expected epoch seconds, got {t!r}")
-            setattr(env, name, float(t))
+        if env.deadline is not None:
+            env.deadline = _check_time(env.deadline, "deadline")
+        env.timestamp = _check_time(env.timestamp, "timestamp")
         return env
 
 
-def _check_text(env: Envelope, name: str, *, optional: bool) -> None:
-    value = getattr(env, name)
+def _check_time(t: Any, name: str) -> float:
+    if type(t) not in (int, float) or not math.isfinite(t):
+        raise MessageError(f"envelope.{name}: expected epoch seconds, got {t!r}")
+    return float(t)
+
+
+def _check_text(value: Any, name: str, *, optional: bool) -> None:
     if value is None and optional:
         return
     if type(value) is not str or not value or len(value) > _MAX_TEXT:

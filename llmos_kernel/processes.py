@@ -46,6 +46,8 @@ class HostInfo:
     secret: str
     isolated: bool = False
     pids: set[int] = field(default_factory=set)
+    seen: float = field(default_factory=time.monotonic)  # its last call
+    polling: int = 0  # its long-polls waiting in the kernel (a host that waits is not silent)
 
 
 class ProcessManager:
@@ -59,6 +61,7 @@ class ProcessManager:
         self.hosts: dict[str, HostInfo] = {}
         self.waiters: dict[int, list[asyncio.Future]] = {}
         self.on_final_exit = on_final_exit or (lambda proc: None)
+        self.started = time.monotonic()
         self._host_seq = 0
 
     # -- hosts ----------------------------------------------------------------
@@ -66,6 +69,7 @@ class ProcessManager:
         for _ in range(self.shared_hosts):
             await self._new_host()
         await self._recover()
+        self.started = time.monotonic()  # drivers' silence counts from here
 
     async def _new_host(self, *, isolated: bool = False, resources: dict | None = None) -> HostInfo:
         self._host_seq += 1
@@ -93,32 +97,61 @@ class ProcessManager:
                 await self.host_died(info)
 
     def register_driver_host(self, host_id: str, secret: str) -> None:
-        if host_id not in self.hosts:
-            self.hosts[host_id] = HostInfo(host_id, None, secret)
+        """A driver script's in-process host; after a kernel restart, it finds its processes
+        again on its first call."""
+        if host_id in self.hosts:
+            return
+        info = self.hosts[host_id] = HostInfo(host_id, None, secret)
+        for proc in self.table.live():
+            if proc.host == host_id:
+                info.pids.add(proc.pid)
+                self.ipc.pump(proc.pid)
 
     def check_host(self, host_id: Any, secret: Any) -> HostInfo:
         info = self.hosts.get(host_id) if isinstance(host_id, str) else None
         if info is None or not isinstance(secret, str) or \
                 not secrets.compare_digest(info.secret, secret):
             raise PermissionDenied(f"unknown host {host_id!r} or bad host secret")
+        info.seen = time.monotonic()
         return info
+
+    def reap_drivers(self, silent_s: float) -> None:
+        """Driver scripts whose host has not called for ``silent_s`` are gone (exited or
+        crashed without a word): their processes exit with reason "gone"."""
+        now = time.monotonic()
+        for proc in self.table.live():
+            if proc.program.get("kind") != "attached":
+                continue
+            host = self.hosts.get(proc.host)
+            if host is not None and host.polling:
+                continue
+            if now - (host.seen if host is not None else self.started) > silent_s:
+                log.warning("driver process %d went silent; it exits", proc.pid)
+                self.exited(proc.pid, {"reason": "gone"})
+                if host is not None and not host.pids:
+                    self.hosts.pop(host.host_id, None)
+                    self.outboxes.drop(host.host_id)
 
     async def host_died(self, info: HostInfo) -> None:
         self.hosts.pop(info.host_id, None)
+        self.outboxes.drop(info.host_id)
         for pid in sorted(info.pids):
             proc = self.table.procs.get(pid)
             if proc is not None and proc.alive:
                 self.ipc.forget_deliveries(pid)
                 self.exited(pid, {"reason": "host_died", "error": {
                     "type": "HostDied", "message": f"host {info.host_id} died"}})
-        if not info.isolated and info.handle is not None:
-            shared = [h for h in self.hosts.values() if not h.isolated and h.handle is not None]
-            if len(shared) < self.shared_hosts:
-                await self._new_host()
+        if len(self.shared_host_ids()) < self.shared_hosts:
+            await self._new_host()
+
+    def shared_host_ids(self) -> list[str]:
+        return [h.host_id for h in self.hosts.values() if not h.isolated and h.handle is not None]
 
     def _place(self, proc: Process) -> HostInfo:
-        shared = [h for h in self.hosts.values() if not h.isolated and h.handle is not None]
-        return min(shared, key=lambda h: len(h.pids))
+        """The host the process asked for while it lives, else the least loaded shared one."""
+        if proc.placement in self.hosts:
+            return self.hosts[proc.placement]
+        return min((self.hosts[h] for h in self.shared_host_ids()), key=lambda h: len(h.pids))
 
     async def _host_for(self, proc: Process) -> HostInfo:
         if proc.isolated:
@@ -131,7 +164,7 @@ class ProcessManager:
         if not isinstance(spec, dict):
             raise InvalidArgument("spawn takes a dict of options")
         known = {"program", "args", "name", "priority", "quotas", "restart", "tools", "approval",
-                 "trap_exits", "isolated", "resources"}
+                 "trap_exits", "isolated", "resources", "host"}
         unknown = set(spec) - known
         if unknown:
             raise InvalidArgument(f"unknown spawn option(s): {', '.join(sorted(unknown))}")
@@ -174,11 +207,15 @@ class ProcessManager:
         resources = spec.get("resources") or {}
         if not isinstance(resources, dict):
             raise InvalidArgument("resources must be a dict such as {'num_gpus': 1}")
+        placement = spec.get("host")
+        if placement is not None and placement not in self.shared_host_ids():
+            raise InvalidArgument(f"host must name a shared agent host "
+                                  f"({', '.join(self.shared_host_ids())}), got {placement!r}")
         return {"program": program, "args": args, "name": name, "priority": priority,
                 "quotas": quotas, "restart": restart, "tools": tools, "approval": approval,
                 "trap_exits": bool(spec.get("trap_exits", False)),
                 "isolated": bool(spec.get("isolated", False)) or bool(resources),
-                "resources": resources,
+                "resources": resources, "placement": placement,
                 "parent": parent.pid if parent is not None else KERNEL_PID,
                 "tenant": parent.tenant if parent is not None else secrets.token_hex(4)}
 
@@ -210,13 +247,11 @@ class ProcessManager:
         return proc, capability
 
     async def _recover(self) -> None:
-        """After a kernel restart: every process that was alive died with its host."""
+        """After a kernel restart: every agent that was alive died with its host; drivers'
+        processes live on in their scripts, which call again."""
         for proc in sorted(self.table.live(), key=lambda p: p.pid):
-            if proc.program.get("kind") == "attached":
-                proc.host = None  # its driver reattaches and polls again
-                self.table.save(proc)
-                continue
-            self.exited(proc.pid, {"reason": "kernel_restart"})
+            if proc.program.get("kind") != "attached":
+                self.exited(proc.pid, {"reason": "kernel_restart"})
 
     # -- signals --------------------------------------------------------------
     def may_signal(self, caller: Process | None, target: Process) -> bool:
@@ -310,6 +345,7 @@ class ProcessManager:
             for child in self.table.children(proc.pid):
                 if child.alive:
                     self._stop(child, "stopping")
+            proc.status = "starting"
             asyncio.get_running_loop().create_task(self.restart(proc))
             return
         plan = plan_exit(self.table, proc, reason, time.time(), self.kernel_spec)
@@ -327,13 +363,15 @@ class ProcessManager:
         for again in plan.restart:
             target = self.table.procs[again]
             if not target.alive:
+                target.status = "starting"
                 asyncio.get_running_loop().create_task(self.restart(target))
         if plan.escalate is not None:
             supervisor = self.table.procs.get(plan.escalate)
             if supervisor is not None and supervisor.alive:
                 log.warning("process %d exceeded its restart intensity; escalating",
                             plan.escalate)
-                self._stop(supervisor, "stopping-escalated")
+                if supervisor.program.get("kind") != "attached":
+                    self._stop(supervisor, "stopping-escalated")
         if proc.status == "exited" and pid not in plan.restart:
             self._finalize(proc)
         self.table.save(proc)
@@ -346,7 +384,11 @@ class ProcessManager:
         self.on_final_exit(proc)
 
     async def restart(self, proc: Process) -> None:
+        if proc.status != "starting":  # told to stop while waiting to start again
+            self.exited(proc.pid, {"reason": KILLED})
+            return
         proc.restarts.append(time.time())
+        proc.child_restarts = []  # a restarted supervisor starts with a fresh history, as in OTP
         proc.exit = None
         capability = self.table.reissue(proc)
         await self._launch(proc, capability)

@@ -9,8 +9,8 @@ hashes; a capability presented with a syscall is looked up by its hash.
 
 from __future__ import annotations
 
+import functools
 import hashlib
-import json
 import secrets
 import sqlite3
 import threading
@@ -18,6 +18,8 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+import msgpack
 
 from llmos_kernel.errors import InvalidArgument, NoSuchProcess
 
@@ -114,6 +116,7 @@ def program_label(program: dict) -> str:
     return str(program.get("label") or program.get("kind"))
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def cap_hash(capability: str) -> str:
     return hashlib.sha256(capability.encode()).hexdigest()
 
@@ -130,13 +133,13 @@ class ProcessTable:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("CREATE TABLE IF NOT EXISTS processes (pid INTEGER PRIMARY KEY, "
-                        "record TEXT NOT NULL)")
+                        "record BLOB NOT NULL)")
         self.db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
         self.lock = threading.Lock()
         self.procs: dict[int, Process] = {}
         self.by_cap: dict[str, int] = {}
         for (record,) in self.db.execute("SELECT record FROM processes"):
-            proc = _from_record(json.loads(record))
+            proc = _from_record(record)
             self.procs[proc.pid] = proc
             if proc.cap_hash:
                 self.by_cap[proc.cap_hash] = proc.pid
@@ -168,7 +171,7 @@ class ProcessTable:
 
     def save(self, proc: Process) -> None:
         self.db.execute("INSERT OR REPLACE INTO processes VALUES (?, ?)",
-                        (proc.pid, json.dumps(asdict(proc))))
+                        (proc.pid, _to_record(proc)))
 
     def save_many(self, procs: list[Process]) -> None:
         self.db.execute("BEGIN")
@@ -219,7 +222,15 @@ class ProcessTable:
         self.db.close()
 
 
-def _from_record(record: dict) -> Process:
+def _to_record(proc: Process) -> bytes:
+    """msgpack, since arguments and pickled programs may hold bytes."""
+    record = {f.name: getattr(proc, f.name) for f in fields(proc)}
+    record["quotas"], record["restart"] = asdict(proc.quotas), asdict(proc.restart)
+    return msgpack.packb(record, use_bin_type=True)
+
+
+def _from_record(stored: bytes) -> Process:
+    record = msgpack.unpackb(stored, raw=False, strict_map_key=False)
     record["quotas"] = Quotas(**record["quotas"])
     record["restart"] = RestartSpec(**record["restart"])
     return Process(**record)

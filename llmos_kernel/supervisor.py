@@ -8,7 +8,10 @@ decides who comes back with it (one_for_one: itself; one_for_all: every
 sibling; rest_for_one: the siblings started after it), and the supervisor's
 intensity decides when to give up (more than ``intensity`` restarts within
 ``period_s``: the supervisor stops all its children and exits itself with
-reason ``shutdown``, escalating to its own supervisor).
+reason ``escalated``, which its own supervisor handles like any abnormal exit,
+up to the top). At the top, the kernel and attached driver scripts give up
+by leaving the child exited. A restarted supervisor starts with a fresh
+restart history, and spawns its children again itself.
 
 This module only decides; the process manager carries the plan out.
 """
@@ -28,7 +31,7 @@ SHUTDOWN = "shutdown"  # stopped by its supervisor
 class ExitPlan:
     terminate: list[int] = field(default_factory=list)  # live processes to stop (no restart)
     restart: list[int] = field(default_factory=list)  # processes to start again, in order
-    escalate: int | None = None  # a supervisor that gave up and must exit with "shutdown"
+    escalate: int | None = None  # a supervisor that gave up and must exit ("escalated")
     notices: list[tuple[int, str, dict]] = field(default_factory=list)  # (to pid, type, fields)
     kill_linked: list[int] = field(default_factory=list)  # linked processes that die too
 
@@ -60,6 +63,7 @@ def plan_exit(table: ProcessTable, proc: Process, reason: str, now: float,
     if not wants_restart(proc, reason):
         return plan
     supervisor = table.procs.get(proc.parent) if proc.parent != KERNEL_PID else None
+    # The kernel keeps one clock per top-level process: its own restart times.
     spec = supervisor.restart if supervisor is not None else kernel_spec
     clock = supervisor.child_restarts if supervisor is not None else proc.restarts
     recent = [t for t in clock if now - t <= spec.period_s]
@@ -67,7 +71,8 @@ def plan_exit(table: ProcessTable, proc: Process, reason: str, now: float,
         if supervisor is not None:
             plan.escalate = supervisor.pid
         return plan  # the kernel gives up on a top-level process: it stays exited
-    clock[:] = [*recent, now]
+    if supervisor is not None:
+        supervisor.child_restarts[:] = [*recent, now]
 
     siblings = table.children(proc.parent)
     if spec.strategy == "one_for_all":

@@ -1,0 +1,190 @@
+"""Real failures mid-stream: an agent host SIGKILLed, then the kernel itself SIGKILLed.
+
+Both run on a kernel of this module's own (its own name and state dir), so the
+session's kernel stays healthy. This test is a process of that kernel too: it
+deals 10,000 numbered messages out to 20 permanent consumers (top-level: the
+kernel supervises them), each of which forwards every number back to it. A
+consumer's forward is committed together with its acknowledgement of the
+message it handled, so the numbers that come back are exactly the messages
+whose handlers finished: all 10,000 must come back, in order per consumer,
+none twice, whatever dies on the way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+import uuid
+
+import pytest
+import ray
+from checks import table, until
+from workers import Num, forwarder, idle
+
+from actors.agent_host import AgentHost, AgentRuntime, current
+from llmos_kernel.client import unwrap
+from syscalls import ipc, proc
+from syscalls.proc import program_spec
+
+MESSAGES = 10_000
+CONSUMERS = 20
+KILL_AFTER = 3_000  # numbers back before the kill
+SILENT_S = 5.0  # this kernel's patience with a driver script that stops calling
+
+
+class Driver:
+    """This test as a process of the fault kernel, running coroutines on a loop of its own."""
+
+    def __init__(self, handle, state_dir, name: str):
+        self.handle, self.name = handle, name
+        self.token = (state_dir / "root.token").read_text()
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+        self.runtime = self.attach("fault-driver")
+
+    def attach(self, name: str) -> AgentRuntime:
+        """One more driver process, with a host of its own, on this loop."""
+        async def attach() -> AgentRuntime:
+            host = AgentHost(self.handle, f"driver-{uuid.uuid4().hex[:10]}", token=self.token)
+            reply = unwrap(await self.handle.attach.remote(self.token, host.host_id, name))
+            await host.start()
+            return host.attach(reply["pid"], reply["capability"], name, default=False)
+        return self._submit(attach(), 120)
+
+    def _submit(self, coro, timeout: float):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def run(self, coro, timeout: float = 300.0, *, runtime: AgentRuntime | None = None):
+        """Run ``coro`` as this test's process (or as ``runtime``)."""
+        async def as_driver():
+            current.set(runtime or self.runtime)
+            return await coro
+        return self._submit(as_driver(), timeout)
+
+    async def call(self, method: str, *args):
+        """A driver-API call with the root token (from inside ``run``)."""
+        return unwrap(await getattr(self.handle, method).remote(self.token, *args))
+
+    def status(self) -> dict:
+        return unwrap(ray.get(self.handle.status.remote(self.token), timeout=120))
+
+    def close(self) -> None:
+        async def stop_host():
+            await self.runtime.host.stop()
+            await asyncio.sleep(0)  # let the cancelled tasks finish
+        self._submit(stop_host(), 30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+@pytest.fixture(scope="module")
+def fault_kernel(ray_session, model_path, tmp_path_factory):
+    from llmos_kernel.kernel import KernelConfig
+    from llmos_kernel.launcher import start_kernel
+    from llmos_kernel.llm_service import LLMConfig
+
+    state = tmp_path_factory.mktemp("fault-kernel")
+    name = f"fault-kernel-{uuid.uuid4().hex[:6]}"
+    handle = start_kernel(KernelConfig(
+        state_dir=str(state), name=name, hosts=2,
+        llm=LLMConfig(model=str(model_path), kv_budget="64MiB", swap_budget=0),
+        driver_silent_s=SILENT_S), detached=False)
+    driver = Driver(handle, state, name)
+    yield driver
+    driver.close()
+    ray.kill(handle, no_restart=True)
+
+
+async def _stream_through_consumers(driver: Driver, kill) -> tuple[list[int], dict]:
+    """Send MESSAGES numbers, dealt round-robin to CONSUMERS new consumers, while collecting
+    what each forwards; call ``kill(consumers)`` once KILL_AFTER numbers are back."""
+    spec = {"program": program_spec(forwarder), "args": {"to": proc.pid()},
+            "restart": {"restart": "permanent"}, "quotas": {"mailbox": MESSAGES}}
+    consumers = [await driver.call("spawn", spec) for _ in range(CONSUMERS)]
+
+    async def produce():
+        for start in range(0, MESSAGES, 500):
+            await asyncio.gather(*(ipc.send(consumers[n % CONSUMERS], Num(n))
+                                   for n in range(start, start + 500)))
+
+    producer = asyncio.create_task(produce())
+    back: dict[int, list[int]] = {c: [] for c in consumers}
+    for received in range(1, MESSAGES + 1):
+        msg = await ipc.recv(type=Num, timeout=180)
+        back[msg.sender].append(msg.body.n)
+        if received == KILL_AFTER:
+            await kill(consumers)
+    await producer
+    return consumers, back
+
+
+def _check(consumers: list[int], back: dict[int, list[int]]) -> None:
+    for i, consumer in enumerate(consumers):
+        numbers = back[consumer]
+        assert len(numbers) == len(set(numbers)), "a finished handler ran twice"
+        assert numbers == sorted(numbers), "out of order"
+        assert numbers == list(range(i, MESSAGES, CONSUMERS)), "messages were lost"
+
+
+async def _settled(driver: Driver, consumers: list[int]) -> dict[int, dict]:
+    rows = await until(lambda t: all(t[c]["status"] == "running" for c in consumers))
+    for c in consumers:
+        await driver.call("kill", c)
+    return rows
+
+
+def test_agent_host_sigkilled_mid_stream(fault_kernel):
+    killed = {}
+
+    async def kill_a_host(consumers: list[int]) -> None:
+        host = (await table())[consumers[0]]["host"]
+        info = await ray.get_actor(host, namespace="llmos").info.remote()
+        killed.update(host=host, agents={c for c, p in (await table()).items()
+                                         if p["host"] == host and c in consumers})
+        os.kill(info["pid"], signal.SIGKILL)
+
+    async def scenario():
+        consumers, back = await _stream_through_consumers(fault_kernel, kill_a_host)
+        return consumers, back, await _settled(fault_kernel, consumers)
+
+    consumers, back, rows = fault_kernel.run(scenario())
+    _check(consumers, back)
+    assert {c: rows[c]["restarts"] for c in consumers} == {
+        c: int(c in killed["agents"]) for c in consumers}, "the kernel restarted its agents"
+    assert killed["host"] not in {rows[c]["host"] for c in consumers}
+    assert killed["host"] not in fault_kernel.status()["processes"]["shared_hosts"]
+
+
+def test_a_driver_script_that_goes_silent_exits_with_its_children(fault_kernel):
+    """A script that stops calling (it exited or crashed without a word) is noticed: its
+    process exits with reason "gone" and the children it supervised are stopped."""
+    silent = fault_kernel.attach("silent-driver")
+    child = fault_kernel.run(proc.spawn(idle), runtime=silent)
+    fault_kernel._submit(silent.host.stop(), 30)
+
+    async def scenario():
+        return await until(lambda t: t[silent.pid]["status"] == t[child]["status"] == "exited",
+                           timeout=SILENT_S + 30, what="the silent driver to be reaped")
+
+    rows = fault_kernel.run(scenario())
+    assert rows[silent.pid]["exit"]["reason"] == "gone"
+    assert rows[child]["exit"]["reason"] == "shutdown"
+    assert rows[fault_kernel.runtime.pid]["status"] == "running", "a driver that polls stays"
+
+
+def test_kernel_sigkilled_mid_stream(fault_kernel):
+    before = fault_kernel.status()
+
+    async def kill_the_kernel(consumers: list[int]) -> None:
+        os.kill(before["pid"], signal.SIGKILL)
+
+    async def scenario():
+        consumers, back = await _stream_through_consumers(fault_kernel, kill_the_kernel)
+        return consumers, back, await _settled(fault_kernel, consumers)
+
+    consumers, back, rows = fault_kernel.run(scenario())
+    after = fault_kernel.status()
+    _check(consumers, back)
+    assert after["pid"] != before["pid"], "Ray restarted the kernel in a new process"
+    assert {rows[c]["restarts"] for c in consumers} == {1}, "the kernel restarted them all"

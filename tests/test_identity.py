@@ -1,0 +1,179 @@
+"""Identity: every syscall is served as the process whose capability came with it.
+
+The test drives a host channel by hand (``rawhost.RawHost``) to present capabilities a
+well-behaved host never would: forged ones, stale ones, and live ones of processes on other
+hosts. Nothing a caller puts in the arguments can change who it is.
+"""
+
+from __future__ import annotations
+
+import secrets
+import uuid
+
+import pytest
+import ray
+from rawhost import RawHost
+
+from syscalls import _context, fs, ipc, memory, proc, tools
+
+
+@pytest.fixture(scope="module")
+def token(kernel) -> str:
+    return (kernel.state_dir / "root.token").read_text().strip()
+
+
+@pytest.fixture(scope="module")
+def intruder(kernel, token) -> tuple[RawHost, int, str]:
+    """A process attached through a host the test steers by hand: (host, pid, capability)."""
+    host = RawHost(kernel.handle, f"raw-{uuid.uuid4().hex[:8]}", token)
+    attached = kernel.call("attach", host.host_id, f"intruder-{uuid.uuid4().hex[:6]}")
+    return host, attached["pid"], attached["capability"]
+
+
+@pytest.fixture(scope="module")
+def others(kernel) -> list[dict]:
+    """A live Whoami process on each shared agent host, with its identity."""
+    hosts = kernel.call("status")["processes"]["shared_hosts"]
+
+    async def start():
+        found = []
+        for host in hosts:
+            pid = await proc.spawn("syscall_agents:Whoami", host=host)
+            found.append((await ipc.call(pid, {"who": "?"}, timeout=60)).body)
+        return found
+
+    found = kernel.run(start())
+    yield found
+    for other in found:
+        kernel.run(proc.kill(other["pid"]))
+
+
+def _outcome(result: dict) -> str:
+    return result["error"]["type"] if "error" in result else "ok"
+
+
+def test_the_holder_of_a_capability_is_who_the_kernel_serves(intruder):
+    host, pid, capability = intruder
+    op = host.op(capability, "proc.self", {})
+    result = host.batch([op])[op[0]]
+    assert result["ok"]["pid"] == pid
+
+
+@pytest.mark.parametrize("forged", [
+    "random", "one-char-off", "", None, 12345, {"pid": 1}, ["cap"], "driver-pid-as-text"])
+def test_a_forged_capability_is_refused(kernel, intruder, forged):
+    host, _, capability = intruder
+    made = {"random": secrets.token_urlsafe(24),
+            "one-char-off": capability[:-1] + ("A" if capability[-1] != "A" else "B"),
+            "driver-pid-as-text": str(kernel.pid)}
+    presented = made.get(forged, forged) if isinstance(forged, str) else forged
+    ops = [host.op(presented, name, args) for name, args in (
+        ("proc.self", {}), ("fs.write", {"path": "forged.txt", "data": "x"}),
+        ("memory.count", {}), ("tools.call", {"name": "calculator", "args": {"expression": "1"}}),
+        ("llm.tokenize", {"text": "x"}))]
+    results = host.batch(ops)
+    assert {_outcome(results[op[0]]) for op in ops} == {"PermissionDenied"}
+
+
+def test_a_host_cannot_use_the_capability_of_an_agent_on_another_host(kernel, intruder, others):
+    host, _, _ = intruder
+    driver_capability = kernel.run(_capability())
+    for capability in [o["capability"] for o in others] + [driver_capability]:
+        op = host.op(capability, "fs.list", {})
+        result = host.batch([op])[op[0]]
+        assert result["error"]["type"] == "PermissionDenied"
+        assert "does not run on host" in result["error"]["message"]
+    assert len({o["host"] for o in others}) == len(others) >= 2
+
+
+async def _capability() -> str:
+    return _context.runtime().capability
+
+
+def test_a_host_cannot_pose_as_another_host(kernel, token, others):
+    for host_id in {o["host"] for o in others}:
+        for secret in (token, secrets.token_hex(16), None):
+            reply = RawHost(kernel.handle, host_id, secret).batch([])
+            assert reply["error"]["type"] == "PermissionDenied"
+            poll = ray.get(kernel.handle.host_poll.remote(host_id, 0.1, secret))
+            assert poll["error"]["type"] == "PermissionDenied"
+
+
+def test_a_stale_capability_stops_working_when_its_process_restarts_or_exits(kernel, intruder):
+    host, _, _ = intruder
+
+    async def scenario():
+        pid = await proc.spawn("syscall_agents:CrashOnce", {"notify": kernel.pid},
+                               restart="transient")
+        first = (await ipc.recv(sender=pid, timeout=60)).body
+        second = (await ipc.call(pid, {"who": "?"}, timeout=60)).body
+        await proc.kill(pid)
+        await proc.wait(pid, timeout=60)
+        return first, second
+
+    first, second = kernel.run(scenario())
+    assert first["pid"] == second["pid"] and first["capability"] != second["capability"]
+    for stale in (first["capability"], second["capability"]):
+        op = host.op(stale, "proc.self", {})
+        result = host.batch([op])[op[0]]
+        assert result["error"]["type"] == "PermissionDenied"
+        assert "not valid" in result["error"]["message"]
+
+
+@pytest.mark.parametrize("name,args", [
+    ("fs.write", {"path": "x.txt", "data": "x", "pid": 1}),
+    ("fs.read", {"path": "x.txt", "caller": 1}),
+    ("memory.search", {"query": "x", "pid": 1}),
+    ("memory.add", {"text": "x", "owner": 1}),
+    ("tools.call", {"name": "calculator", "args": {"expression": "1"}, "as_pid": 1}),
+    ("llm.generate", {"spec": {"prompt": "x"}, "priority": 100}),
+    ("ipc.send", {"to": 1, "type": "dict", "payload": b"", "sender": 1}),
+    ("proc.self", {"pid": 1}),
+])
+def test_no_argument_lets_a_caller_claim_another_identity(intruder, name, args):
+    host, _, capability = intruder
+    op = host.op(capability, name, args)
+    result = host.batch([op])[op[0]]
+    assert result["error"]["type"] == "InvalidArgument"
+    assert "unknown argument" in result["error"]["message"]
+
+
+def test_a_host_cannot_answer_a_tool_call_it_was_not_given(intruder):
+    host, _, capability = intruder
+    op = host.op(capability, "tools.result", {"call": secrets.token_hex(8), "reply": {"ok": 1}})
+    assert host.batch([op])[op[0]]["error"]["type"] == "NotFound"
+
+
+def test_an_agent_is_limited_to_its_tools_paths_memory_and_children(kernel):
+    name = f"driver-only-{uuid.uuid4().hex[:6]}.txt"
+
+    async def scenario():
+        await fs.write(name, "for the driver's eyes")
+        item = await memory.add("The driver's private memory.")
+        child = await proc.spawn("syscall_agents:probe", {"calls": [
+            ["tools.call", {"name": "read_file", "args": {"path": name}}],
+            ["fs.read", {"path": name, "owner": kernel.pid}],
+            ["memory.get", {"id": item["id"]}],
+            ["proc.kill", {"pid": kernel.pid}],
+            ["tools.call", {"name": "calculator", "args": {"expression": "2 ** 10"}}],
+        ]}, tools=["calculator"])
+        results = (await proc.wait(child, timeout=60))["result"]
+        await memory.delete(item["id"])
+        return results
+
+    tool, path, mem, kill, allowed = kernel.run(scenario())
+    assert tool["error"] == path["error"] == kill["error"] == "PermissionDenied"
+    assert mem["error"] == "NotFound"
+    assert allowed == {"ok": 1024}
+    assert kernel.run(tools.call("calculator", expression="1 + 1")) == 2  # the driver is alive
+
+
+@pytest.mark.parametrize("method,args", [
+    ("approvals", ()), ("decide", ("deadbeef", True)), ("ps", ()), ("status", ()),
+    ("spawn", ({"program": {"kind": "module", "ref": "syscall_agents:probe"}},)),
+    ("attach", ("some-host", "impostor")),
+])
+def test_the_driver_api_needs_the_root_token(kernel, method, args):
+    for bad in ("not-the-token", "", None, 0):
+        reply = ray.get(getattr(kernel.handle, method).remote(bad, *args), timeout=60)
+        assert reply["error"]["type"] == "PermissionDenied", reply
