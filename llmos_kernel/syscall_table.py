@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import dataclasses
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -33,6 +34,10 @@ class Syscall:
     optional: tuple[str, ...] = ()
     slow: bool = False
 
+    @functools.cached_property
+    def accepts(self) -> frozenset[str]:
+        return frozenset(self.required + self.optional)
+
 
 TABLE: dict[str, Syscall] = {}
 
@@ -45,14 +50,14 @@ def syscall(name: str, required: tuple[str, ...] = (), optional: tuple[str, ...]
     return register
 
 
-def check_args(name: str, args: Any) -> dict:
-    spec = TABLE.get(name)
+def check_args(name: Any, args: Any) -> dict:
+    spec = TABLE.get(name) if isinstance(name, str) else None
     if spec is None:
-        raise NotFound(f"no syscall {name!r}")
+        raise NotFound(f"no syscall {name!r:.100}")
     if not isinstance(args, dict):
         raise InvalidArgument(f"{name}: arguments must be a dict")
-    unknown = set(args) - set(spec.required) - set(spec.optional)
-    if unknown:
+    if not args.keys() <= spec.accepts:
+        unknown = set(args) - spec.accepts
         raise InvalidArgument(f"{name}: unknown argument(s) {', '.join(sorted(map(str, unknown)))}"
                               f"; it takes {', '.join(spec.required + spec.optional) or 'none'}")
     missing = [a for a in spec.required if a not in args]
@@ -95,9 +100,9 @@ def ipc_unsubscribe(k: Kernel, proc: Process, args: dict, handling: str | None) 
     k.ipc.subscribe(proc, args["topic"], on=False)
 
 
-@syscall("ipc.ack", ("id",))
-def ipc_ack(k: Kernel, proc: Process, args: dict, handling: str | None) -> None:
-    k.ipc.ack(proc, args["id"])
+@syscall("ipc.ack", ("id",), ("reply",))
+def ipc_ack(k: Kernel, proc: Process, args: dict, handling: str | None) -> dict | None:
+    return k.ipc.ack(proc, args["id"], args.get("reply"))
 
 
 # -- proc --------------------------------------------------------------------------
@@ -150,11 +155,16 @@ def proc_grant(k: Kernel, proc: Process, args: dict, handling: str | None) -> No
 
 
 # -- llm ---------------------------------------------------------------------------
+MAX_TEXT_CHARS = 1 << 20  # per tokenize/count/prompt; longer input could stall the kernel loop
+MAX_EMBED_TEXTS = 1024
+
+
 @syscall("llm.generate", ("spec",))
 def llm_generate(k: Kernel, proc: Process, args: dict, handling: str | None) -> str:
     spec = args["spec"]
     if not isinstance(spec, dict):
         raise InvalidArgument("llm.generate takes a dict spec")
+    _check_size(spec.get("prompt"), spec.get("messages"))
     if proc.quotas.tokens is not None and proc.tokens_used >= proc.quotas.tokens:
         raise QuotaExceeded(f"process {proc.pid} has used its {proc.quotas.tokens}-token quota")
     return k.llm.submit(proc.host, spec, owner=proc.pid, priority=proc.priority,
@@ -165,21 +175,23 @@ def llm_generate(k: Kernel, proc: Process, args: dict, handling: str | None) -> 
 
 @syscall("llm.cancel", ("request_id",))
 def llm_cancel(k: Kernel, proc: Process, args: dict, handling: str | None) -> None:
-    k.llm.cancel(proc.host, args["request_id"], owner=proc.pid)
+    k.llm.cancel(proc.host, _string(args["request_id"], "request_id"), owner=proc.pid)
 
 
 @syscall("llm.release", ("context_id",))
 def llm_release(k: Kernel, proc: Process, args: dict, handling: str | None) -> None:
-    k.llm.release_context(args["context_id"], owner=proc.pid)
+    k.llm.release_context(_string(args["context_id"], "context_id"), owner=proc.pid)
 
 
 @syscall("llm.tokenize", ("text",))
 def llm_tokenize(k: Kernel, proc: Process, args: dict, handling: str | None) -> list[int]:
+    _check_size(args["text"], None)
     return k.llm.tokenize(args["text"])
 
 
 @syscall("llm.count", (), ("text", "messages"))
 def llm_count(k: Kernel, proc: Process, args: dict, handling: str | None) -> int:
+    _check_size(args.get("text"), args.get("messages"))
     return k.llm.count_tokens(text=args.get("text"), messages=args.get("messages"))
 
 
@@ -190,17 +202,44 @@ def llm_info(k: Kernel, proc: Process, args: dict, handling: str | None) -> dict
 
 @syscall("llm.embed", ("texts",), slow=True)
 async def llm_embed(k: Kernel, proc: Process, args: dict, handling: str | None) -> list:
-    vectors = await k.memory_service().embed_texts(args["texts"])
-    return vectors.tolist()
+    texts = args["texts"]
+    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+        raise InvalidArgument("llm.embed takes a list of strings")
+    if len(texts) > MAX_EMBED_TEXTS:
+        raise InvalidArgument(f"llm.embed takes at most {MAX_EMBED_TEXTS} texts per call, "
+                              f"got {len(texts)}; split the list")
+    _check_size(None, [{"content": t} for t in texts])
+    return await k.embed(texts)
+
+
+def _check_size(text: Any, messages: Any) -> None:
+    """Refuse input whose sheer size would stall the kernel before any other check could."""
+    size = len(text) if isinstance(text, str) else 0
+    if isinstance(messages, list):
+        size += sum(len(m["content"]) for m in messages
+                    if isinstance(m, dict) and isinstance(m.get("content"), str))
+    if size > MAX_TEXT_CHARS:
+        raise InvalidArgument(f"the input has {size:,} characters, over the limit of "
+                              f"{MAX_TEXT_CHARS:,}; no model context holds that much")
+
+
+def _string(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise InvalidArgument(f"{what} must be a string, got {type(value).__name__}")
+    return value
 
 
 # -- fs ----------------------------------------------------------------------------
+# File operations run on a worker thread: an fsync or a 16 MiB read must not stall the
+# kernel loop that schedules everyone's LLM steps.
 def _fs(op: str, required: tuple[str, ...], optional: tuple[str, ...] = ()):
-    @syscall(f"fs.{op}", required, ("owner", *optional))
-    def handler(k: Kernel, proc: Process, args: dict, handling: str | None) -> Any:
+    @syscall(f"fs.{op}", required, ("owner", *optional), slow=True)
+    async def handler(k: Kernel, proc: Process, args: dict, handling: str | None) -> Any:
         kwargs = {a: args[a] for a in optional if a in args}
         owner = _pid_of(k, args.get("owner"))
-        result = getattr(k.fs, op)(proc.pid, *(args[a] for a in required), owner=owner, **kwargs)
+        method = getattr(k.fs, op)
+        result = await asyncio.to_thread(method, proc.pid, *(args[a] for a in required),
+                                         owner=owner, **kwargs)
         return _plain(result)
     return handler
 
@@ -224,23 +263,37 @@ def fs_revoke(k: Kernel, proc: Process, args: dict, handling: str | None) -> Non
     k.fs.revoke(proc.pid, args["path"], _pid_of(k, args["to"]))
 
 
+@syscall("fs.grants")
+def fs_grants(k: Kernel, proc: Process, args: dict, handling: str | None) -> list:
+    return _plain(k.fs.grants(proc.pid))
+
+
 @syscall("fs.usage")
 def fs_usage(k: Kernel, proc: Process, args: dict, handling: str | None) -> dict:
     return _plain(k.fs.usage(proc.pid))
 
 
 # -- tools -------------------------------------------------------------------------
+MAX_APPROVAL_WAIT_S = 300.0  # how long a dangerous call waits for a person at most
+
+
 @syscall("tools.list")
 def tools_list(k: Kernel, proc: Process, args: dict, handling: str | None) -> list:
-    return [spec.to_openai() for spec in k.tools.list(proc.pid, proc.tools)]
+    return [_tool_entry(spec) for spec in k.tools.list(proc.pid, proc.tools)]
 
 
-@syscall("tools.call", ("name",), ("args",), slow=True)
+@syscall("tools.call", ("name",), ("args", "approval_timeout_s"), slow=True)
 async def tools_call(k: Kernel, proc: Process, args: dict, handling: str | None) -> Any:
+    wait = args.get("approval_timeout_s", MAX_APPROVAL_WAIT_S)
+    if isinstance(wait, bool) or not isinstance(wait, int | float) \
+            or not 0 < wait <= MAX_APPROVAL_WAIT_S:
+        raise InvalidArgument(f"approval_timeout_s must be a number of seconds in "
+                              f"(0, {MAX_APPROVAL_WAIT_S:g}]")
     token = caller.set(proc)
     try:
-        return await k.tools.call(proc.pid, args["name"], args.get("args") or {},
-                                  allowed=proc.tools, approval=proc.approval)
+        return await k.tools.call(proc.pid, args["name"], _tool_args(args.get("args")),
+                                  allowed=proc.tools, approval=proc.approval,
+                                  approval_timeout_s=float(wait))
     finally:
         caller.reset(token)
 
@@ -250,39 +303,80 @@ def tools_register(k: Kernel, proc: Process, args: dict, handling: str | None) -
     return k.register_agent_tool(proc, args["spec"])
 
 
+@syscall("tools.grant", ("name", "to"))
+def tools_grant(k: Kernel, proc: Process, args: dict, handling: str | None) -> None:
+    k.tools.grant(proc.pid, _string(args["name"], "name"), _pid_of(k, args["to"]))
+
+
+@syscall("tools.revoke", ("name", "to"))
+def tools_revoke(k: Kernel, proc: Process, args: dict, handling: str | None) -> None:
+    k.tools.revoke(proc.pid, _string(args["name"], "name"), _pid_of(k, args["to"]))
+
+
+def _tool_entry(spec: Any) -> dict:
+    """An OpenAI tool dict, plus whether calling it waits for a person's approval."""
+    entry = spec.to_openai()
+    entry["dangerous"] = spec.dangerous
+    return entry
+
+
+def _tool_args(value: Any) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidArgument(f"a tool's args must be a dict, got {type(value).__name__}")
+    return value
+
+
 # -- memory ------------------------------------------------------------------------
 @syscall("memory.add", ("text",), ("metadata",), slow=True)
 async def memory_add(k: Kernel, proc: Process, args: dict, handling: str | None) -> dict:
-    store = k.memory_service()
+    store = await k.memory_service()
     _check_memory_quota(store, proc)
     item = await asyncio.to_thread(store.add, proc.pid, args["text"], args.get("metadata"))
     return _plain(item)
 
 
+@syscall("memory.add_many", ("items",), slow=True)
+async def memory_add_many(k: Kernel, proc: Process, args: dict, handling: str | None) -> list:
+    items = args["items"]
+    if not isinstance(items, list) or not all(
+            isinstance(i, dict) and set(i) <= {"text", "metadata"} for i in items):
+        raise InvalidArgument("memory.add_many takes a list of {'text', 'metadata'} dicts")
+    if len(items) > MAX_EMBED_TEXTS:
+        raise InvalidArgument(f"memory.add_many takes at most {MAX_EMBED_TEXTS} items per call")
+    store = await k.memory_service()
+    _check_memory_quota(store, proc, len(items))
+    added = await asyncio.to_thread(store.add_many, proc.pid,
+                                    [(i.get("text"), i.get("metadata")) for i in items])
+    return _plain(added)
+
+
 @syscall("memory.search", ("query",), ("k", "where"), slow=True)
 async def memory_search(k: Kernel, proc: Process, args: dict, handling: str | None) -> list:
-    store = k.memory_service()
+    store = await k.memory_service()
     items = await asyncio.to_thread(store.search, proc.pid, args["query"], args.get("k", 5),
                                     where=args.get("where"))
     return _plain(items)
 
 
-@syscall("memory.get", ("id",))
-def memory_get(k: Kernel, proc: Process, args: dict, handling: str | None) -> dict:
-    return _plain(k.memory_service().get(proc.pid, args["id"]))
+@syscall("memory.get", ("id",), slow=True)
+async def memory_get(k: Kernel, proc: Process, args: dict, handling: str | None) -> dict:
+    return _plain((await k.memory_service()).get(proc.pid, args["id"]))
 
 
-@syscall("memory.delete", ("id",))
-def memory_delete(k: Kernel, proc: Process, args: dict, handling: str | None) -> None:
-    k.memory_service().delete(proc.pid, args["id"])
+@syscall("memory.delete", ("id",), slow=True)
+async def memory_delete(k: Kernel, proc: Process, args: dict, handling: str | None) -> None:
+    (await k.memory_service()).delete(proc.pid, args["id"])
 
 
-@syscall("memory.count")
-def memory_count(k: Kernel, proc: Process, args: dict, handling: str | None) -> int:
-    return k.memory_service().count(proc.pid)
+@syscall("memory.count", slow=True)
+async def memory_count(k: Kernel, proc: Process, args: dict, handling: str | None) -> int:
+    return (await k.memory_service()).count(proc.pid)
 
 
-def _check_memory_quota(store, proc: Process) -> None:
-    if store.count(proc.pid) >= proc.quotas.memory_items:
-        raise QuotaExceeded(f"process {proc.pid} holds {proc.quotas.memory_items} memories, its "
-                            "quota; delete some first")
+def _check_memory_quota(store, proc: Process, adding: int = 1) -> None:
+    held = store.count(proc.pid)
+    if held + adding > proc.quotas.memory_items:
+        raise QuotaExceeded(f"process {proc.pid} holds {held} memories and its quota is "
+                            f"{proc.quotas.memory_items}; delete some first")

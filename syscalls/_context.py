@@ -26,7 +26,7 @@ def host() -> AgentHost:
     return runtime().host
 
 
-async def call(name: str, **args: Any) -> Any:
+async def call(name: str, /, **args: Any) -> Any:
     """One syscall as the current process; returns its value or raises its typed error."""
     agent = runtime()
     return await agent.host.syscall(agent, name, args)

@@ -75,6 +75,11 @@ async def revoke(path: str, to: int | str) -> None:
     await _context.call("fs.revoke", path=path, to=to)
 
 
+async def grants() -> list[dict]:
+    """The grants you gave and the ones given to you (owner, path, grantee, mode)."""
+    return await _context.call("fs.grants")
+
+
 async def usage() -> dict:
     return await _context.call("fs.usage")
 

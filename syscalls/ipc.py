@@ -1,10 +1,23 @@
 """ipc: typed messages between processes.
 
-Guarantees: per sender→receiver order; at-least-once delivery with dedup by
-message id; a message is persisted before ``send`` returns (or, inside a
-handler, together with that handler's completion — see actors.agent_host);
-it stays in the receiver's durable mailbox until its handler finishes, across
-receiver crashes, host deaths and kernel restarts.
+Guarantees:
+
+- order: messages from one sender to one receiver arrive in the order sent;
+- durability: ``send`` returns once the kernel has validated the message and
+  committed it to the receiver's mailbox on disk — or, inside a handler,
+  staged it to be committed together with that handler's completion (the
+  acknowledgement of the message being handled), so a crash keeps both or
+  neither; the message stays in the mailbox until the receiver's handler for it
+  finishes, across receiver crashes, host deaths and kernel restarts;
+- at least once, deduplicated: a message is delivered again only if its
+  handler did not finish because its host or the kernel died; a send retried
+  with the same ``id`` is kept once;
+- a message whose handler raises is not delivered again (it would crash every
+  restart of its receiver): it becomes a dead letter that records the error.
+
+Errors: MessageError (malformed message, unknown or mismatched type),
+NoSuchProcess (no such receiver, or it exited for good), QuotaExceeded (the
+receiver's mailbox is full: back off and retry), Timeout (``recv``/``call``).
 """
 
 from __future__ import annotations
@@ -12,35 +25,25 @@ from __future__ import annotations
 from typing import Any
 
 from actors.agent_host import Message
-from llmos_kernel.messages import UNTYPED, encode, message, new_message_id, schema_of
+from llmos_kernel.messages import message, message_type, new_message_id
 from syscalls import _context
 
-__all__ = ["Message", "call", "message", "publish", "recv", "reply", "send", "subscribe",
-           "unsubscribe"]
+__all__ = ["Message", "call", "done", "message", "publish", "recv", "reply", "send",
+           "subscribe", "unsubscribe"]
 
 
-def _wire(msg: Any) -> dict:
-    """Encode a @message instance (or a plain dict) and name its type and schema."""
-    payload = encode(msg)
-    if isinstance(msg, dict):
-        return {"type": UNTYPED, "payload": payload}
-    schema = schema_of(type(msg))
-    host = _context.host()
-    out = {"type": schema["name"], "payload": payload}
-    if schema["name"] not in host.sent_schemas:
-        out["schema"] = schema
-        host.sent_schemas.add(schema["name"])
-    return out
-
-
-async def send(to: int | str, msg: Any, *, deadline: float | None = None,
+async def send(to: int | str, msg: Any, *, id: str | None = None, deadline: float | None = None,
                correlation_id: str | None = None) -> str:
-    """Send ``msg`` (a @message instance or a dict) to a pid or process name; returns its id."""
-    args = {"to": to, "id": new_message_id(), **_wire(msg)}
-    if deadline is not None:
-        args["deadline"] = deadline
-    if correlation_id is not None:
-        args["correlation_id"] = correlation_id
+    """Send ``msg`` (a @message instance or a dict) to a pid or process name; returns its id.
+
+    ``id`` makes the send idempotent: sending again with the same id (say, after an error
+    that left you unsure) delivers the message once. ``deadline`` (epoch seconds) turns an
+    undelivered message into a dead letter when it passes.
+    """
+    args = {"to": to, "id": id or new_message_id(), **_context.host().wire(msg)}
+    for key, value in (("deadline", deadline), ("correlation_id", correlation_id)):
+        if value is not None:
+            args[key] = value
     return (await _context.call("ipc.send", **args))["id"]
 
 
@@ -48,7 +51,7 @@ def _matcher(type: Any, sender: int | None):
     names = None
     if type is not None:
         kinds = type if isinstance(type, tuple) else (type,)
-        names = {k if isinstance(k, str) else schema_of(k)["name"] for k in kinds}
+        names = {k if isinstance(k, str) else message_type(k) for k in kinds}
 
     def match(m: Message) -> bool:
         return (names is None or m.type in names) and (sender is None or m.sender == sender)
@@ -59,27 +62,41 @@ async def recv(*, type: Any = None, sender: int | None = None,
                timeout: float | None = None) -> Message:
     """The next message (optionally of a type or from a sender); raises Timeout.
 
-    Asking for the next message also says the previous one is handled.
+    Asking for the next message also says the previous one is handled: until then, what
+    you send is held back, to go out together with that acknowledgement (call ``done()``
+    to finish sooner). In a driver script (``syscalls.attach``) a message is handled
+    as soon as it is received.
     """
     return await _context.runtime().next_message(_matcher(type, sender), timeout)
 
 
+def done() -> None:
+    """The message last received is handled: acknowledge it and release what was sent
+    while handling it, without waiting for the next ``recv``."""
+    _context.runtime().finish_message()
+
+
 async def call(to: int | str, msg: Any, *, timeout: float = 30.0) -> Message:
-    """Send a request and wait for its reply (matched by correlation id)."""
-    request_id = new_message_id()
-    await _context.call("ipc.send", to=to, id=request_id, reply_to="call", **_wire(msg))
+    """Send a request and wait for its reply (matched by correlation id).
+
+    The request leaves at once, even inside a handler (a handler that waits for a
+    reply cannot hold its request back until it finishes).
+    """
+    sent = await _context.call("ipc.send", to=to, id=new_message_id(), reply_to="call",
+                               **_context.host().wire(msg))
     return await _context.runtime().next_message(
-        lambda m: m.correlation_id == request_id, timeout, handle=False)
+        lambda m: m.correlation_id == sent["id"], timeout, handle=False)
 
 
 async def reply(request: Message, response: Any) -> str:
-    """Answer a request received from ``call``."""
+    """Answer a request received from ``call`` (a behaviour can just return the answer)."""
     return await send(request.sender, response, correlation_id=request.id)
 
 
 async def publish(topic: str, msg: Any) -> list[int]:
     """Send to every process subscribed to ``topic``; returns the pids reached."""
-    result = await _context.call("ipc.publish", topic=topic, id=new_message_id(), **_wire(msg))
+    result = await _context.call("ipc.publish", topic=topic, id=new_message_id(),
+                                 **_context.host().wire(msg))
     return result["subscribers"]
 
 

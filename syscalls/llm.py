@@ -12,17 +12,22 @@ recompute it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from llmos_kernel.errors import LlmosError
+from llmos_kernel.errors import InvalidArgument, LlmosError
 from syscalls import _context
 
 
 @dataclass
 class Result:
+    """One generation: its text, why it stopped ("stop", "length" or "abort"), what it used
+    (prompt, cached and completion tokens; queue and first-token seconds) and its tool calls."""
+
     text: str
     finish_reason: str | None
     usage: dict
@@ -36,6 +41,9 @@ class Result:
 def _tool_specs(tools: Sequence[Any] | None) -> list[dict] | None:
     if not tools:
         return None
+    if not isinstance(tools, list | tuple):
+        raise InvalidArgument(f"tools must be a list of @tool functions, ToolSpecs or OpenAI "
+                              f"tool dicts, got {type(tools).__name__}")
     from llmos_kernel.services.tools import ToolSpec, spec_of
 
     out = []
@@ -48,41 +56,66 @@ def _tool_specs(tools: Sequence[Any] | None) -> list[dict] | None:
     return out
 
 
+def _without_tool_turns(messages: Any) -> Any:
+    """A conversation's tool calls and results as plain prose, for a turn that offers no
+    tools: a model shown calls in their tool-call syntax tends to imitate one instead of
+    answering, so here they read as what happened."""
+    if not isinstance(messages, list) or not any(
+            isinstance(m, dict) and (m.get("tool_calls") or m.get("role") == "tool")
+            for m in messages):
+        return messages
+    from llmos_kernel.engine.tool_calls import ToolCall
+
+    names: dict[str, str] = {}  # tool_call_id -> tool name
+    out = []
+    for m in messages:
+        if isinstance(m, dict) and m.get("tool_calls"):
+            calls = [ToolCall.from_openai(c) for c in m["tool_calls"]]
+            names.update((c.id, c.name) for c in calls)
+            did = "; ".join(f"{c.name}({json.dumps(c.arguments)})" for c in calls)
+            out.append({"role": "assistant",
+                        "content": f"{m.get('content') or ''} I called {did}.".strip()})
+        elif isinstance(m, dict) and m.get("role") == "tool":
+            tool = names.get(m.get("tool_call_id"), "the tool")
+            out.append({"role": "user", "content": f"{tool} returned: {m.get('content')}"})
+        else:
+            out.append(m)
+    return out
+
+
 async def _generate(spec: dict) -> AsyncIterator[dict]:
     agent = _context.runtime()
     request_id = uuid.uuid4().hex[:16]
     spec["request_id"] = request_id
     queue: asyncio.Queue = asyncio.Queue()
     agent.streams[request_id] = queue
-    finished = False
+    running = False
     try:
         await _context.call("llm.generate", spec=spec)
-        while True:
+        running = True
+        while running:
             delta = await queue.get()
             if delta.get("error"):
+                running = False
                 raise LlmosError.from_wire(delta["error"])
-            finished = delta["finished"]
+            running = not delta["finished"]
             yield delta
-            if finished:
-                return
     finally:
         agent.streams.pop(request_id, None)
-        if not finished:
-            try:
+        if running:  # the caller stopped reading (or was cancelled): free the engine's work
+            with contextlib.suppress(LlmosError):  # it finished meanwhile
                 await _context.call("llm.cancel", request_id=request_id)
-            except LlmosError:
-                pass  # it finished meanwhile
 
 
 def _spec(prompt: str | None, messages: list | None, *, tools=None, tool_choice="auto",
           response_format=None, keep_context: bool = False, context: str | None = None,
           **sampling) -> dict:
     spec: dict[str, Any] = {"params": sampling}
+    specs = _tool_specs(tools)
     if messages is not None:
-        spec["messages"] = messages
+        spec["messages"] = messages if specs else _without_tool_turns(messages)
     if prompt is not None:
         spec["prompt"] = prompt
-    specs = _tool_specs(tools)
     if specs:
         spec["tools"], spec["tool_choice"] = specs, tool_choice
     if response_format is not None:
@@ -107,7 +140,12 @@ async def _collect(spec: dict) -> Result:
     if "tools" in spec:
         from llmos_kernel.engine.tool_calls import parse_tool_calls
 
-        out.text, calls = parse_tool_calls(out.text)
+        try:
+            out.text, calls = parse_tool_calls(out.text)
+        except InvalidArgument:
+            if out.finish_reason != "length":
+                raise
+            calls = []  # max_tokens cut a call short: the text is returned as it is
         out.tool_calls = [c.to_openai() for c in calls]
     return out
 
@@ -155,9 +193,10 @@ async def tokenize(text: str) -> list[int]:
 
 
 async def count(text: str | None = None, *, messages: list[dict] | None = None) -> int:
-    """Tokens in ``text``, or in ``messages`` as the chat template renders them."""
+    """Tokens in ``text``, or in ``messages`` as the chat template renders them (tool calls
+    and results as ``chat`` writes them when it offers no tools)."""
     if messages is not None:
-        return await _context.call("llm.count", messages=messages)
+        return await _context.call("llm.count", messages=_without_tool_turns(messages))
     return await _context.call("llm.count", text=text)
 
 

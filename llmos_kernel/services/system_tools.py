@@ -2,11 +2,14 @@
 
 They run in the kernel's event loop (async), where the syscall layer has set
 the caller, so they reach only what that process may reach through the same
-jailed file service its ``fs`` syscalls use.
+jailed file service its ``fs`` syscalls use. File contents move on a worker
+thread; the key-value file is read and rewritten without yielding, so two
+``remember`` calls of one process cannot lose each other's keys.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 from typing import Any
@@ -40,7 +43,8 @@ def file_and_kv_tools(fs: FileSystem, caller: Callable[[], Any]) -> list[Callabl
         Args:
             path: Path relative to your home directory.
         """
-        return fs.read(pid(), path).decode("utf-8", errors="replace")
+        data = await asyncio.to_thread(fs.read, pid(), path)
+        return data.decode("utf-8", errors="replace")
 
     @tool
     async def write_file(path: str, content: str) -> dict:
@@ -50,7 +54,7 @@ def file_and_kv_tools(fs: FileSystem, caller: Callable[[], Any]) -> list[Callabl
             path: Path relative to your home directory.
             content: The whole new content.
         """
-        stat = fs.write(pid(), path, content)
+        stat = await asyncio.to_thread(fs.write, pid(), path, content)
         return {"path": stat.path, "size": stat.size, "version": stat.version}
 
     @tool
@@ -60,7 +64,18 @@ def file_and_kv_tools(fs: FileSystem, caller: Callable[[], Any]) -> list[Callabl
         Args:
             path: Directory relative to your home.
         """
-        return [s.path + ("/" if s.is_dir else "") for s in fs.list(pid(), path)]
+        entries = await asyncio.to_thread(fs.list, pid(), path)
+        return [s.path + ("/" if s.is_dir else "") for s in entries]
+
+    @tool(dangerous=True)
+    async def delete_file(path: str) -> str:
+        """Delete a file or an empty directory of your home (waits for a person's approval).
+
+        Args:
+            path: Path relative to your home directory.
+        """
+        await asyncio.to_thread(fs.delete, pid(), path)
+        return f"deleted {path}"
 
     @tool
     async def remember(key: str, value: str) -> str:
@@ -85,4 +100,4 @@ def file_and_kv_tools(fs: FileSystem, caller: Callable[[], Any]) -> list[Callabl
         """
         return load_kv(pid()).get(key, "")
 
-    return [read_file, write_file, list_files, remember, recall]
+    return [read_file, write_file, list_files, delete_file, remember, recall]
