@@ -108,8 +108,8 @@ def ray_baseline(pairs: int, count: int) -> dict:
             "ray_lat_p99_s": _quantile(out["rtts"], 0.99)}
 
 
-async def _hosts(kernel) -> list[str]:
-    status = await kernel.call("status")
+async def _hosts(client) -> list[str]:
+    status = await client.call("status")
     return status["processes"]["shared_hosts"]
 
 
@@ -118,9 +118,9 @@ async def _host_info(host_ids: list[str]) -> list[dict]:
                                   for h in host_ids))
 
 
-async def spawn_idle(kernel, agents: int) -> dict:
+async def spawn_idle(client, agents: int) -> dict:
     """Spawn ``agents`` idle agents at once; time until their hosts run them all."""
-    hosts = await _hosts(kernel)
+    hosts = await _hosts(client)
     before = await _host_info(hosts)
     start = time.perf_counter()
     pids = await asyncio.gather(*(proc.spawn(idle) for _ in range(agents)))
@@ -151,11 +151,11 @@ async def ping_pong(pairs: int, count: int, hosts: tuple[str, str]) -> dict:
             "lat_p99_s": _quantile(rtts, 0.99), "span_s": span}
 
 
-async def _measure(kernel, agents: int, messages: int, pairs: int,
+async def _measure(client, agents: int, messages: int, pairs: int,
                    progress: Callable[[str], None]) -> dict:
-    hosts = await _hosts(kernel)
+    hosts = await _hosts(client)
     progress(f"spawning {agents} idle agents")
-    spawned = await spawn_idle(kernel, agents)
+    spawned = await spawn_idle(client, agents)
     progress(f"{spawned['agents_alive']} alive after {spawned['spawn_s']:.2f} s; "
              f"ping-pong, {pairs} pairs x {messages} round trips, one host")
     local = await ping_pong(pairs, messages, (hosts[0], hosts[0]))
@@ -168,7 +168,7 @@ async def _measure(kernel, agents: int, messages: int, pairs: int,
             "lat_local_p50_s": local["lat_p50_s"], "lat_local_p99_s": local["lat_p99_s"]}
 
 
-def run(*, agents: int = 1000, messages: int = 200, pairs: int = 50, kernel: str | None = None,
+def run(*, agents: int = 1000, messages: int = 60, pairs: int = 300, kernel: str | None = None,
         state_dir: str | None = None, model: str | None = None,
         progress: Callable[[str], None] = lambda m: None) -> dict:
     """Run the benchmark against kernel ``kernel``, or a kernel of its own on a local Ray."""

@@ -38,13 +38,15 @@ def main() -> None:
 
 
 def _register() -> None:
-    from llmos_kernel.cli import bench, demo, generate, kernel, models
+    from llmos_kernel.cli import bench, demo, generate, kernel, models, proc
 
     main.add_command(bench.bench)
     main.add_command(demo.demo)
     main.add_command(models.models)
     main.add_command(generate.generate)
     main.add_command(kernel.kernel)
+    for command in proc.COMMANDS:
+        main.add_command(command)
 
 
 _register()

@@ -48,31 +48,38 @@ def core(model: str, new_tokens: int, batch_size: int, as_json: bool) -> None:
 
 @bench.command()
 @click.option("--agents", type=int, default=1000, show_default=True,
-              help="Idle agents spawned at once.")
-@click.option("--messages", type=int, default=200, show_default=True,
-              help="Round trips per ping-pong pair.")
-@click.option("--pairs", type=int, default=50, show_default=True,
-              help="Ping-pong pairs running at once.")
+              help="Idle agents spawned at once (they stay alive during the ping-pong).")
+@click.option("--messages", type=int, default=60, show_default=True,
+              help="Round trips per ping-pong pair (two messages each).")
+@click.option("--pairs", type=int, default=300, show_default=True,
+              help="Ping-pong pairs running at once (so hosts batch their calls).")
 @click.option("--kernel", "kernel_name", default=None,
               help="A running kernel to measure (default: start a local Ray and a kernel).")
 @click.option("--state-dir", default=None, help="That kernel's state dir (for its root token).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
 def ipc(agents: int, messages: int, pairs: int, kernel_name: str | None, state_dir: str | None,
         as_json: bool) -> None:
-    """Spawn rate and message ping-pong vs plain Ray actor calls."""
+    """Spawn rate, memory per agent and message ping-pong vs plain Ray actor calls."""
     from llmos_kernel.bench import ipc as ipc_bench
 
     result = ipc_bench.run(agents=agents, messages=messages, pairs=pairs, kernel=kernel_name,
                            state_dir=state_dir,
                            progress=lambda m: click.echo(f"[bench] {m}", err=True))
-    if not as_json:
-        click.echo(f"spawned {agents} agents in {result['spawn_s']:.2f} s "
-                   f"({result['spawn_per_s']:.0f}/s), {result['agents_alive']} alive, "
-                   f"{result['bytes_per_idle_agent'] / 1024:.1f} KiB per idle agent")
-    _report(result, [("msgs/s, one host", "msgs_per_s_local", "ray_calls_per_s"),
-                     ("msgs/s, across hosts", "msgs_per_s_cross", "ray_calls_per_s"),
-                     ("round trip p50 s (lower wins)", "lat_p50_s", "ray_lat_p50_s"),
-                     ("round trip p99 s (lower wins)", "lat_p99_s", "ray_lat_p99_s")], as_json)
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    click.echo(f"spawned {agents} agents in {result['spawn_s']:.2f} s "
+               f"({result['spawn_per_s']:.0f}/s); {result['agents_alive']} alive; "
+               f"{result['bytes_per_idle_agent'] / 1024:.1f} KiB of host memory per idle agent")
+    ray_calls = result["ray_calls_per_s"]
+    click.echo(f"{'':34s} {'llmos':>10s} {'Ray actors':>11s} {'ratio':>7s}")
+    for label, key in (("messages/s, agents on one host", "msgs_per_s_local"),
+                       ("messages/s, agents on two hosts", "msgs_per_s_cross")):
+        click.echo(f"{label:34s} {result[key]:10.0f} {ray_calls:11.0f} "
+                   f"{result[key] / ray_calls:6.1f}x")
+    for q in ("p50", "p99"):
+        click.echo(f"{'round trip ' + q + ' ms, two hosts':34s} {result[f'lat_{q}_s'] * 1e3:10.1f} "
+                   f"{result[f'ray_lat_{q}_s'] * 1e3:11.1f}")
 
 
 @bench.command()
