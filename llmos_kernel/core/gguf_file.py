@@ -167,6 +167,11 @@ class GGUFFile:
                     f"which llmos cannot load (supported: {supported})"
                 )
 
+    def raw(self, name: str) -> np.ndarray:
+        """One tensor's bytes as stored (a read-only view of the file)."""
+        info = self.tensors[name]
+        return self._data[info.offset: info.offset + info.nbytes]
+
     def load(self, name: str) -> np.ndarray:
         """One tensor, dequantized to float32 in numpy order."""
         info = self.tensors.get(name)

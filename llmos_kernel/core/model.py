@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmos_kernel.core import paged_attention
+from llmos_kernel.core import paged_attention, quant_matmul
 from llmos_kernel.core.gguf_file import ModelConfig
 from llmos_kernel.core.kv_cache import KVPool
 
@@ -93,6 +93,14 @@ def apply_rotary(x: torch.Tensor, cis: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(pairs * cis).flatten(-2).to(x.dtype)
 
 
+def project(x: torch.Tensor, weight: torch.Tensor, packed: dict, name: str) -> torch.Tensor:
+    """``x @ weight``, read from the file's quantized copy of it for steps of few rows,
+    where streaming fp32 weights would set the pace (see quant_matmul)."""
+    if name in packed and x.shape[0] <= quant_matmul.MAX_ROWS:
+        return quant_matmul.matmul(x, packed[name])
+    return x @ weight
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -100,13 +108,14 @@ class Attention(nn.Module):
         q_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
         self.wqkv = nn.Parameter(torch.empty(cfg.d_model, q_dim + 2 * kv_dim), requires_grad=False)
         self.wo = nn.Parameter(torch.empty(q_dim, cfg.d_model), requires_grad=False)
+        self.packed: dict[str, quant_matmul.QuantWeight] = {}  # quantized copies, set by the loader
         self.split = (q_dim, kv_dim, kv_dim)
         self.scale = cfg.head_dim ** -0.5
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, batch: StepBatch,
                 kv: KVPool) -> torch.Tensor:
         T, H, KV = x.shape[0], self.n_heads, self.n_kv
-        qkv = x @ self.wqkv
+        qkv = project(x, self.wqkv, self.packed, "wqkv")
         qk = apply_rotary(qkv[:, :(H + KV) * self.hd].view(T, H + KV, self.hd), rope)
         q, k = qk[:, :H], qk[:, H:]
         v = qkv[:, (H + KV) * self.hd:].view(T, KV, self.hd)
@@ -141,7 +150,7 @@ class Attention(nn.Module):
                                                  scale=self.scale, enable_gqa=True)
             parts.append(out.transpose(0, 1).reshape(chunk.length, -1))
         attn = parts[0] if len(parts) == 1 else torch.cat(parts)
-        return attn @ self.wo
+        return project(attn, self.wo, self.packed, "wo")
 
 
 class FeedForward(nn.Module):
@@ -149,10 +158,11 @@ class FeedForward(nn.Module):
         super().__init__()
         self.w_gate_up = nn.Parameter(torch.empty(cfg.d_model, 2 * cfg.d_ff), requires_grad=False)
         self.w_down = nn.Parameter(torch.empty(cfg.d_ff, cfg.d_model), requires_grad=False)
+        self.packed: dict[str, quant_matmul.QuantWeight] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = (x @ self.w_gate_up).chunk(2, dim=-1)
-        return (F.silu(gate) * up) @ self.w_down
+        gate, up = project(x, self.w_gate_up, self.packed, "w_gate_up").chunk(2, dim=-1)
+        return project(F.silu(gate) * up, self.w_down, self.packed, "w_down")
 
 
 class Block(nn.Module):
@@ -181,6 +191,7 @@ class Transformer(nn.Module):
         # the model ties them: x @ W runs small batches far faster than F.linear here).
         self.output = nn.Parameter(torch.empty(cfg.d_model, cfg.vocab_size), requires_grad=False)
         self.rotary = Rotary(cfg.head_dim, cfg.rope_base, cfg.context_length)
+        self.packed: dict[str, quant_matmul.QuantWeight] = {}
 
     @property
     def dtype(self) -> torch.dtype:
@@ -201,4 +212,4 @@ class Transformer(nn.Module):
         h = self.hidden_states(batch, kv)
         if batch.logits_rows is not None:
             h = h[batch.logits_rows]
-        return (h @ self.output).float()
+        return project(h, self.output, self.packed, "output").float()

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from llmos_kernel.core import quant_matmul
 from llmos_kernel.core.gguf_file import GGUFFile, ModelConfig
 from llmos_kernel.core.model import Transformer
 from llmos_kernel.errors import InvalidArgument
@@ -53,6 +54,31 @@ def _state_dict(gguf: GGUFFile, cfg: ModelConfig) -> dict[str, np.ndarray]:
     return sd
 
 
+FUSED = {"attn": {"wqkv": ("attn_q", "attn_k", "attn_v"), "wo": ("attn_output",)},
+         "ffn": {"w_gate_up": ("ffn_gate", "ffn_up"), "w_down": ("ffn_down",)}}
+
+
+def _attach_quantized(model: Transformer, gguf: GGUFFile, cfg: ModelConfig) -> None:
+    """Give each projection the file stores in a kind quant_matmul reads a copy in that form."""
+    def packed(names: list[str]) -> quant_matmul.QuantWeight | None:
+        kinds = {gguf.tensors[n].type_name for n in names}
+        if len(kinds) != 1 or kinds.pop() not in quant_matmul.QuantWeight.KINDS:
+            return None
+        return quant_matmul.QuantWeight.cat([quant_matmul.QuantWeight.from_gguf(
+            gguf.tensors[n].type_name, gguf.raw(n), *gguf.tensors[n].shape) for n in names])
+
+    for i, block in enumerate(model.blocks):
+        for module_name, projections in FUSED.items():
+            module = getattr(block, module_name)
+            for attr, parts in projections.items():
+                weight = packed([f"blk.{i}.{p}.weight" for p in parts])
+                if weight is not None:
+                    module.packed[attr] = weight
+    head = packed(["token_embd.weight" if cfg.tied_embeddings else "output.weight"])
+    if head is not None:
+        model.packed["output"] = head
+
+
 def load_model(path: str | Path, dtype: str | torch.dtype = "fp32",
                device: str | torch.device = "cpu") -> tuple[Transformer, GGUFFile]:
     """Open a GGUF file and build its Transformer with dequantized weights."""
@@ -69,6 +95,8 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "fp32",
     for p in model.parameters():
         p.requires_grad_(False)
     model.rotary.to(device)
+    if dtype == torch.float32 and torch.device(device).type == "cpu" and quant_matmul.available():
+        _attach_quantized(model, gguf, cfg)
     model.eval()
     model.load_seconds = time.perf_counter() - started
     return model, gguf

@@ -1,0 +1,90 @@
+"""Small C kernels, compiled on first use with the system C compiler and loaded with ctypes.
+
+Each library is built once per source, flags and CPU kind into
+``$LLMOS_HOME/cache/kernels``. Where no compiler is found, or
+``LLMOS_NO_C_KERNELS=1``, ``load`` returns None and callers use their torch path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from llmos_kernel.paths import llmos_home
+
+log = logging.getLogger("llmos.kernels")
+
+# Vectorized reductions, but not -ffast-math: that links crtfastmath, which turns on
+# flush-to-zero for the whole process that loads us (subnormals would vanish in user code).
+FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros",
+         "-fassociative-math", "-freciprocal-math"]
+
+_loaded: dict[str, ctypes.CDLL | None] = {}
+_lock = threading.Lock()
+
+
+def load(name: str, source: str, declare: Callable[[ctypes.CDLL], None], *,
+         openmp: bool = False) -> ctypes.CDLL | None:
+    """The compiled library ``name`` (``declare`` sets its functions' ctypes signatures).
+
+    With ``openmp`` it links libgomp by soname: loaded into a torch process it shares
+    torch's OpenMP runtime (torch is imported first, so its libgomp is the one found)."""
+    with _lock:
+        if name not in _loaded:
+            lib = None
+            if os.environ.get("LLMOS_NO_C_KERNELS") != "1":
+                try:
+                    if openmp:
+                        import torch  # noqa: F401 - its libgomp must be the one loaded
+                    lib = _build(name, source, ["-fopenmp"] if openmp else [])
+                except OSError as e:
+                    log.warning("C kernel %s unavailable: %s", name, e)
+                if lib is not None:
+                    declare(lib)
+            _loaded[name] = lib
+        return _loaded[name]
+
+
+def _build(name: str, source: str, extra: list[str]) -> ctypes.CDLL | None:
+    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if compiler is None:
+        log.info("no C compiler found: %s uses its torch fallback", name)
+        return None
+    flags = FLAGS + extra
+    tag = hashlib.sha256((source + " ".join(flags) + platform.machine()
+                          + _cpu_flags()).encode()).hexdigest()[:16]
+    cache = llmos_home() / "cache" / "kernels"
+    target = cache / f"{name}_{tag}.so"
+    if not target.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+            src, so = Path(tmp) / f"{name}.c", Path(tmp) / f"{name}.so"
+            src.write_text(source)
+            done = subprocess.run([compiler, *flags, "-shared", "-fPIC", "-pthread", str(src),
+                                   "-o", str(so), "-lm"], capture_output=True, text=True,
+                                  check=False)
+            if done.returncode != 0:
+                log.warning("building the %s kernel failed: %s", name, done.stderr[-500:])
+                return None
+            os.replace(so, target)  # atomic: a concurrent builder finds a whole file
+    return ctypes.CDLL(str(target))
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return line
+    except OSError:
+        pass
+    return ""
