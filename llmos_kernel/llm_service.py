@@ -327,7 +327,7 @@ class LLMService:
                        "swap_blocks_used": sched.swap.used},
             "queues": {"running": len(sched.running), "waiting": len(sched.waiting),
                        "swapped": len(sched.swapped), "parked": len(sched.parked)},
-            "preemptions": dict(sched.preemptions),
+            "preemptions": dict(sched.preemptions), "express_steps": sched.express_steps,
             "prefix_cache": {"hit_tokens": blocks.hits, "query_tokens": blocks.queries,
                              "hit_rate": blocks.hits / blocks.queries if blocks.queries else 0.0},
             "throughput_tok_s": self.throughput(),

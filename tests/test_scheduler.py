@@ -94,6 +94,25 @@ def test_high_priority_request_joins_the_very_next_step(engine, prompts):
         eng.abort(rid)
 
 
+def test_a_high_priority_prompt_gets_a_step_of_its_own(engine, prompts):
+    """Its prompt is not computed beside everyone's decode rows, so its time to first token
+    under load is the idle one plus at most the step in progress."""
+    eng = small_engine(engine, num_blocks=512, swap_blocks=0, max_batch_tokens=256, max_seqs=32)
+    for i in range(16):
+        eng.add_request(Request(f"low-{i}", prompts[i], greedy(64), priority=0))
+    while eng.scheduler.waiting or any(s.num_uncomputed > 1 for s in eng.scheduler.running):
+        eng.step()  # until every low-priority prompt is in and they all decode
+    eng.add_request(Request("urgent", prompts[50], greedy(4), priority=10))
+    before = eng.scheduler.express_steps
+    plan = eng.scheduler.schedule()
+    assert [w.seq.priority for w in plan.works] == [10]
+    urgent = plan.works[0].seq
+    assert plan.works[0].num_tokens == len(prompts[50]) - urgent.num_cached  # all of it
+    assert eng.scheduler.express_steps == before + 1
+    for rid in list(eng.requests):
+        eng.abort(rid)
+
+
 def test_an_agent_flooding_the_queue_does_not_starve_another(engine, prompts):
     eng = small_engine(engine, num_blocks=512, swap_blocks=0, max_seqs=6)
     for i in range(30):

@@ -87,6 +87,7 @@ class Scheduler:
         self.parked: OrderedDict[str, Sequence] = OrderedDict()  # LRU of kept contexts
         self.served: dict[int, float] = {}  # owner -> tokens computed (fair-share clock)
         self.preemptions = {"swap": 0, "recompute": 0, "suspend": 0, "drop": 0}
+        self.express_steps = 0  # steps given to a higher-priority newcomer alone (_express)
         self._pending_swap_out: list[tuple[int, list[int]]] = []
         self._pending_drops: list[int] = []
 
@@ -168,8 +169,10 @@ class Scheduler:
         budget = self.cfg.max_batch_tokens
         scheduled: set[int] = set()
         blocked_below: int | None = None  # waiting work at or below this priority must wait
-        for seq in sorted(self.live(), key=self._order):
-            if budget <= 0:
+        live = sorted(self.live(), key=self._order)
+        express = self._express(live)
+        for seq in live:
+            if budget <= 0 or (express is not None and seq.priority < express):
                 break
             if seq in out.preempted:
                 continue
@@ -194,6 +197,18 @@ class Scheduler:
         out.drop_swap, self._pending_drops = self._pending_drops, []
         out.copies = self.blocks.take_copies()
         return out
+
+    def _express(self, live: list[Sequence]) -> int | None:
+        """A newcomer above every running priority gets a step of its own (with any work of
+        its priority or more): its prompt then costs what it costs on an idle kernel instead
+        of riding along with everyone's decode rows. The others wait out that one step."""
+        if not live or not self.running or live[0].status is Status.RUNNING:
+            return None
+        top = live[0].priority
+        if any(s.priority >= top for s in self.running):
+            return None
+        self.express_steps += 1
+        return top
 
     def _add_work(self, out: Schedule, seq: Sequence, n: int, scheduled: set[int]) -> None:
         out.works.append(Work(seq, n))
