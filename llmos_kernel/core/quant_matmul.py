@@ -105,80 +105,48 @@ typedef struct {
     const float *x, *d, *m, *xsum; const void *qs; float *y; int64_t M, N, K;
 } job_t;
 
-/* Output rows [lo, hi) of a Q4_1 product, four rows at a time (independent FMA chains). */
-static void q4_1_rows(const job_t *j, int64_t lo, int64_t hi) {
-    const int64_t M = j->M, N = j->N, K = j->K, nb = K / 32;
+/* One block of kind 4 (Q4_1: 16 bytes of nibbles) or 8 (Q8_0: 32 signed bytes). */
+static inline acc_t any_block(int kind, acc_t acc, const uint8_t *q, const float *x, float d) {
+    return kind == 4 ? block(acc, q, x, d) : block8(acc, (const int8_t *)q, x, d);
+}
+
+/* Output rows [lo, hi), four at a time (independent FMA chains). Inlined per kind, so each
+   kind gets its own loop; Q4_1 adds its mins: Σ_b m[n,b] · Σ_i x[32b+i]. */
+static inline void kind_rows(int kind, const job_t *j, int64_t lo, int64_t hi) {
+    const int64_t M = j->M, N = j->N, K = j->K, nb = K / 32, bytes = kind == 4 ? 16 : 32;
     const uint8_t *qs = j->qs; const float *d = j->d, *m = j->m, *x = j->x;
     float *y = j->y;
     int64_t n = lo;
     for (; n + 4 <= hi; n += 4) {
-        const uint8_t *q0 = qs + n * nb * 16, *q1 = q0 + nb * 16, *q2 = q1 + nb * 16,
-                      *q3 = q2 + nb * 16;
-        const float *d0 = d + n * nb, *m0 = m + n * nb;
-        for (int64_t r = 0; r < M; r++) {
-            const float *xr = x + r * K, *xs = j->xsum + r * nb;
-            acc_t a0 = acc_zero(), a1 = acc_zero(), a2 = acc_zero(), a3 = acc_zero();
-            float mc[4] = {0.f, 0.f, 0.f, 0.f};
-            for (int64_t b = 0; b < nb; b++) {
-                const float *xb = xr + b * 32;
-                a0 = block(a0, q0 + b * 16, xb, d0[b]);
-                a1 = block(a1, q1 + b * 16, xb, d0[nb + b]);
-                a2 = block(a2, q2 + b * 16, xb, d0[2 * nb + b]);
-                a3 = block(a3, q3 + b * 16, xb, d0[3 * nb + b]);
-                for (int t = 0; t < 4; t++) mc[t] += m0[t * nb + b] * xs[b];
-            }
-            y[r * N + n] = acc_sum(a0) + mc[0];
-            y[r * N + n + 1] = acc_sum(a1) + mc[1];
-            y[r * N + n + 2] = acc_sum(a2) + mc[2];
-            y[r * N + n + 3] = acc_sum(a3) + mc[3];
-        }
-    }
-    for (; n < hi; n++)
-        for (int64_t r = 0; r < M; r++) {
-            acc_t acc = acc_zero(); float macc = 0.f;
-            for (int64_t b = 0; b < nb; b++) {
-                acc = block(acc, qs + (n * nb + b) * 16, x + r * K + b * 32, d[n * nb + b]);
-                macc += m[n * nb + b] * j->xsum[r * nb + b];
-            }
-            y[r * N + n] = acc_sum(acc) + macc;
-        }
-}
-
-/* Output rows [lo, hi) of a Q8_0 product. */
-static void q8_0_rows(const job_t *j, int64_t lo, int64_t hi) {
-    const int64_t M = j->M, N = j->N, K = j->K, nb = K / 32;
-    const int8_t *qs = j->qs; const float *d = j->d, *x = j->x;
-    float *y = j->y;
-    int64_t n = lo;
-    for (; n + 4 <= hi; n += 4) {
-        const int8_t *q0 = qs + n * nb * 32, *q1 = q0 + nb * 32, *q2 = q1 + nb * 32,
-                     *q3 = q2 + nb * 32;
+        const uint8_t *q0 = qs + n * nb * bytes;
         const float *d0 = d + n * nb;
         for (int64_t r = 0; r < M; r++) {
             const float *xr = x + r * K;
-            acc_t a0 = acc_zero(), a1 = acc_zero(), a2 = acc_zero(), a3 = acc_zero();
-            for (int64_t b = 0; b < nb; b++) {
-                const float *xb = xr + b * 32;
-                a0 = block8(a0, q0 + b * 32, xb, d0[b]);
-                a1 = block8(a1, q1 + b * 32, xb, d0[nb + b]);
-                a2 = block8(a2, q2 + b * 32, xb, d0[2 * nb + b]);
-                a3 = block8(a3, q3 + b * 32, xb, d0[3 * nb + b]);
-            }
-            y[r * N + n] = acc_sum(a0); y[r * N + n + 1] = acc_sum(a1);
-            y[r * N + n + 2] = acc_sum(a2); y[r * N + n + 3] = acc_sum(a3);
+            acc_t a[4] = {acc_zero(), acc_zero(), acc_zero(), acc_zero()};
+            float mc[4] = {0.f, 0.f, 0.f, 0.f};
+            for (int64_t b = 0; b < nb; b++)
+                for (int t = 0; t < 4; t++) {
+                    a[t] = any_block(kind, a[t], q0 + (t * nb + b) * bytes, xr + b * 32,
+                                     d0[t * nb + b]);
+                    if (kind == 4) mc[t] += m[(n + t) * nb + b] * j->xsum[r * nb + b];
+                }
+            for (int t = 0; t < 4; t++) y[r * N + n + t] = acc_sum(a[t]) + mc[t];
         }
     }
     for (; n < hi; n++)
         for (int64_t r = 0; r < M; r++) {
-            acc_t acc = acc_zero();
-            for (int64_t b = 0; b < nb; b++)
-                acc = block8(acc, qs + (n * nb + b) * 32, x + r * K + b * 32, d[n * nb + b]);
-            y[r * N + n] = acc_sum(acc);
+            acc_t acc = acc_zero(); float mc = 0.f;
+            for (int64_t b = 0; b < nb; b++) {
+                acc = any_block(kind, acc, qs + (n * nb + b) * bytes, x + r * K + b * 32,
+                                d[n * nb + b]);
+                if (kind == 4) mc += m[n * nb + b] * j->xsum[r * nb + b];
+            }
+            y[r * N + n] = acc_sum(acc) + mc;
         }
 }
 
 static void rows(int kind, const job_t *j, int64_t lo, int64_t hi) {
-    if (kind == 4) q4_1_rows(j, lo, hi); else q8_0_rows(j, lo, hi);
+    if (kind == 4) kind_rows(4, j, lo, hi); else kind_rows(8, j, lo, hi);
 }
 
 /* Output rows in chunks of 64 over OpenMP threads. The library links libgomp by its
