@@ -38,6 +38,8 @@ def load(name: str, source: str, declare: Callable[[ctypes.CDLL], None], *,
 
     With ``openmp`` it links libgomp by soname: loaded into a torch process it shares
     torch's OpenMP runtime (torch is imported first, so its libgomp is the one found)."""
+    if name in _loaded:  # every call after the first: kernels are looked up per product
+        return _loaded[name]
     with _lock:
         if name not in _loaded:
             lib = None
