@@ -26,6 +26,11 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     return DTYPES[name]
 
 
+# The model's projections and the GGUF tensors each one fuses, rows in this order.
+FUSED = {"attn": {"wqkv": ("attn_q", "attn_k", "attn_v"), "wo": ("attn_output",)},
+         "ffn": {"w_gate_up": ("ffn_gate", "ffn_up"), "w_down": ("ffn_down",)}}
+
+
 def _state_dict(gguf: GGUFFile, cfg: ModelConfig) -> dict[str, np.ndarray]:
     names = ["token_embd.weight", "output_norm.weight"]
     if not cfg.tied_embeddings:
@@ -46,16 +51,12 @@ def _state_dict(gguf: GGUFFile, cfg: ModelConfig) -> dict[str, np.ndarray]:
         p = f"blocks.{i}."
         sd[p + "attn_norm.weight"] = t("attn_norm")
         sd[p + "ffn_norm.weight"] = t("ffn_norm")
-        # Q/K rows stay in GGUF's RoPE pair order (see model.Rotary)
-        sd[p + "attn.wqkv"] = np.concatenate([t("attn_q"), t("attn_k"), t("attn_v")]).T
-        sd[p + "attn.wo"] = t("attn_output").T
-        sd[p + "ffn.w_gate_up"] = np.concatenate([t("ffn_gate"), t("ffn_up")]).T
-        sd[p + "ffn.w_down"] = t("ffn_down").T
+        # fused, input-major; Q/K rows stay in GGUF's RoPE pair order (see model.Rotary)
+        for module, projections in FUSED.items():
+            for attr, parts in projections.items():
+                rows = [t(part) for part in parts]
+                sd[f"{p}{module}.{attr}"] = (rows[0] if len(rows) == 1 else np.concatenate(rows)).T
     return sd
-
-
-FUSED = {"attn": {"wqkv": ("attn_q", "attn_k", "attn_v"), "wo": ("attn_output",)},
-         "ffn": {"w_gate_up": ("ffn_gate", "ffn_up"), "w_down": ("ffn_down",)}}
 
 
 def _attach_quantized(model: Transformer, gguf: GGUFFile, cfg: ModelConfig) -> None:
