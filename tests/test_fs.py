@@ -8,6 +8,8 @@ from __future__ import annotations
 import errno
 import os
 import random
+import shutil
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -313,6 +315,49 @@ def test_state_survives_reopening_the_service(tmp_path):
         assert fs.read(OTHER, "f.txt", owner=ME) == b"second"
         fs.rollback(ME, "f.txt", 1)
         assert fs.read(ME, "f.txt") == b"first"
+
+
+def test_a_file_replaced_behind_the_services_back_is_refused_until_it_reopens(tmp_path):
+    root = tmp_path / "root"
+    with FileSystem(root) as fs:
+        fs.write(ME, "f.txt", b"written by the service")
+        spare = home_of(fs, ME) / "spare"
+        spare.write_bytes(b"put there by hand")
+        os.replace(spare, home_of(fs, ME) / "f.txt")
+        with pytest.raises(PermissionDenied, match="not written through the file service"):
+            fs.read(ME, "f.txt")
+        with pytest.raises(PermissionDenied):
+            fs.append(ME, "f.txt", b"more")
+        (home_of(fs, ME) / "unrecorded.txt").write_bytes(b"never written through it")
+        with pytest.raises(PermissionDenied):
+            fs.read(ME, "unrecorded.txt")
+        fs.delete(ME, "unrecorded.txt")
+    with FileSystem(root) as fs:  # what is on disk when nothing is serving is adopted
+        assert fs.read(ME, "f.txt") == b"put there by hand"
+        fs.append(ME, "f.txt", b", then appended")
+        assert fs.read(ME, "f.txt") == b"put there by hand, then appended"
+
+
+def test_a_store_from_before_inodes_and_a_copied_state_dir_keep_every_file(tmp_path):
+    root = tmp_path / "root"
+    with FileSystem(root) as fs:
+        for i in range(5):
+            fs.write(ME, f"d/f{i}.txt", f"content {i}")
+    db = sqlite3.connect(root / "fs.sqlite")
+    db.executescript(
+        "CREATE TABLE old AS SELECT owner, path, version FROM heads; DROP TABLE heads;"
+        " ALTER TABLE old RENAME TO heads;"
+    )
+    db.close()
+    copy = tmp_path / "copied"
+    shutil.copytree(root, copy)  # new inodes for every file
+    for where in (root, copy):
+        with FileSystem(where) as fs:
+            assert [fs.read(ME, f"d/f{i}.txt") for i in range(5)] == [
+                f"content {i}".encode() for i in range(5)
+            ]
+            fs.write(ME, "d/f0.txt", b"changed")
+            assert fs.versions(ME, "d/f0.txt")[0].size == len(b"content 0")
 
 
 def test_remove_home_forgets_files_versions_grants_and_quota(fs):

@@ -6,7 +6,12 @@ the two wins. Here every operation walks the path one component at a time from a
 descriptor of the home with ``openat(O_NOFOLLOW | O_DIRECTORY)`` and opens the last
 component with ``O_NOFOLLOW``: a symbolic link is never followed, whenever it appears.
 Only regular files with a single link are read or replaced, so planted FIFOs, devices and
-hard links to outside files stay inert. Version blobs, staged writes and ``fs.sqlite``
+hard links to outside files stay inert. A link count checked on a descriptor is not
+enough on its own: while a rename or unlink removes the home's name of a file hard-linked
+from outside, the kernel drops the count before the name goes, so a read racing it sees one
+link on the outside file. So the service remembers the inode of every file it writes, and
+reads (or keeps as a version) only the inode it wrote; when it opens it adopts what is on
+disk, so a crash, an upgrade or a copied state directory loses nothing. Version blobs, staged writes and ``fs.sqlite``
 (versions, grants, quotas) live beside the homes, never inside one.
 """
 
@@ -53,7 +58,7 @@ _PERCENT_ROUNDS = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS heads (
-    owner INTEGER, path TEXT, version INTEGER, PRIMARY KEY (owner, path));
+    owner INTEGER, path TEXT, version INTEGER, ino INTEGER, PRIMARY KEY (owner, path));
 CREATE TABLE IF NOT EXISTS versions (
     owner INTEGER, path TEXT, version INTEGER, size INTEGER, blob TEXT, saved_at REAL,
     PRIMARY KEY (owner, path, version));
@@ -258,14 +263,26 @@ def _refuse_unless_regular(st: os.stat_result, rel: str) -> None:
         raise PermissionDenied(f"{rel!r} has {st.st_nlink} hard links; linked files are refused")
 
 
-def _open_regular(dir_fd: int, name: str, rel: str) -> tuple[int, os.stat_result]:
+_NOT_OURS = object()
+
+
+def _open_regular(
+    dir_fd: int, name: str, rel: str, ino: int | None | object = _NOT_OURS
+) -> tuple[int, os.stat_result]:
     """Open a regular, singly linked file for reading; checked before opening (so a device is
-    never opened) and again on the descriptor (so a swap in between is caught)."""
+    never opened) and again on the descriptor (so a swap in between is caught). With ``ino``
+    (what the service recorded for the path; None if nothing) the descriptor must be that
+    inode, so a file hard-linked from outside is refused even mid-rename."""
     _refuse_unless_regular(os.stat(name, dir_fd=dir_fd, follow_symlinks=False), rel)
     fd = os.open(name, _READ, dir_fd=dir_fd)
     try:
         st = os.fstat(fd)
         _refuse_unless_regular(st, rel)
+        if ino is not _NOT_OURS and st.st_ino != ino:
+            raise PermissionDenied(
+                f"{rel!r} was not written through the file service, or was replaced outside"
+                " it; only what the service wrote is read or kept. Delete it and write it again"
+            )
     except BaseException:
         os.close(fd)
         raise
@@ -301,8 +318,8 @@ def _pread_all(fd: int, offset: int, length: int) -> bytes:
     return b"".join(chunks)
 
 
-def _stage(dir_fd: int, data: bytes) -> str:
-    """Write ``data`` to a new file in ``dir_fd`` and fsync it; returns its name."""
+def _stage(dir_fd: int, data: bytes) -> tuple[str, int]:
+    """Write ``data`` to a new file in ``dir_fd`` and fsync it; returns its name and inode."""
     name = uuid.uuid4().hex
     fd = os.open(name, _CREATE, 0o600, dir_fd=dir_fd)
     try:
@@ -310,12 +327,13 @@ def _stage(dir_fd: int, data: bytes) -> str:
         while view:
             view = view[os.write(fd, view) :]
         os.fsync(fd)
+        ino = os.fstat(fd).st_ino
     except BaseException:
         os.close(fd)
         os.unlink(name, dir_fd=dir_fd)
         raise
     os.close(fd)
-    return name
+    return name, ino
 
 
 def _unlink_quietly(dir_fd: int, name: str) -> None:
@@ -394,6 +412,8 @@ class _Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        if "ino" not in {row[1] for row in self._db.execute("PRAGMA table_info(heads)")}:
+            self._db.execute("ALTER TABLE heads ADD COLUMN ino INTEGER")  # stores from 0.1
 
     def close(self) -> None:
         self._db.close()
@@ -417,9 +437,22 @@ class _Store:
         found = self.rows("SELECT version FROM heads WHERE owner = ? AND path = ?", owner, rel)
         return found[0][0] if found else None
 
-    def record_write(self, owner: int, rel: str, version: int, kept: tuple | None) -> None:
+    def inode(self, owner: int, rel: str) -> int | None:
+        found = self.rows("SELECT ino FROM heads WHERE owner = ? AND path = ?", owner, rel)
+        return found[0][0] if found else None
+
+    def set_inodes(self, rows: list[tuple[int | None, int, str]]) -> None:
         with self.transaction() as db:
-            db.execute("INSERT OR REPLACE INTO heads VALUES (?, ?, ?)", (owner, rel, version))
+            db.executemany("UPDATE heads SET ino = ? WHERE owner = ? AND path = ?", rows)
+
+    def record_write(
+        self, owner: int, rel: str, version: int, ino: int, kept: tuple | None
+    ) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO heads (owner, path, version, ino) VALUES (?, ?, ?, ?)",
+                (owner, rel, version, ino),
+            )
             if kept:
                 db.execute(
                     "INSERT OR REPLACE INTO versions VALUES (?, ?, ?, ?, ?, ?)",
@@ -553,6 +586,7 @@ class FileSystem:
         self._homes: dict[int, _Home] = {}
         self._homes_lock = threading.Lock()
         self._clean_up_after_crash()
+        self._adopt_files()
 
     def _clean_up_after_crash(self) -> None:
         """Delete staged writes and version blobs that no row names: what a crash between
@@ -564,6 +598,24 @@ class FileSystem:
             with _closing(os.open(owner, _DIR, dir_fd=self._versions_fd)) as fd:
                 for blob in set(os.listdir(fd)) - known:
                     _unlink_quietly(fd, blob)
+
+    def _adopt_files(self) -> None:
+        """Record the inode each head names now: a crash between renaming and recording, a
+        store from before inodes were kept, or a state directory copied elsewhere would
+        otherwise leave files the service refuses to read. Nothing is serving yet, so what
+        is on disk is what the service last wrote or what its owner put there."""
+        changed = []
+        for owner, rel, ino in self._store.rows("SELECT owner, path, ino FROM heads"):
+            try:
+                with self._at(owner, split_path(rel)) as (dir_fd, name, _):
+                    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                found = st.st_ino if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 else None
+            except (LlmosError, OSError):
+                found = None
+            if found != ino:
+                changed.append((found, owner, rel))
+        if changed:
+            self._store.set_inodes(changed)
 
     def close(self) -> None:
         for fd in (self._homes_fd, self._versions_fd, self._staging_fd):
@@ -613,7 +665,8 @@ class FileSystem:
         if length is not None and (type(length) is not int or length < 0):
             raise InvalidArgument(f"length must be None or an int >= 0, not {length!r}")
         with self._at(owner, parts) as (dir_fd, name, rel):
-            fd, st = _open_regular(dir_fd, name, rel)
+            with self._home(owner).lock:  # a write renames and records under it
+                fd, st = _open_regular(dir_fd, name, rel, self._store.inode(owner, rel))
             with _closing(fd):
                 if length is None:
                     length = max(0, st.st_size - offset)
@@ -924,7 +977,7 @@ class FileSystem:
         """Swap in a file's new content: staged and fsynced outside the home, then renamed
         over the old one, which (with ``keep_old``) becomes a version if the quota has room."""
         with self._at(owner, parts, create=True) as (dir_fd, name, rel):
-            old = self._old_content(dir_fd, name, rel)
+            old = self._old_content(dir_fd, name, rel, self._store.inode(owner, rel))
             content = new_content(old)
             if len(content) > self.max_file_bytes:
                 raise QuotaExceeded(
@@ -939,27 +992,29 @@ class FileSystem:
                 for version, _, blob, _ in kept[: max(0, len(kept) - self.max_versions + 1)]:
                     self._drop_version(owner, rel, version, blob)
             keep = self._reserve(owner, grow, len(old) if keep else 0)
-            staged = _stage(self._staging_fd, content)
+            staged, ino = _stage(self._staging_fd, content)
             blob = None
             try:
                 if keep:
                     with self._blob_dir(owner) as blobs_fd:
-                        blob = _stage(blobs_fd, old)
+                        blob, _ = _stage(blobs_fd, old)
                 os.rename(staged, name, src_dir_fd=self._staging_fd, dst_dir_fd=dir_fd)
             except BaseException:
                 _unlink_quietly(self._staging_fd, staged)
                 self._drop_blobs(owner, [blob] if blob else [])
                 raise
             os.fsync(dir_fd)
-            self._store.record_write(owner, rel, head + 1, (head, len(old), blob) if blob else None)
+            self._store.record_write(
+                owner, rel, head + 1, ino, (head, len(old), blob) if blob else None
+            )
             tally = self._tally(owner)
             tally.bytes += grow
             tally.files += old is None
             return self._stat_of(owner, rel, os.stat(name, dir_fd=dir_fd, follow_symlinks=False))
 
-    def _old_content(self, dir_fd: int, name: str, rel: str) -> bytes | None:
+    def _old_content(self, dir_fd: int, name: str, rel: str, ino: int | None) -> bytes | None:
         try:
-            fd, st = _open_regular(dir_fd, name, rel)
+            fd, st = _open_regular(dir_fd, name, rel, ino)
         except FileNotFoundError:
             return None
         with _closing(fd):
