@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmos_kernel.core import paged_attention, quant_matmul
+from llmos_kernel.core import packed_gemm, paged_attention, quant_matmul
 from llmos_kernel.core.gguf_file import ModelConfig
 from llmos_kernel.core.kv_cache import KVPool
 
@@ -95,9 +95,13 @@ def apply_rotary(x: torch.Tensor, cis: torch.Tensor) -> torch.Tensor:
 
 def project(x: torch.Tensor, weight: torch.Tensor, packed: dict, name: str) -> torch.Tensor:
     """``x @ weight``, read from the file's quantized copy of it for steps of few rows,
-    where streaming fp32 weights would set the pace (see quant_matmul)."""
+    where streaming fp32 weights would set the pace (see quant_matmul), and from MKL's
+    packed copy of the fp32 weight for the others (see packed_gemm)."""
     if name in packed and x.shape[0] <= quant_matmul.MAX_ROWS:
         return quant_matmul.matmul(x, packed[name])
+    fp32 = packed.get(name + "/fp32")
+    if fp32 is not None:
+        return packed_gemm.matmul(x, fp32)
     return x @ weight
 
 
@@ -138,17 +142,20 @@ class Attention(nn.Module):
             parts.append(out.reshape(nd, -1))
         for chunk in batch.prefills:
             rows = slice(chunk.start, chunk.start + chunk.length)
-            qp = q[rows].transpose(0, 1)  # [H, n, hd]
+            qp = q[rows].transpose(0, 1)[None]  # [1, H, n, hd]: 4-D takes torch's fused CPU kernel
             if chunk.past == 0:
                 kp, vp, causal, mask = k[rows], v[rows], True, None
-            else:
+            else:  # later chunks see every earlier key: causal, offset by the past
                 kp, vp = k_cache[chunk.context_slots], v_cache[chunk.context_slots]
                 q_pos = torch.arange(chunk.past, chunk.past + chunk.length)[:, None]
-                mask, causal = torch.arange(kp.shape[0])[None, :] <= q_pos, False
-            out = F.scaled_dot_product_attention(qp, kp.transpose(0, 1), vp.transpose(0, 1),
-                                                 attn_mask=mask, is_causal=causal,
-                                                 scale=self.scale, enable_gqa=True)
-            parts.append(out.transpose(0, 1).reshape(chunk.length, -1))
+                mask = torch.zeros(chunk.length, kp.shape[0], dtype=q.dtype).masked_fill_(
+                    torch.arange(kp.shape[0])[None, :] > q_pos, float("-inf"))
+                causal = False
+            out = F.scaled_dot_product_attention(qp, kp.transpose(0, 1)[None],
+                                                 vp.transpose(0, 1)[None], attn_mask=mask,
+                                                 is_causal=causal, scale=self.scale,
+                                                 enable_gqa=True)
+            parts.append(out[0].transpose(0, 1).reshape(chunk.length, -1))
         attn = parts[0] if len(parts) == 1 else torch.cat(parts)
         return project(attn, self.wo, self.packed, "wo")
 

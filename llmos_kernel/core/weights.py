@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llmos_kernel.core import quant_matmul
+from llmos_kernel.core import packed_gemm, quant_matmul
 from llmos_kernel.core.gguf_file import GGUFFile, ModelConfig
 from llmos_kernel.core.model import Transformer
 from llmos_kernel.errors import InvalidArgument
@@ -80,6 +81,21 @@ def _attach_quantized(model: Transformer, gguf: GGUFFile, cfg: ModelConfig) -> N
         model.packed["output"] = head
 
 
+def _attach_mkl_packed(model: Transformer) -> None:
+    """Pack every fp32 projection once for MKL (see packed_gemm), where torch has MKL, and
+    let the row-major copy go: nothing reads it once the packed one is there."""
+    if not packed_gemm.available() or os.environ.get("LLMOS_NO_MKL_PACK"):
+        return
+    owners = [(getattr(block, m), attr) for block in model.blocks
+              for m, projections in FUSED.items() for attr in projections]
+    for module, attr in [*owners, (model, "output")]:
+        param = getattr(module, attr)
+        weight = packed_gemm.pack(param)
+        if weight is not None:
+            module.packed[attr + "/fp32"] = weight
+            param.data = torch.empty(0, dtype=param.dtype)
+
+
 def load_model(path: str | Path, dtype: str | torch.dtype = "fp32",
                device: str | torch.device = "cpu") -> tuple[Transformer, GGUFFile]:
     """Open a GGUF file and build its Transformer with dequantized weights."""
@@ -96,8 +112,10 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "fp32",
     for p in model.parameters():
         p.requires_grad_(False)
     model.rotary.to(device)
-    if dtype == torch.float32 and torch.device(device).type == "cpu" and quant_matmul.available():
-        _attach_quantized(model, gguf, cfg)
+    if dtype == torch.float32 and torch.device(device).type == "cpu":
+        if quant_matmul.available():
+            _attach_quantized(model, gguf, cfg)
+        _attach_mkl_packed(model)
     model.eval()
     model.load_seconds = time.perf_counter() - started
     return model, gguf
