@@ -27,7 +27,7 @@ typedef struct {
     const float *q; const float *k; const float *v; float *out;
     const int64_t *tables; const int64_t *lens;
     int64_t max_blocks, block_size, n_kv, group, dim; float scale;
-    int64_t first, last;   /* work items [first, last): (sequence, kv head) pairs */
+    int64_t first, last;   /* sequences [first, last) */
 } job_t;
 
 /* e^x for x <= 0, to ~2e-7 relative (degree-6 Taylor on |f| <= 1/2): 2^(x log2 e) split into 2^int (exponent bits) times
@@ -42,53 +42,53 @@ static inline float exp_neg(float x) {
     return p * u.f;
 }
 
-/* One (sequence, kv head) pair: its G query heads against the sequence's n keys. Inlined
-   with D a constant where the model's head size is 64, so the dot products unroll. */
-static inline void attend(const job_t *j, int64_t b, int64_t h, float *scores, int64_t cap,
+/* One sequence: its H = KV*G query heads against its n keys. Each key row holds every KV
+   head side by side (KV*D floats), so a pass over the rows reads the sequence's keys and
+   values front to back, once. Inlined with D a constant where the model's head size is 64,
+   so the dot products unroll. scores: [H][cap]. */
+static inline void attend(const job_t *j, int64_t b, float *scores, int64_t cap,
                           const int64_t D) {
-    const int64_t G = j->group, KV = j->n_kv, BS = j->block_size, n = j->lens[b];
+    const int64_t G = j->group, KV = j->n_kv, H = KV * G, BS = j->block_size, n = j->lens[b];
     const int64_t *table = j->tables + b * j->max_blocks;
-    const float *q = j->q + (b * KV * G + h * G) * D;
-    float mx[64], sum[64];
-    for (int64_t g = 0; g < G; g++) mx[g] = -INFINITY;
+    const float *q = j->q + b * H * D;
+    float mx[H];
+    for (int64_t i = 0; i < H; i++) mx[i] = -INFINITY;
     for (int64_t t = 0; t < n; t++) {
-        const float *kp = j->k + ((table[t / BS] * BS + t % BS) * KV + h) * D;
-        for (int64_t g = 0; g < G; g++) {
-            const float *qg = q + g * D; float s = 0.f;
-            for (int64_t d = 0; d < D; d++) s += qg[d] * kp[d];
-            s *= j->scale; scores[g * cap + t] = s;
-            mx[g] = s > mx[g] ? s : mx[g];
+        const float *row = j->k + (table[t / BS] * BS + t % BS) * KV * D;
+        for (int64_t i = 0; i < H; i++) {
+            const float *qi = q + i * D, *kp = row + (i / G) * D; float s = 0.f;
+            for (int64_t d = 0; d < D; d++) s += qi[d] * kp[d];
+            s *= j->scale; scores[i * cap + t] = s;
+            mx[i] = s > mx[i] ? s : mx[i];
         }
     }
-    for (int64_t g = 0; g < G; g++) {
-        float tot = 0.f, *sg = scores + g * cap; const float m = mx[g];
-        for (int64_t t = 0; t < n; t++) { const float e = exp_neg(sg[t] - m); sg[t] = e; tot += e; }
+    for (int64_t i = 0; i < H; i++) {
+        float tot = 0.f, *si = scores + i * cap; const float m = mx[i];
+        for (int64_t t = 0; t < n; t++) { const float e = exp_neg(si[t] - m); si[t] = e; tot += e; }
         const float inv = 1.f / tot;
-        for (int64_t t = 0; t < n; t++) sg[t] *= inv;
-        sum[g] = tot;
+        for (int64_t t = 0; t < n; t++) si[t] *= inv;
     }
-    float *o = j->out + (b * KV * G + h * G) * D;
-    for (int64_t i = 0; i < G * D; i++) o[i] = 0.f;
+    float *o = j->out + b * H * D;
+    for (int64_t i = 0; i < H * D; i++) o[i] = 0.f;
     for (int64_t t = 0; t < n; t++) {
-        const float *vp = j->v + ((table[t / BS] * BS + t % BS) * KV + h) * D;
-        for (int64_t g = 0; g < G; g++) {
-            const float p = scores[g * cap + t]; float *og = o + g * D;
-            for (int64_t d = 0; d < D; d++) og[d] += p * vp[d];
+        const float *row = j->v + (table[t / BS] * BS + t % BS) * KV * D;
+        for (int64_t i = 0; i < H; i++) {
+            const float p = scores[i * cap + t], *vp = row + (i / G) * D; float *oi = o + i * D;
+            for (int64_t d = 0; d < D; d++) oi[d] += p * vp[d];
         }
     }
 }
 
-static void *run(void *arg) {
-    job_t *j = (job_t *)arg;
+static void run_range(const job_t *j, int64_t first, int64_t last) {
     int64_t cap = 0; float *scores = NULL;
-    for (int64_t w = j->first; w < j->last; w++) {
-        const int64_t b = w / j->n_kv, h = w % j->n_kv, n = j->lens[b];
-        if (n > cap) { free(scores); cap = n; scores = malloc(sizeof(float) * j->group * cap); }
-        if (j->dim == 64) attend(j, b, h, scores, cap, 64);
-        else attend(j, b, h, scores, cap, j->dim);
+    const int64_t H = j->n_kv * j->group;
+    for (int64_t b = first; b < last; b++) {
+        const int64_t n = j->lens[b];
+        if (n > cap) { free(scores); cap = n; scores = malloc(sizeof(float) * H * cap); }
+        if (j->dim == 64) attend(j, b, scores, cap, 64);
+        else attend(j, b, scores, cap, j->dim);
     }
     free(scores);
-    return NULL;
 }
 
 /* q, out: [B, KV*G, D]; k, v: [slots, KV, D]; tables: [B, max_blocks]; lens: [B]. */
@@ -97,26 +97,15 @@ int paged_decode(const float *q, const float *k, const float *v, float *out,
                  int64_t block_size, int64_t n_kv, int64_t group, int64_t dim, float scale,
                  int64_t threads) {
     if (group > 64) return -1;
-    const int64_t items = B * n_kv;
-    int64_t keys = 0;  /* the work: keys read, summed over items */
+    int64_t keys = 0;  /* the work: keys read, summed over sequences */
     for (int64_t b = 0; b < B; b++) keys += lens[b] * n_kv;
     const job_t j = {q, k, v, out, tables, lens, max_blocks, block_size, n_kv, group, dim, scale,
-                     0, items};
-    if (threads < 2 || keys < 4096) { run((void *)&j); return 0; }
-    /* (sequence, kv head) items of unequal length: hand them out dynamically. The library
-       links libgomp by soname, so in a torch process this is torch's OpenMP thread pool. */
-    #pragma omp parallel num_threads(threads)
-    {
-        int64_t cap = 0; float *scores = NULL;
-        #pragma omp for schedule(dynamic, 1)
-        for (int64_t w = 0; w < items; w++) {
-            const int64_t b = w / n_kv, n = lens[b];
-            if (n > cap) { free(scores); cap = n; scores = malloc(sizeof(float) * group * cap); }
-            if (dim == 64) attend(&j, b, w % n_kv, scores, cap, 64);
-            else attend(&j, b, w % n_kv, scores, cap, dim);
-        }
-        free(scores);
-    }
+                     0, B};
+    if (threads < 2 || keys < 4096) { run_range(&j, 0, B); return 0; }
+    /* Sequences of unequal length: hand them out dynamically. The library links libgomp by
+       soname, so in a torch process this is torch's OpenMP thread pool. */
+    #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+    for (int64_t b = 0; b < B; b++) run_range(&j, b, b + 1);
     return 0;
 }
 """
