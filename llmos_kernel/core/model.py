@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmos_kernel.core import packed_gemm, paged_attention, quant_matmul
+from llmos_kernel.core import fused_ops, packed_gemm, paged_attention, quant_matmul
 from llmos_kernel.core.gguf_file import ModelConfig
 from llmos_kernel.core.kv_cache import KVPool
 
@@ -68,6 +68,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused_ops.usable(x) and fused_ops.available():
+            return fused_ops.rms_norm(x, self.weight, self.eps)
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
 
 
@@ -83,9 +85,13 @@ class Rotary(nn.Module):
         inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
         self.register_buffer("cis", torch.polar(torch.ones_like(freqs), freqs), persistent=False)
+        self.register_buffer("cos", freqs.cos(), persistent=False)  # the same angles, for
+        self.register_buffer("sin", freqs.sin(), persistent=False)  # the fused kernel
 
-    def table(self, positions: torch.Tensor) -> torch.Tensor:
-        return self.cis[positions][:, None, :]  # [T, 1, head_dim / 2], complex
+    def table(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The step's rows of the table: complex ``[T, 1, head_dim / 2]``, and cos and sin
+        ``[T, head_dim / 2]``."""
+        return self.cis[positions][:, None, :], self.cos[positions], self.sin[positions]
 
 
 def apply_rotary(x: torch.Tensor, cis: torch.Tensor) -> torch.Tensor:
@@ -116,11 +122,16 @@ class Attention(nn.Module):
         self.split = (q_dim, kv_dim, kv_dim)
         self.scale = cfg.head_dim ** -0.5
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, batch: StepBatch,
+    def forward(self, x: torch.Tensor, rope: tuple, batch: StepBatch,
                 kv: KVPool) -> torch.Tensor:
         T, H, KV = x.shape[0], self.n_heads, self.n_kv
         qkv = project(x, self.wqkv, self.packed, "wqkv")
-        qk = apply_rotary(qkv[:, :(H + KV) * self.hd].view(T, H + KV, self.hd), rope)
+        cis, cos, sin = rope
+        if fused_ops.usable(qkv) and fused_ops.available():
+            fused_ops.rope_(qkv, cos, sin, H + KV, self.hd)
+            qk = qkv[:, :(H + KV) * self.hd].view(T, H + KV, self.hd)
+        else:
+            qk = apply_rotary(qkv[:, :(H + KV) * self.hd].view(T, H + KV, self.hd), cis)
         q, k = qk[:, :H], qk[:, H:]
         v = qkv[:, (H + KV) * self.hd:].view(T, KV, self.hd)
         k_cache, v_cache = kv.layer(self.layer)

@@ -1,0 +1,47 @@
+"""The fused RMSNorm and rotary kernels against the torch code they stand in for."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmos_kernel.core import fused_ops
+from llmos_kernel.core.model import RMSNorm, Rotary, apply_rotary
+
+
+def _need_kernels() -> None:
+    if not fused_ops.available():
+        pytest.fail("no C compiler found: the fused kernels could not be built")
+
+
+@pytest.mark.parametrize("rows,dim", [(1, 576), (32, 576), (257, 64), (3, 17)])
+def test_rms_norm_matches_torch(rows, dim):
+    _need_kernels()
+    gen = torch.Generator().manual_seed(rows * dim)
+    x = torch.randn(rows, dim, generator=gen) * 3
+    norm = RMSNorm(dim, 1e-5)
+    norm.weight.data = torch.randn(dim, generator=gen)
+    want = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.weight
+    torch.testing.assert_close(fused_ops.rms_norm(x, norm.weight, 1e-5), want)
+    torch.testing.assert_close(norm(x), want)  # the module takes the kernel
+
+
+@pytest.mark.parametrize("rows,heads,extra,dim", [(1, 12, 3, 64), (40, 12, 3, 64), (5, 2, 1, 8)])
+def test_rope_in_place_matches_complex_rotation(rows, heads, extra, dim):
+    _need_kernels()
+    gen = torch.Generator().manual_seed(rows + heads)
+    rotary = Rotary(dim, 10000.0, 4096)
+    positions = torch.randint(0, 4096, (rows,), generator=gen)
+    cis, cos, sin = rotary.table(positions)
+    x = torch.randn(rows, (heads + extra) * dim, generator=gen)
+    want = apply_rotary(x[:, :heads * dim].view(rows, heads, dim), cis).reshape(rows, -1)
+    untouched = x[:, heads * dim:].clone()
+    fused_ops.rope_(x, cos, sin, heads, dim)
+    torch.testing.assert_close(x[:, :heads * dim], want)
+    assert torch.equal(x[:, heads * dim:], untouched)  # only the first `heads` heads turn
+
+
+def test_only_contiguous_fp32_cpu_tensors_are_taken():
+    assert fused_ops.usable(torch.zeros(4, 8))
+    assert not fused_ops.usable(torch.zeros(4, 8, dtype=torch.bfloat16))
+    assert not fused_ops.usable(torch.zeros(8, 4).t())
