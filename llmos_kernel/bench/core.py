@@ -69,11 +69,14 @@ def _ref_decode(hf, ids: list[int], n: int) -> float:
     return (len(clock.times) - 1) / (clock.times[-1] - clock.times[0])
 
 
-def _ours_batch(engine, batch: list[list[int]], n: int) -> float:
+def _ours_batch(engine, batch: list[list[int]], n: int, salt: str = "") -> float:
+    """One batch run; a fresh ``salt`` keeps it from reusing an earlier run's prefix cache
+    (prompts of one run still share theirs, as a user's would)."""
     started = time.perf_counter()
     for i, ids in enumerate(batch):
         engine.add_request(Request(f"batch-{i}-{time.monotonic_ns()}", ids,
-                                   SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)))
+                                   SamplingParams(max_tokens=n, temperature=0, ignore_eos=True),
+                                   cache_salt=salt))
     engine.run_until_done()
     return len(batch) * n / (time.perf_counter() - started)
 
@@ -120,7 +123,10 @@ def _context_restore(engine, n_tokens: int = 1000) -> tuple[float, float]:
 
 
 def run(model: str = store.DEFAULT_MODEL, *, new_tokens: int = 128, batch_size: int = 32,
-        progress: Callable[[str], None] = lambda _: None) -> dict:
+        repeat: int = 2, progress: Callable[[str], None] = lambda _: None) -> dict:
+    """``repeat``: how many times each side runs the batch; the best run of each counts
+    (this machine is shared, so one slow run says more about the neighbours than the code).
+    """
     set_threads()
     path = store.resolve_model(model)
     progress("loading llmos core")
@@ -141,9 +147,12 @@ def run(model: str = store.DEFAULT_MODEL, *, new_tokens: int = 128, batch_size: 
     _ref_decode(hf, single, 4)
     progress(f"single-stream decode, {new_tokens} tokens")
     decode, ref_decode = _ours_decode(engine, single, new_tokens), _ref_decode(hf, single, new_tokens)
-    progress(f"batch of {batch_size} prompts x {new_tokens} tokens")
-    agg = _ours_batch(engine, batch, new_tokens)
-    ref_agg = _ref_batch(hf, batch, new_tokens, tok.pad_token_id or 0)
+    aggs, ref_aggs = [], []
+    for i in range(max(1, repeat)):  # alternating, so a noisy spell hits both sides
+        progress(f"batch of {batch_size} prompts x {new_tokens} tokens, run {i + 1} of {repeat}")
+        aggs.append(_ours_batch(engine, batch, new_tokens, salt=f"bench-run-{i}"))
+        ref_aggs.append(_ref_batch(hf, batch, new_tokens, tok.pad_token_id or 0))
+    agg, ref_agg = max(aggs), max(ref_aggs)
     progress("a 1,000-token context: restore a snapshot vs recompute")
     restore, recompute = _context_restore(engine)
     return {
@@ -151,6 +160,7 @@ def run(model: str = store.DEFAULT_MODEL, *, new_tokens: int = 128, batch_size: 
         "load_s": load_s, "ref_load_s": ref_load_s,
         "decode_tok_s": decode, "ref_decode_tok_s": ref_decode,
         f"batch{batch_size}_tok_s": agg, f"ref_batch{batch_size}_tok_s": ref_agg,
+        f"batch{batch_size}_runs_tok_s": aggs, f"ref_batch{batch_size}_runs_tok_s": ref_aggs,
         "threads": torch.get_num_threads(),
         "prompt_tokens": [len(ids) for ids in batch], "new_tokens": new_tokens,
     }

@@ -28,22 +28,30 @@ def bench() -> None:
 @click.option("--model", default=store.DEFAULT_MODEL, show_default=True)
 @click.option("--new-tokens", type=int, default=128, show_default=True)
 @click.option("--batch", "batch_size", type=int, default=32, show_default=True)
+@click.option("--repeat", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Batch runs per side, alternating; the best of each side counts.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
-def core(model: str, new_tokens: int, batch_size: int, as_json: bool) -> None:
+def core(model: str, new_tokens: int, batch_size: int, repeat: int, as_json: bool) -> None:
     """The Transformer core vs Hugging Face transformers on the same GGUF."""
     from llmos_kernel.bench import core as core_bench
 
-    result = core_bench.run(model, new_tokens=new_tokens, batch_size=batch_size,
+    result = core_bench.run(model, new_tokens=new_tokens, batch_size=batch_size, repeat=repeat,
                             progress=lambda m: click.echo(f"[bench] {m}", err=True))
     b = f"batch{batch_size}_tok_s"
     _report(result, [("load seconds (lower wins)", "load_s", "ref_load_s"),
                      ("decode tok/s, 1 stream", "decode_tok_s", "ref_decode_tok_s"),
                      (f"aggregate tok/s, {batch_size} prompts", b, f"ref_{b}")], as_json)
     if not as_json:
+        click.echo(f"batch runs, tok/s: llmos {_runs(result[f'{b[:-6]}_runs_tok_s'])}; "
+                   f"baseline {_runs(result[f'ref_{b[:-6]}_runs_tok_s'])} (best counts)")
         click.echo(f"1,000-token context: restored from a snapshot in "
                    f"{result['context_restore_s']:.3f}s, recomputed in "
                    f"{result['context_recompute_s']:.3f}s "
                    f"({result['context_recompute_s'] / result['context_restore_s']:.1f}x)")
+
+
+def _runs(values: list[float]) -> str:
+    return " / ".join(f"{v:.1f}" for v in values)
 
 
 @bench.command()
