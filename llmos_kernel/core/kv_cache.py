@@ -7,11 +7,28 @@ touches a tensor; the model reads and writes slots ``block * block_size + i``.
 
 from __future__ import annotations
 
+import ctypes
+import mmap
+
 import numpy as np
 import torch
 
 from llmos_kernel.core import paged_attention
 from llmos_kernel.core.gguf_file import ModelConfig
+
+POPULATE_CHUNK_BYTES = 32 << 20
+"""How much of the pool ``ensure_resident`` faults in at a time, ahead of first use."""
+_MADV_POPULATE_WRITE = 23  # Linux 5.14+
+
+
+def _madvise() -> object | None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    return fn
 
 
 class KVPool:
@@ -27,8 +44,35 @@ class KVPool:
         if torch.device(device).type == "cpu" and dtype == torch.float32:
             # calloc'd pages: zero (so padding slots never hold NaN) yet only resident once used
             self.data = torch.from_numpy(np.zeros(shape, dtype=np.float32))
+            self._madvise = _madvise()
         else:
             self.data = torch.zeros(shape, dtype=dtype, device=device)
+            self._madvise = None
+        self.resident_blocks = 0 if self._madvise else num_blocks
+
+    def ensure_resident(self, blocks: int) -> None:
+        """Fault in the pages of blocks ``[0, blocks)``, and a chunk beyond, before a step
+        first writes them. The pool is calloc'd, so a page costs nothing until it is used;
+        but a step's scattered first writes each take a page fault (about 6 ms of a 110 ms
+        decode step of 32 sequences here), where one MADV_POPULATE_WRITE call per slab does
+        the same pages many times faster. Blocks are handed out lowest first until every
+        one has been used once, so the resident part grows from the front."""
+        if blocks <= self.resident_blocks:
+            return
+        slab = self.data[0, 0]
+        per_block = self.block_size * slab[0].numel() * slab.element_size()  # in one slab
+        layers_kv = self.data.shape[0] * 2
+        ahead = max(1, POPULATE_CHUNK_BYTES // (per_block * layers_kv))
+        target = min(self.num_blocks, max(blocks, self.resident_blocks + ahead))
+        for layer in range(self.data.shape[0]):
+            for kv in (0, 1):
+                base = self.data[layer, kv].data_ptr()
+                start = (base + self.resident_blocks * per_block) & ~(mmap.PAGESIZE - 1)
+                end = base + target * per_block
+                if self._madvise(start, end - start, _MADV_POPULATE_WRITE) != 0:
+                    self._madvise, self.resident_blocks = None, self.num_blocks  # old kernel
+                    return
+        self.resident_blocks = target
 
     @staticmethod
     def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:

@@ -122,6 +122,8 @@ class ModelRunner:
             if s.sample or s.beam_width:
                 logits_rows.append(row + n - 1)
                 sampled.append(s)
+        if slots:
+            self.kv.ensure_resident(max(slots) // bs + 1)
         batch = StepBatch(
             tokens=torch.tensor(tokens), positions=torch.tensor(positions),
             slot_mapping=torch.tensor(slots), n_decode=len(decode), prefills=prefills,

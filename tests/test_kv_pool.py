@@ -1,0 +1,50 @@
+"""The KV pool's memory: calloc'd, faulted in ahead of first use, contents untouched."""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+
+import torch
+
+from llmos_kernel.core.gguf_file import ModelConfig
+from llmos_kernel.core.kv_cache import KVPool
+
+CFG = ModelConfig(n_layers=4, d_model=256, n_heads=4, n_kv_heads=2, d_ff=512, vocab_size=100,
+                  context_length=512)
+
+
+def _resident_fraction(t: torch.Tensor) -> float:
+    """Which share of a tensor's pages are in memory (mincore)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    start = t.data_ptr() & ~(mmap.PAGESIZE - 1)
+    pages = -(-(t.data_ptr() + t.numel() * t.element_size() - start) // mmap.PAGESIZE)
+    vec = (ctypes.c_ubyte * pages)()
+    assert libc.mincore(ctypes.c_void_p(start), ctypes.c_size_t(pages * mmap.PAGESIZE), vec) == 0
+    return sum(v & 1 for v in vec) / pages
+
+
+def test_faulting_in_ahead_keeps_the_contents_and_makes_the_pages_resident():
+    pool = KVPool(CFG, num_blocks=1024, block_size=16)  # 64 MiB
+    k, v = pool.layer(2)
+    k[5 * 16 + 3] = 1.5
+    v[900 * 16] = -2.0
+    if pool._madvise is None:  # a kernel without MADV_POPULATE_WRITE: nothing to do
+        assert pool.resident_blocks == pool.num_blocks
+        return
+    pool.ensure_resident(10)
+    assert 10 <= pool.resident_blocks < pool.num_blocks
+    assert _resident_fraction(pool.data[0, 0, : 10 * 16]) == 1.0
+    pool.ensure_resident(pool.num_blocks + 50)
+    assert pool.resident_blocks == pool.num_blocks
+    assert _resident_fraction(pool.data) == 1.0  # the pages are really there
+    assert k[5 * 16 + 3].eq(1.5).all() and v[900 * 16].eq(-2.0).all()
+    assert pool.data.count_nonzero() == 2 * CFG.n_kv_heads * CFG.head_dim
+    pool.ensure_resident(3)  # already resident: nothing changes
+    assert pool.resident_blocks == pool.num_blocks
+
+
+def test_a_pool_in_another_dtype_counts_as_resident_from_the_start():
+    pool = KVPool(CFG, num_blocks=8, block_size=16, dtype=torch.bfloat16)
+    assert pool.resident_blocks == pool.num_blocks
+    pool.ensure_resident(8)
