@@ -11,8 +11,9 @@ enough on its own: while a rename or unlink removes the home's name of a file ha
 from outside, the kernel drops the count before the name goes, so a read racing it sees one
 link on the outside file. So the service remembers the inode of every file it writes, and
 reads (or keeps as a version) only the inode it wrote; when it opens it adopts what is on
-disk, so a crash, an upgrade or a copied state directory loses nothing. Version blobs, staged writes and ``fs.sqlite``
-(versions, grants, quotas) live beside the homes, never inside one.
+disk, so a crash, an upgrade or a copied state directory loses nothing. Version blobs,
+staged writes and ``fs.sqlite`` (versions, grants, quotas) live beside the homes, never
+inside one.
 """
 
 from __future__ import annotations
@@ -263,29 +264,31 @@ def _refuse_unless_regular(st: os.stat_result, rel: str) -> None:
         raise PermissionDenied(f"{rel!r} has {st.st_nlink} hard links; linked files are refused")
 
 
-_NOT_OURS = object()
-
-
-def _open_regular(
-    dir_fd: int, name: str, rel: str, ino: int | None | object = _NOT_OURS
-) -> tuple[int, os.stat_result]:
+def _open_regular(dir_fd: int, name: str, rel: str) -> tuple[int, os.stat_result]:
     """Open a regular, singly linked file for reading; checked before opening (so a device is
-    never opened) and again on the descriptor (so a swap in between is caught). With ``ino``
-    (what the service recorded for the path; None if nothing) the descriptor must be that
-    inode, so a file hard-linked from outside is refused even mid-rename."""
+    never opened) and again on the descriptor (so a swap in between is caught)."""
     _refuse_unless_regular(os.stat(name, dir_fd=dir_fd, follow_symlinks=False), rel)
     fd = os.open(name, _READ, dir_fd=dir_fd)
     try:
         st = os.fstat(fd)
         _refuse_unless_regular(st, rel)
-        if ino is not _NOT_OURS and st.st_ino != ino:
-            raise PermissionDenied(
-                f"{rel!r} was not written through the file service, or was replaced outside"
-                " it; only what the service wrote is read or kept. Delete it and write it again"
-            )
     except BaseException:
         os.close(fd)
         raise
+    return fd, st
+
+
+def _open_written(dir_fd: int, name: str, rel: str, ino: int | None) -> tuple[int, os.stat_result]:
+    """``_open_regular`` for a file in a home: the descriptor must also be the inode the
+    service recorded for the path (``ino``; None if it recorded none), so a file hard-linked
+    from outside is refused even while a rename makes its link count read one."""
+    fd, st = _open_regular(dir_fd, name, rel)
+    if st.st_ino != ino:
+        os.close(fd)
+        raise PermissionDenied(
+            f"{rel!r} was not written through the file service, or was replaced outside"
+            " it; only what the service wrote is read or kept. Delete it and write it again"
+        )
     return fd, st
 
 
@@ -433,13 +436,13 @@ class _Store:
                 raise
             self._db.execute("COMMIT")
 
-    def head(self, owner: int, rel: str) -> int | None:
-        found = self.rows("SELECT version FROM heads WHERE owner = ? AND path = ?", owner, rel)
-        return found[0][0] if found else None
-
-    def inode(self, owner: int, rel: str) -> int | None:
-        found = self.rows("SELECT ino FROM heads WHERE owner = ? AND path = ?", owner, rel)
-        return found[0][0] if found else None
+    def head(self, owner: int, rel: str) -> tuple[int | None, int | None]:
+        """A file's current version number and the inode it was written to (None, None if
+        the service never wrote it)."""
+        found = self.rows(
+            "SELECT version, ino FROM heads WHERE owner = ? AND path = ?", owner, rel
+        )
+        return found[0] if found else (None, None)
 
     def set_inodes(self, rows: list[tuple[int | None, int, str]]) -> None:
         with self.transaction() as db:
@@ -666,7 +669,7 @@ class FileSystem:
             raise InvalidArgument(f"length must be None or an int >= 0, not {length!r}")
         with self._at(owner, parts) as (dir_fd, name, rel):
             with self._home(owner).lock:  # a write renames and records under it
-                fd, st = _open_regular(dir_fd, name, rel, self._store.inode(owner, rel))
+                fd, st = _open_written(dir_fd, name, rel, self._store.head(owner, rel)[1])
             with _closing(fd):
                 if length is None:
                     length = max(0, st.st_size - offset)
@@ -977,7 +980,8 @@ class FileSystem:
         """Swap in a file's new content: staged and fsynced outside the home, then renamed
         over the old one, which (with ``keep_old``) becomes a version if the quota has room."""
         with self._at(owner, parts, create=True) as (dir_fd, name, rel):
-            old = self._old_content(dir_fd, name, rel, self._store.inode(owner, rel))
+            version, ino = self._store.head(owner, rel)
+            old = self._old_content(dir_fd, name, rel, ino)
             content = new_content(old)
             if len(content) > self.max_file_bytes:
                 raise QuotaExceeded(
@@ -985,7 +989,7 @@ class FileSystem:
                     f" {self.max_file_bytes}"
                 )
             grow = len(content) + (ENTRY_BYTES if old is None else -len(old))
-            head = 0 if old is None else self._store.head(owner, rel) or 1
+            head = 0 if old is None else version or 1
             keep = keep_old and old is not None
             if keep:
                 kept = self._store.versions(owner, rel)
@@ -1014,7 +1018,7 @@ class FileSystem:
 
     def _old_content(self, dir_fd: int, name: str, rel: str, ino: int | None) -> bytes | None:
         try:
-            fd, st = _open_regular(dir_fd, name, rel, ino)
+            fd, st = _open_written(dir_fd, name, rel, ino)
         except FileNotFoundError:
             return None
         with _closing(fd):
@@ -1074,5 +1078,5 @@ class FileSystem:
 
     def _stat_of(self, owner: int, rel: str, st: os.stat_result) -> FileStat:
         kind = _kind(st.st_mode)
-        version = (self._store.head(owner, rel) or 1) if kind == "file" else 0
+        version = (self._store.head(owner, rel)[0] or 1) if kind == "file" else 0
         return FileStat(rel or ".", kind, kind == "dir", st.st_size, st.st_mtime, version)
