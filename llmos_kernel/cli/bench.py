@@ -42,8 +42,9 @@ def core(model: str, new_tokens: int, batch_size: int, repeat: int, as_json: boo
                      ("decode tok/s, 1 stream", "decode_tok_s", "ref_decode_tok_s"),
                      (f"aggregate tok/s, {batch_size} prompts", b, f"ref_{b}")], as_json)
     if not as_json:
-        click.echo(f"batch runs, tok/s: llmos {_runs(result[f'{b[:-6]}_runs_tok_s'])}; "
-                   f"baseline {_runs(result[f'ref_{b[:-6]}_runs_tok_s'])} (best counts)")
+        runs = f"batch{batch_size}_runs_tok_s"
+        click.echo(f"batch runs, tok/s: llmos {_runs(result[runs])}; "
+                   f"baseline {_runs(result[f'ref_{runs}'])} (best counts)")
         click.echo(f"1,000-token context: restored from a snapshot in "
                    f"{result['context_restore_s']:.3f}s, recomputed in "
                    f"{result['context_recompute_s']:.3f}s "

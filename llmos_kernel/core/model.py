@@ -84,25 +84,30 @@ class Rotary(nn.Module):
         super().__init__()
         inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
-        self.register_buffer("cis", torch.polar(torch.ones_like(freqs), freqs), persistent=False)
-        self.register_buffer("cos", freqs.cos(), persistent=False)  # the same angles, for
-        self.register_buffer("sin", freqs.sin(), persistent=False)  # the fused kernel
+        self.register_buffer("cos", freqs.cos(), persistent=False)
+        self.register_buffer("sin", freqs.sin(), persistent=False)
 
-    def table(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The step's rows of the table: complex ``[T, 1, head_dim / 2]``, and cos and sin
-        ``[T, head_dim / 2]``."""
-        return self.cis[positions][:, None, :], self.cos[positions], self.sin[positions]
+    def table(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's rows of the table: cos and sin, ``[T, head_dim / 2]`` each."""
+        return self.cos[positions], self.sin[positions]
 
 
-def apply_rotary(x: torch.Tensor, cis: torch.Tensor) -> torch.Tensor:
-    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
-    return torch.view_as_real(pairs * cis).flatten(-2).to(x.dtype)
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x`` ``[T, heads, D]`` with each pair (2i, 2i+1) turned by its row's angle i."""
+    a, b = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    c, s = cos[:, None, :], sin[:, None, :]
+    return torch.stack((a * c - b * s, a * s + b * c), dim=-1).flatten(-2).to(x.dtype)
 
 
-def project(x: torch.Tensor, weight: torch.Tensor, packed: dict, name: str) -> torch.Tensor:
-    """``x @ weight``, read from the file's quantized copy of it for steps of few rows,
-    where streaming fp32 weights would set the pace (see quant_matmul), and from MKL's
-    packed copy of the fp32 weight for the others (see packed_gemm)."""
+Packed = quant_matmul.QuantWeight | packed_gemm.PackedWeight
+
+
+def project(x: torch.Tensor, weight: torch.Tensor, packed: dict[str, Packed],
+            name: str) -> torch.Tensor:
+    """``x @ weight``, read from the file's quantized copy of it (``packed[name]``) for
+    steps of few rows, where streaming fp32 weights would set the pace (see quant_matmul),
+    and from MKL's packed copy of the fp32 weight (``packed[name + "/fp32"]``) for the
+    others (see packed_gemm)."""
     if name in packed and x.shape[0] <= quant_matmul.MAX_ROWS:
         return quant_matmul.matmul(x, packed[name])
     fp32 = packed.get(name + "/fp32")
@@ -118,20 +123,19 @@ class Attention(nn.Module):
         q_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
         self.wqkv = nn.Parameter(torch.empty(cfg.d_model, q_dim + 2 * kv_dim), requires_grad=False)
         self.wo = nn.Parameter(torch.empty(q_dim, cfg.d_model), requires_grad=False)
-        self.packed: dict[str, quant_matmul.QuantWeight] = {}  # quantized copies, set by the loader
+        self.packed: dict[str, Packed] = {}  # the loader's copies of the weights (see project)
         self.split = (q_dim, kv_dim, kv_dim)
         self.scale = cfg.head_dim ** -0.5
 
-    def forward(self, x: torch.Tensor, rope: tuple, batch: StepBatch,
-                kv: KVPool) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                batch: StepBatch, kv: KVPool) -> torch.Tensor:
         T, H, KV = x.shape[0], self.n_heads, self.n_kv
         qkv = project(x, self.wqkv, self.packed, "wqkv")
-        cis, cos, sin = rope
         if fused_ops.usable(qkv) and fused_ops.available():
-            fused_ops.rope_(qkv, cos, sin, H + KV, self.hd)
+            fused_ops.rope_(qkv, *rope, H + KV, self.hd)
             qk = qkv[:, :(H + KV) * self.hd].view(T, H + KV, self.hd)
         else:
-            qk = apply_rotary(qkv[:, :(H + KV) * self.hd].view(T, H + KV, self.hd), cis)
+            qk = apply_rotary(qkv[:, :(H + KV) * self.hd].view(T, H + KV, self.hd), *rope)
         q, k = qk[:, :H], qk[:, H:]
         v = qkv[:, (H + KV) * self.hd:].view(T, KV, self.hd)
         k_cache, v_cache = kv.layer(self.layer)
@@ -176,7 +180,7 @@ class FeedForward(nn.Module):
         super().__init__()
         self.w_gate_up = nn.Parameter(torch.empty(cfg.d_model, 2 * cfg.d_ff), requires_grad=False)
         self.w_down = nn.Parameter(torch.empty(cfg.d_ff, cfg.d_model), requires_grad=False)
-        self.packed: dict[str, quant_matmul.QuantWeight] = {}
+        self.packed: dict[str, Packed] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = project(x, self.w_gate_up, self.packed, "w_gate_up").chunk(2, dim=-1)
@@ -209,7 +213,7 @@ class Transformer(nn.Module):
         # the model ties them: x @ W runs small batches far faster than F.linear here).
         self.output = nn.Parameter(torch.empty(cfg.d_model, cfg.vocab_size), requires_grad=False)
         self.rotary = Rotary(cfg.head_dim, cfg.rope_base, cfg.context_length)
-        self.packed: dict[str, quant_matmul.QuantWeight] = {}
+        self.packed: dict[str, Packed] = {}
 
     @property
     def dtype(self) -> torch.dtype:

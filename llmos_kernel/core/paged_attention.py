@@ -27,8 +27,9 @@ typedef struct {
     const float *q; const float *k; const float *v; float *out;
     const int64_t *tables; const int64_t *lens;
     int64_t max_blocks, block_size, n_kv, group, dim; float scale;
-    int64_t first, last;   /* sequences [first, last) */
 } job_t;
+
+typedef struct { float *scores; int64_t cap; } scratch_t;  /* one per thread, grown as needed */
 
 /* e^x for x <= 0, to ~2e-7 relative (degree-6 Taylor on |f| <= 1/2): 2^(x log2 e) split into 2^int (exponent bits) times
    a polynomial for 2^frac, so the loop vectorizes (libm's expf does not, short of
@@ -79,16 +80,14 @@ static inline void attend(const job_t *j, int64_t b, float *scores, int64_t cap,
     }
 }
 
-static void run_range(const job_t *j, int64_t first, int64_t last) {
-    int64_t cap = 0; float *scores = NULL;
-    const int64_t H = j->n_kv * j->group;
-    for (int64_t b = first; b < last; b++) {
-        const int64_t n = j->lens[b];
-        if (n > cap) { free(scores); cap = n; scores = malloc(sizeof(float) * H * cap); }
-        if (j->dim == 64) attend(j, b, scores, cap, 64);
-        else attend(j, b, scores, cap, j->dim);
+static void attend_seq(const job_t *j, int64_t b, scratch_t *s) {
+    const int64_t n = j->lens[b];
+    if (n > s->cap) {
+        free(s->scores); s->cap = n;
+        s->scores = malloc(sizeof(float) * j->n_kv * j->group * n);
     }
-    free(scores);
+    if (j->dim == 64) attend(j, b, s->scores, s->cap, 64);
+    else attend(j, b, s->scores, s->cap, j->dim);
 }
 
 /* q, out: [B, KV*G, D]; k, v: [slots, KV, D]; tables: [B, max_blocks]; lens: [B]. */
@@ -99,18 +98,27 @@ int paged_decode(const float *q, const float *k, const float *v, float *out,
     if (group > 64) return -1;
     int64_t keys = 0;  /* the work: keys read, summed over sequences */
     for (int64_t b = 0; b < B; b++) keys += lens[b] * n_kv;
-    const job_t j = {q, k, v, out, tables, lens, max_blocks, block_size, n_kv, group, dim, scale,
-                     0, B};
-    if (threads < 2 || keys < 4096) { run_range(&j, 0, B); return 0; }
+    const job_t j = {q, k, v, out, tables, lens, max_blocks, block_size, n_kv, group, dim, scale};
+    if (threads < 2 || keys < 4096) {
+        scratch_t s = {NULL, 0};
+        for (int64_t b = 0; b < B; b++) attend_seq(&j, b, &s);
+        free(s.scores);
+        return 0;
+    }
     /* Sequences of unequal length: hand them out dynamically. The library links libgomp by
        soname, so in a torch process this is torch's OpenMP thread pool. */
-    #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
-    for (int64_t b = 0; b < B; b++) run_range(&j, b, b + 1);
+    #pragma omp parallel num_threads(threads)
+    {
+        scratch_t s = {NULL, 0};
+        #pragma omp for schedule(dynamic, 1)
+        for (int64_t b = 0; b < B; b++) attend_seq(&j, b, &s);
+        free(s.scores);
+    }
     return 0;
 }
 """
 
-MAX_GROUP = 64  # query heads per KV head the kernel handles (its per-head scratch)
+MAX_GROUP = 64  # query heads per KV head the kernel takes (bounds its stack scratch)
 
 
 def _declare(lib: ctypes.CDLL) -> None:

@@ -60,35 +60,31 @@ def _state_dict(gguf: GGUFFile, cfg: ModelConfig) -> dict[str, np.ndarray]:
     return sd
 
 
-def _attach_quantized(model: Transformer, gguf: GGUFFile, cfg: ModelConfig) -> None:
-    """Give each projection the file stores in a kind quant_matmul reads a copy in that form."""
-    def packed(names: list[str]) -> quant_matmul.QuantWeight | None:
-        kinds = {gguf.tensors[n].type_name for n in names}
-        if len(kinds) != 1 or kinds.pop() not in quant_matmul.QuantWeight.KINDS:
-            return None
-        return quant_matmul.QuantWeight.cat([quant_matmul.QuantWeight.from_gguf(
-            gguf.tensors[n].type_name, gguf.raw(n), *gguf.tensors[n].shape) for n in names])
-
+def _projections(model: Transformer, cfg: ModelConfig):
+    """(module, attribute, the GGUF tensors it fuses) for every projection, the head last."""
     for i, block in enumerate(model.blocks):
         for module_name, projections in FUSED.items():
-            module = getattr(block, module_name)
             for attr, parts in projections.items():
-                weight = packed([f"blk.{i}.{p}.weight" for p in parts])
-                if weight is not None:
-                    module.packed[attr] = weight
-    head = packed(["token_embd.weight" if cfg.tied_embeddings else "output.weight"])
-    if head is not None:
-        model.packed["output"] = head
+                yield getattr(block, module_name), attr, [f"blk.{i}.{p}.weight" for p in parts]
+    yield model, "output", ["token_embd.weight" if cfg.tied_embeddings else "output.weight"]
 
 
-def _attach_mkl_packed(model: Transformer) -> None:
+def _attach_quantized(model: Transformer, gguf: GGUFFile, cfg: ModelConfig) -> None:
+    """Give each projection the file stores in a kind quant_matmul reads a copy in that form."""
+    for module, attr, names in _projections(model, cfg):
+        kinds = {gguf.tensors[n].type_name for n in names}
+        if len(kinds) == 1 and kinds.pop() in quant_matmul.QuantWeight.KINDS:
+            module.packed[attr] = quant_matmul.QuantWeight.cat([
+                quant_matmul.QuantWeight.from_gguf(gguf.tensors[n].type_name, gguf.raw(n),
+                                                   *gguf.tensors[n].shape) for n in names])
+
+
+def _attach_mkl_packed(model: Transformer, cfg: ModelConfig) -> None:
     """Pack every fp32 projection once for MKL (see packed_gemm), where torch has MKL, and
     let the row-major copy go: nothing reads it once the packed one is there."""
     if not packed_gemm.available() or os.environ.get("LLMOS_NO_MKL_PACK"):
         return
-    owners = [(getattr(block, m), attr) for block in model.blocks
-              for m, projections in FUSED.items() for attr in projections]
-    for module, attr in [*owners, (model, "output")]:
+    for module, attr, _ in _projections(model, cfg):
         param = getattr(module, attr)
         weight = packed_gemm.pack(param)
         if weight is not None:
@@ -115,7 +111,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "fp32",
     if dtype == torch.float32 and torch.device(device).type == "cpu":
         if quant_matmul.available():
             _attach_quantized(model, gguf, cfg)
-        _attach_mkl_packed(model)
+        _attach_mkl_packed(model, cfg)
     model.eval()
     model.load_seconds = time.perf_counter() - started
     return model, gguf
