@@ -51,6 +51,28 @@ def core(model: str, new_tokens: int, batch_size: int, repeat: int, as_json: boo
                    f"({result['context_recompute_s'] / result['context_restore_s']:.1f}x)")
 
 
+@bench.command()
+@click.option("--model", default=store.DEFAULT_MODEL, show_default=True)
+@click.option("--repeat", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Runs per side and size, alternating; the best of each counts.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
+def gemm(model: str, repeat: int, as_json: bool) -> None:
+    """The model's projections per step size: llmos's kernels vs MKL's packed fp32 GEMM."""
+    from llmos_kernel.bench import gemm as gemm_bench
+
+    result = gemm_bench.run(str(store.resolve_model(model)), repeat=repeat,
+                            progress=lambda m: click.echo(f"[bench] {m}", err=True))
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    click.echo(f"{'rows':>6s} {'llmos ms':>10s} {'MKL ms':>10s} {'GF/s':>7s} {'MKL GF/s':>9s} "
+               f"{'ratio':>7s}")
+    for i, m in enumerate(result["rows"]):
+        click.echo(f"{m:6d} {result['ms'][i]:10.1f} {result['ref_ms'][i]:10.1f} "
+                   f"{result['gflops'][i]:7.0f} {result['ref_gflops'][i]:9.0f} "
+                   f"{result['ref_ms'][i] / result['ms'][i]:6.2f}x")
+
+
 def _runs(values: list[float]) -> str:
     return " / ".join(f"{v:.1f}" for v in values)
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmos_kernel.core import fused_ops, packed_gemm, paged_attention, quant_matmul
+from llmos_kernel.core import fused_ops, packed_gemm, paged_attention, panel_gemm, quant_matmul
 from llmos_kernel.core.gguf_file import ModelConfig
 from llmos_kernel.core.kv_cache import KVPool
 
@@ -99,16 +99,20 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.stack((a * c - b * s, a * s + b * c), dim=-1).flatten(-2).to(x.dtype)
 
 
-Packed = quant_matmul.QuantWeight | packed_gemm.PackedWeight
+Packed = quant_matmul.QuantWeight | panel_gemm.PanelWeight | packed_gemm.PackedWeight
 
 
 def project(x: torch.Tensor, weight: torch.Tensor, packed: dict[str, Packed],
             name: str) -> torch.Tensor:
-    """``x @ weight``, read from the file's quantized copy of it (``packed[name]``) for
-    steps of few rows, where streaming fp32 weights would set the pace (see quant_matmul),
-    and from MKL's packed copy of the fp32 weight (``packed[name + "/fp32"]``) for the
-    others (see packed_gemm)."""
-    if name in packed and x.shape[0] <= quant_matmul.MAX_ROWS:
+    """``x @ weight``, read from the file's quantized bytes where streaming fp32 weights
+    would set the pace: ``packed[name + "/panels"]`` for steps of a few to a hundred rows
+    (see panel_gemm), ``packed[name]`` for steps of very few (see quant_matmul); else from
+    MKL's packed copy of the fp32 weight, ``packed[name + "/fp32"]`` (see packed_gemm)."""
+    rows = x.shape[0]
+    panels = packed.get(name + "/panels")
+    if panels is not None and panel_gemm.serves(rows):
+        return panel_gemm.matmul(x, panels)
+    if name in packed and rows <= quant_matmul.MAX_ROWS:
         return quant_matmul.matmul(x, packed[name])
     fp32 = packed.get(name + "/fp32")
     if fp32 is not None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llmos_kernel.core import packed_gemm, quant_matmul
+from llmos_kernel.core import packed_gemm, panel_gemm, quant_matmul
 from llmos_kernel.core.gguf_file import GGUFFile, ModelConfig
 from llmos_kernel.core.model import Transformer
 from llmos_kernel.errors import InvalidArgument
@@ -60,7 +60,7 @@ def _state_dict(gguf: GGUFFile, cfg: ModelConfig) -> dict[str, np.ndarray]:
     return sd
 
 
-def _projections(model: Transformer, cfg: ModelConfig):
+def projections(model: Transformer, cfg: ModelConfig):
     """(module, attribute, the GGUF tensors it fuses) for every projection, the head last."""
     for i, block in enumerate(model.blocks):
         for module_name, projections in FUSED.items():
@@ -70,13 +70,18 @@ def _projections(model: Transformer, cfg: ModelConfig):
 
 
 def _attach_quantized(model: Transformer, gguf: GGUFFile, cfg: ModelConfig) -> None:
-    """Give each projection the file stores in a kind quant_matmul reads a copy in that form."""
-    for module, attr, names in _projections(model, cfg):
+    """Give each projection the file stores in a kind quant_matmul reads a copy in that form,
+    and a Q4_1 one also its panel layout (see panel_gemm)."""
+    panels = panel_gemm.available() and not os.environ.get("LLMOS_NO_PANELS")
+    for module, attr, names in projections(model, cfg):
         kinds = {gguf.tensors[n].type_name for n in names}
         if len(kinds) == 1 and kinds.pop() in quant_matmul.QuantWeight.KINDS:
-            module.packed[attr] = quant_matmul.QuantWeight.cat([
+            quant = module.packed[attr] = quant_matmul.QuantWeight.cat([
                 quant_matmul.QuantWeight.from_gguf(gguf.tensors[n].type_name, gguf.raw(n),
                                                    *gguf.tensors[n].shape) for n in names])
+            panel = panel_gemm.PanelWeight.from_quant(quant) if panels else None
+            if panel is not None:
+                module.packed[attr + "/panels"] = panel
 
 
 def _attach_mkl_packed(model: Transformer, cfg: ModelConfig) -> None:
@@ -84,7 +89,7 @@ def _attach_mkl_packed(model: Transformer, cfg: ModelConfig) -> None:
     let the row-major copy go: nothing reads it once the packed one is there."""
     if not packed_gemm.available() or os.environ.get("LLMOS_NO_MKL_PACK"):
         return
-    for module, attr, _ in _projections(model, cfg):
+    for module, attr, _ in projections(model, cfg):
         param = getattr(module, attr)
         weight = packed_gemm.pack(param)
         if weight is not None:
