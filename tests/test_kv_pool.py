@@ -48,3 +48,32 @@ def test_a_pool_in_another_dtype_counts_as_resident_from_the_start():
     pool = KVPool(CFG, num_blocks=8, block_size=16, dtype=torch.bfloat16)
     assert pool.resident_blocks == pool.num_blocks
     pool.ensure_resident(8)
+
+
+
+def _vm_flags(t: torch.Tensor) -> set[str]:
+    """The VmFlags of the mapping that holds tensor ``t``'s second page (from
+    /proc/self/smaps; advice starts at the first page boundary inside the tensor)."""
+    address, found = t.data_ptr() + mmap.PAGESIZE, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                found = lo <= address < hi
+            elif found and head == "VmFlags:":
+                return set(line.split()[1:])
+    raise AssertionError("no mapping holds the pool")
+
+
+def test_the_pool_opts_out_of_transparent_huge_pages(monkeypatch):
+    """numpy advises huge pages for large arrays; on first touch the Linux kernel then
+    compacts memory looking for them (3-4x slower to populate here), so the pool opts out
+    unless LLMOS_KV_HUGEPAGES=1."""
+    monkeypatch.delenv("LLMOS_KV_HUGEPAGES", raising=False)
+    pool = KVPool(CFG, num_blocks=1024, block_size=16)  # 64 MiB
+    if pool._madvise is None:
+        return
+    assert "nh" in _vm_flags(pool.data) and "hg" not in _vm_flags(pool.data)
+    monkeypatch.setenv("LLMOS_KV_HUGEPAGES", "1")
+    assert "nh" not in _vm_flags(KVPool(CFG, num_blocks=1024, block_size=16).data)
