@@ -32,9 +32,29 @@ def test_only_fp32_cpu_weights_are_packed():
     assert packed_gemm.pack(torch.randn(64, 8, dtype=torch.float64)) is None
 
 
-def test_the_loaded_model_reads_packed_weights_where_mkl_is(engine):
+def _fp32_packing(model) -> list[tuple[bool, bool]]:
+    """(has panels, has an MKL-packed copy) per projection of a loaded model."""
+    from llmos_kernel.core.weights import projections
+
+    return [(attr + "/panels" in module.packed, attr + "/fp32" in module.packed)
+            for module, attr, _ in projections(model, model.config)]
+
+
+def test_the_loaded_model_packs_for_mkl_only_what_panels_do_not_serve(engine):
+    from llmos_kernel.core import panel_gemm
+
     model = engine.runner.model
-    blocks = list(model.blocks)
-    has = ["wqkv/fp32" in b.attn.packed and "w_down/fp32" in b.ffn.packed for b in blocks]
-    assert all(has) if packed_gemm.available() else not any(has)
-    assert ("output/fp32" in model.packed) == packed_gemm.available()
+    for panels, fp32 in _fp32_packing(model):
+        assert fp32 == (packed_gemm.available() and not panels)
+    if panel_gemm.available():  # the default model: Q4_1 and Q8_0 everywhere
+        assert all(panels for panels, _ in _fp32_packing(model))
+        assert model.blocks[0].ffn.w_down.numel() > 0  # the fp32 weight stays for fallbacks
+
+
+def test_without_panels_every_projection_is_packed_for_mkl(model_path, monkeypatch):
+    from llmos_kernel.core.weights import load_model
+
+    monkeypatch.setenv("LLMOS_NO_PANELS", "1")
+    model, _ = load_model(model_path)
+    assert all(fp32 == packed_gemm.available() and not panels
+               for panels, fp32 in _fp32_packing(model))

@@ -56,13 +56,31 @@ def test_matches_dequantize_then_matmul(rows):
     assert (got.double() - want).abs().max().item() <= 1e-5 * max(1.0, want.abs().max().item())
 
 
-def test_only_q4_1_with_whole_panels_gets_a_layout():
+def test_only_whole_panels_get_a_layout():
     raw = random_q4_1(48, 64, seed=1)  # 48 rows: one and a half panels
     assert panel_gemm.PanelWeight.from_quant(
         quant_matmul.QuantWeight.from_gguf("Q4_1", raw, 48, 64)) is None
-    q8 = np.zeros((32, 34), dtype=np.uint8)
-    assert panel_gemm.PanelWeight.from_quant(
-        quant_matmul.QuantWeight.from_gguf("Q8_0", q8, 32, 32)) is None
+
+
+def _q8_0(n: int, k: int, seed: int):
+    rng = np.random.default_rng(seed)
+    blocks = np.zeros((n, k // 32, 34), dtype=np.uint8)
+    blocks[..., 0:2] = rng.uniform(0.001, 0.1, (n, k // 32, 1)).astype(np.float16).view(np.uint8)
+    blocks[..., 2:] = rng.integers(0, 256, (n, k // 32, 32), dtype=np.uint8)
+    raw = blocks.reshape(n, -1)
+    reference = torch.from_numpy(
+        dequantize(raw.reshape(-1), GGMLQuantizationType.Q8_0).reshape(n, k).copy())
+    quant = quant_matmul.QuantWeight.from_gguf("Q8_0", raw, n, k)
+    return panel_gemm.PanelWeight.from_quant(quant), reference
+
+
+@pytest.mark.parametrize("rows", [2, 13, 64])
+def test_q8_0_panels(rows):
+    panels, reference = _q8_0(96, 576, seed=rows)
+    assert torch.equal(panels.dequantize(), reference)
+    x = torch.randn(rows, 576, generator=torch.Generator().manual_seed(rows))
+    got, want = panel_gemm.matmul(x, panels), (x.double() @ reference.double().T)
+    assert (got.double() - want).abs().max().item() <= 1e-5 * max(1.0, want.abs().max().item())
 
 
 def test_refuses_the_wrong_input_shape():
@@ -85,15 +103,18 @@ def test_the_real_models_fused_projection(model_path):
     assert (got.double() - want).abs().max().item() <= 1e-5 * want.abs().max().item()
 
 
-def test_the_loaded_model_reads_panels_for_mid_sized_steps(model_path, monkeypatch):
+def test_the_loaded_model_reads_panels_for_steps_of_two_rows_or_more(model_path, monkeypatch):
     from llmos_kernel.core.weights import load_model
 
     model, _ = load_model(model_path)
     mlp = model.blocks[0].ffn
     assert isinstance(mlp.packed.get("w_gate_up/panels"), panel_gemm.PanelWeight)
+    head = model.packed.get("output/panels")  # the tied Q8_0 embedding
+    assert head is not None and head.kind == "Q8_0"
+    assert torch.equal(head.dequantize(), model.packed["output"].dequantize())
     used = []
     real = panel_gemm.matmul
     monkeypatch.setattr(panel_gemm, "matmul", lambda x, w: used.append(x.shape[0]) or real(x, w))
     for rows in (1, 8, 64, 300):
         mlp(torch.randn(rows, model.config.d_model))
-    assert used == [8, 8, 64, 64]  # gate/up and down, for the steps in panel range only
+    assert used == [8, 8, 64, 64, 300, 300]  # gate/up and down; one row: quant_matmul

@@ -105,9 +105,9 @@ Packed = quant_matmul.QuantWeight | panel_gemm.PanelWeight | packed_gemm.PackedW
 def project(x: torch.Tensor, weight: torch.Tensor, packed: dict[str, Packed],
             name: str) -> torch.Tensor:
     """``x @ weight``, read from the file's quantized bytes where streaming fp32 weights
-    would set the pace: ``packed[name + "/panels"]`` for steps of a few to a hundred rows
-    (see panel_gemm), ``packed[name]`` for steps of very few (see quant_matmul); else from
-    MKL's packed copy of the fp32 weight, ``packed[name + "/fp32"]`` (see packed_gemm)."""
+    would set the pace: ``packed[name + "/panels"]`` for steps of two rows or more (see
+    panel_gemm), ``packed[name]`` for one row (see quant_matmul); else (other weight types,
+    no AVX-512) from MKL's packed copy of the fp32 weight, ``packed[name + "/fp32"]``."""
     rows = x.shape[0]
     panels = packed.get(name + "/panels")
     if panels is not None and panel_gemm.serves(rows):

@@ -1,21 +1,29 @@
-"""Q4_1 projections for steps of a few to a hundred rows, read from panels of the file's bytes.
+"""Quantized projections for steps of two rows or more, read from panels of the file's
+bytes.
 
 A busy kernel's decode steps have 8 to 64 rows. MKL's fp32 GEMM then streams
 the whole fp32 model (540 MB for the default) from DRAM every step; the file's
-Q4_1 bytes are 6.4× smaller and stay in the last-level cache. So at load each
-Q4_1 projection is also laid out in panels of 32 output columns, and a product
-dequantizes one panel at a time into a small fp32 buffer (a core's L2) and runs
-every row of the step against it from there, 12 rows × 32 columns in registers.
+Q4_1 and Q8_0 bytes are 6.4× and 3.8× smaller and stay in the last-level cache.
+So at load each such projection (and the output head) is also laid out in
+panels of 32 output columns, and a product dequantizes one panel at a time into
+a small fp32 buffer (a core's L2) and runs every row of the step against it
+from there, 12 rows × 32 columns in registers.
 
-A panel, per block of 32 along K: the 32 columns' fp16 scales, their fp16 mins,
-then 16 pairs of K positions × 32 bytes, byte ``j`` of pair ``p`` holding column
-``j``'s value at ``2p`` (low nibble) and ``2p + 1`` (high nibble): 640 bytes.
-The buffer holds exactly the fp32 weights the loader dequantizes to (``d·q``
-then ``+ m``, not fused), so results differ from ``x @ W`` only by summation
-order. ``llmos bench gemm`` on this machine's 2 cores (all of the default model's
-projections and its head, per step): 8 rows 24.7 ms vs MKL's 40.9, 32 rows
-51.9 vs 62.3, 64 rows 91.8 vs 107.5, 256 rows even; larger steps (prefill
-chunks) stay with MKL.
+A panel, per block of 32 along K: the 32 columns' fp16 scales, then
+
+- Q4_1: their fp16 mins, then 16 pairs of K positions × 32 bytes, byte ``j`` of
+  pair ``p`` holding column ``j``'s value at ``2p`` (low nibble) and ``2p + 1``
+  (high nibble): 640 bytes;
+- Q8_0: 32 K positions × 32 signed bytes, byte ``j`` of position ``i`` column
+  ``j``'s value: 1088 bytes.
+
+The buffer holds exactly the fp32 weights the loader dequantizes to (``d·q``,
+then ``+ m`` for Q4_1, not fused), so results differ from ``x @ W`` only by
+summation order. ``llmos bench gemm`` on this machine's 2 cores (all of the
+default model's projections and its head, per step): 8 rows 22.2 ms vs MKL's
+41.6, 32 rows 44.6 vs 61.8, 64 rows 91.1 vs 107.4, 128 rows 162 vs 202; and
+still 6–17% ahead at 192 to 512 rows (prefill chunks), where the product is
+compute-bound, so every step of two or more rows takes this path.
 
 The kernel is AVX-512; elsewhere ``available()`` is False and MKL serves.
 """
@@ -33,7 +41,7 @@ from llmos_kernel.core.quant_matmul import QuantWeight
 
 PANEL = 32  # output columns per panel
 MIN_ROWS = int(os.environ.get("LLMOS_PANEL_MIN_ROWS", "2"))  # one row: quant_matmul's kernel
-MAX_ROWS = int(os.environ.get("LLMOS_PANEL_MAX_ROWS", "128"))  # more rows: MKL's
+MAX_ROWS = int(os.environ.get("LLMOS_PANEL_MAX_ROWS", str(1 << 16)))  # more: MKL's
 
 _SOURCE = r"""
 #include <stdint.h>
@@ -42,15 +50,19 @@ _SOURCE = r"""
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #define PW 32
-#define BLOCK_BYTES 640
+#define Q4_1_BYTES 640
+#define Q8_0_BYTES 1088
 
-int q4_1_panels_ok(void) { return 1; }
+int panels_ok(void) { return 1; }
 
-/* One panel (all of K) into buf[K][32]: w = q·d, then + m, each rounded (as the loader). */
+static inline int64_t block_bytes(int kind) { return kind == 4 ? Q4_1_BYTES : Q8_0_BYTES; }
+
+/* One Q4_1 panel (all of K) into buf[K][32]: w = q·d, then + m, each rounded (as the
+   loader does). */
 __attribute__((optimize("fp-contract=off")))
-static void dequant_panel(const uint8_t *p, float *buf, int64_t K) {
+static void dequant_q4_1(const uint8_t *p, float *buf, int64_t K) {
     const __m512i low = _mm512_set1_epi32(15);
-    for (int64_t b = 0; b < K / 32; b++, p += BLOCK_BYTES) {
+    for (int64_t b = 0; b < K / 32; b++, p += Q4_1_BYTES) {
         const __m512 d0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
         const __m512 d1 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + 32)));
         const __m512 m0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + 64)));
@@ -70,6 +82,27 @@ static void dequant_panel(const uint8_t *p, float *buf, int64_t K) {
                 _mm512_cvtepi32_ps(_mm512_srli_epi32(c, 4)), d1), m1));
         }
     }
+}
+
+/* One Q8_0 panel into buf[K][32]: w = q·d. A block: 32 fp16 scales, then 32 K positions
+   × 32 signed bytes (byte j of position i: column j's value at 32b + i). */
+static void dequant_q8_0(const uint8_t *p, float *buf, int64_t K) {
+    for (int64_t b = 0; b < K / 32; b++, p += Q8_0_BYTES) {
+        const __m512 d0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+        const __m512 d1 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + 32)));
+        const uint8_t *q = p + 64;
+        float *o = buf + b * 32 * PW;
+        for (int i = 0; i < 32; i++, q += 32, o += PW) {
+            _mm512_store_ps(o, _mm512_mul_ps(_mm512_cvtepi32_ps(
+                _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)q))), d0));
+            _mm512_store_ps(o + 16, _mm512_mul_ps(_mm512_cvtepi32_ps(
+                _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + 16)))), d1));
+        }
+    }
+}
+
+static inline void dequant(int kind, const uint8_t *p, float *buf, int64_t K) {
+    if (kind == 4) dequant_q4_1(p, buf, K); else dequant_q8_0(p, buf, K);
 }
 
 /* RB rows × the panel's 32 columns over all of K, the sums in 2·RB registers. */
@@ -103,16 +136,17 @@ static void tiles(const float *x, const float *buf, float *y, int64_t M, int64_t
     }
 }
 
-/* y[M][N] = x[M][K] · Wᵀ; panels split between torch's OpenMP threads (libgomp by soname). */
-void q4_1_panel_matmul(const float *x, const uint8_t *panels, float *y, int64_t M, int64_t N,
-                       int64_t K) {
-    const int64_t count = N / PW, bytes = (K / 32) * BLOCK_BYTES;
+/* y[M][N] = x[M][K] · Wᵀ, W in panels of ``kind`` 4 (Q4_1) or 8 (Q8_0); panels split
+   between torch's OpenMP threads (libgomp by soname). */
+void panel_matmul(int kind, const float *x, const uint8_t *panels, float *y, int64_t M,
+                  int64_t N, int64_t K) {
+    const int64_t count = N / PW, bytes = (K / 32) * block_bytes(kind);
     #pragma omp parallel
     {
         float *buf = aligned_alloc(64, sizeof(float) * K * PW);
         #pragma omp for schedule(static)
         for (int64_t p = 0; p < count; p++) {
-            dequant_panel(panels + p * bytes, buf, K);
+            dequant(kind, panels + p * bytes, buf, K);
             tiles(x, buf, y + p * PW, M, K, N);
         }
         free(buf);
@@ -120,30 +154,32 @@ void q4_1_panel_matmul(const float *x, const uint8_t *panels, float *y, int64_t 
 }
 
 /* The fp32 weights W[N][K] the panels hold (for tests). */
-void q4_1_panel_dequantize(const uint8_t *panels, float *w, int64_t N, int64_t K) {
-    const int64_t bytes = (K / 32) * BLOCK_BYTES;
+void panel_dequantize(int kind, const uint8_t *panels, float *w, int64_t N, int64_t K) {
+    const int64_t bytes = (K / 32) * block_bytes(kind);
     float *buf = aligned_alloc(64, sizeof(float) * K * PW);
     for (int64_t p = 0; p < N / PW; p++) {
-        dequant_panel(panels + p * bytes, buf, K);
+        dequant(kind, panels + p * bytes, buf, K);
         for (int64_t k = 0; k < K; k++)
             for (int64_t j = 0; j < PW; j++) w[(p * PW + j) * K + k] = buf[k * PW + j];
     }
     free(buf);
 }
 #else
-int q4_1_panels_ok(void) { return 0; }
-void q4_1_panel_matmul(const float *x, const uint8_t *panels, float *y, int64_t M, int64_t N,
-                       int64_t K) { abort(); }
-void q4_1_panel_dequantize(const uint8_t *panels, float *w, int64_t N, int64_t K) { abort(); }
+int panels_ok(void) { return 0; }
+void panel_matmul(int kind, const float *x, const uint8_t *panels, float *y, int64_t M,
+                  int64_t N, int64_t K) { abort(); }
+void panel_dequantize(int kind, const uint8_t *panels, float *w, int64_t N, int64_t K) {
+    abort();
+}
 #endif
 """
 
 
 def _declare(lib: ctypes.CDLL) -> None:
-    lib.q4_1_panels_ok.restype = ctypes.c_int
-    lib.q4_1_panel_matmul.restype = lib.q4_1_panel_dequantize.restype = None
-    lib.q4_1_panel_matmul.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3
-    lib.q4_1_panel_dequantize.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
+    lib.panels_ok.restype = ctypes.c_int
+    lib.panel_matmul.restype = lib.panel_dequantize.restype = None
+    lib.panel_matmul.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3
+    lib.panel_dequantize.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
 
 
 def _lib() -> ctypes.CDLL | None:
@@ -152,45 +188,58 @@ def _lib() -> ctypes.CDLL | None:
 
 def available() -> bool:
     lib = _lib()
-    return lib is not None and bool(lib.q4_1_panels_ok())
+    return lib is not None and bool(lib.panels_ok())
+
+
+_KINDS = {"Q4_1": 4, "Q8_0": 8}
 
 
 class PanelWeight:
-    """A Q4_1 ``[N, K]`` matrix in panels of 32 output columns (see the module docstring)."""
+    """A Q4_1 or Q8_0 ``[N, K]`` matrix in panels of 32 output columns (see the module
+    docstring)."""
 
-    def __init__(self, panels: torch.Tensor, shape: tuple[int, int]):
-        self.panels, self.shape = panels, shape
+    def __init__(self, kind: str, panels: torch.Tensor, shape: tuple[int, int]):
+        self.kind, self.panels, self.shape = kind, panels, shape
 
     @classmethod
     def from_quant(cls, w: QuantWeight) -> PanelWeight | None:
-        """The panel layout of a Q4_1 weight; None for other kinds or N, K not multiples of 32."""
+        """The panel layout of a quantized weight; None where N or K is not a multiple of 32."""
         n, k = w.shape
-        if w.kind != "Q4_1" or n % PANEL or k % 32:
+        if w.kind not in _KINDS or n % PANEL or k % 32:
             return None
         blocks, panels = k // 32, n // PANEL
-        qs = w.qs.numpy()
-        values = np.concatenate([qs & 15, qs >> 4], axis=-1)  # [n, blocks, 32]: value i at 32b+i
-        values = values.reshape(panels, PANEL, blocks, 32).transpose(0, 2, 3, 1)  # [., ., k, col]
-        nibbles = values[:, :, 0::2, :] | (values[:, :, 1::2, :] << 4)  # [P, blocks, 16, 32]
+
+        def columns_last(values: np.ndarray) -> np.ndarray:  # [n, blocks, 32] -> [P, b, 32, col]
+            return values.reshape(panels, PANEL, blocks, 32).transpose(0, 2, 3, 1)
 
         def scales(t: torch.Tensor) -> np.ndarray:  # fp32 holding fp16 values: exact round trip
-            return t.numpy().astype(np.float16).reshape(panels, PANEL, blocks).transpose(0, 2, 1)
+            return np.ascontiguousarray(t.numpy().astype(np.float16).reshape(
+                panels, PANEL, blocks).transpose(0, 2, 1)).view(np.uint8)
 
-        layout = np.concatenate([
-            np.ascontiguousarray(scales(w.d)).view(np.uint8),
-            np.ascontiguousarray(scales(w.m)).view(np.uint8),
-            nibbles.reshape(panels, blocks, 16 * PANEL).astype(np.uint8)], axis=-1)
-        return cls(torch.from_numpy(np.ascontiguousarray(layout)), (n, k))
+        qs = w.qs.numpy()
+        if w.kind == "Q4_1":
+            values = columns_last(np.concatenate([qs & 15, qs >> 4], axis=-1))
+            nibbles = values[:, :, 0::2, :] | (values[:, :, 1::2, :] << 4)  # [P, b, 16, 32]
+            parts = [scales(w.d), scales(w.m), nibbles.reshape(panels, blocks, -1)]
+        else:
+            parts = [scales(w.d), columns_last(qs).view(np.uint8).reshape(panels, blocks, -1)]
+        layout = np.concatenate([p.astype(np.uint8, copy=False) for p in parts], axis=-1)
+        return cls(w.kind, torch.from_numpy(np.ascontiguousarray(layout)), (n, k))
 
     def dequantize(self) -> torch.Tensor:
         n, k = self.shape
         w = torch.empty(n, k)
-        _lib().q4_1_panel_dequantize(self.panels.data_ptr(), w.data_ptr(), n, k)
+        _lib().panel_dequantize(_KINDS[self.kind], self.panels.data_ptr(), w.data_ptr(), n, k)
         return w
 
 
 def serves(rows: int) -> bool:
     return MIN_ROWS <= rows <= MAX_ROWS
+
+
+def serves_every_step() -> bool:
+    """Whether, with quant_matmul's one-row kernel, panels leave no step to another path."""
+    return MIN_ROWS <= 2 and MAX_ROWS >= 1 << 16
 
 
 def matmul(x: torch.Tensor, w: PanelWeight) -> torch.Tensor:
@@ -200,5 +249,6 @@ def matmul(x: torch.Tensor, w: PanelWeight) -> torch.Tensor:
     if x.dtype != torch.float32 or x.dim() != 2 or x.shape[-1] != k:
         raise ValueError(f"panel matmul takes fp32 [M, {k}], got {x.dtype} {tuple(x.shape)}")
     y = torch.empty(x.shape[0], n)
-    _lib().q4_1_panel_matmul(x.data_ptr(), w.panels.data_ptr(), y.data_ptr(), x.shape[0], n, k)
+    _lib().panel_matmul(_KINDS[w.kind], x.data_ptr(), w.panels.data_ptr(), y.data_ptr(),
+                        x.shape[0], n, k)
     return y

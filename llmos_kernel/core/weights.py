@@ -86,10 +86,14 @@ def _attach_quantized(model: Transformer, gguf: GGUFFile, cfg: ModelConfig) -> N
 
 def _attach_mkl_packed(model: Transformer, cfg: ModelConfig) -> None:
     """Pack every fp32 projection once for MKL (see packed_gemm), where torch has MKL, and
-    let the row-major copy go: nothing reads it once the packed one is there."""
+    let the row-major copy go: nothing reads it once the packed one is there. Projections
+    with panels skip it: panels serve every step MKL would (and packing takes a second
+    and, for a while, twice the weights' memory)."""
     if not packed_gemm.available() or os.environ.get("LLMOS_NO_MKL_PACK"):
         return
     for module, attr, _ in projections(model, cfg):
+        if attr + "/panels" in module.packed and panel_gemm.serves_every_step():
+            continue
         param = getattr(module, attr)
         weight = packed_gemm.pack(param)
         if weight is not None:
