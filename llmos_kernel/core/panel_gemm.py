@@ -137,11 +137,12 @@ static void tiles(const float *x, const float *buf, float *y, int64_t M, int64_t
 }
 
 /* y[M][N] = x[M][K] · Wᵀ, W in panels of ``kind`` 4 (Q4_1) or 8 (Q8_0); panels split
-   between torch's OpenMP threads (libgomp by soname). */
+   between ``threads`` of torch's OpenMP pool (libgomp by soname; the count is passed, as
+   a thread other than the one torch.set_num_threads ran on keeps OpenMP's default). */
 void panel_matmul(int kind, const float *x, const uint8_t *panels, float *y, int64_t M,
-                  int64_t N, int64_t K) {
+                  int64_t N, int64_t K, int threads) {
     const int64_t count = N / PW, bytes = (K / 32) * block_bytes(kind);
-    #pragma omp parallel
+    #pragma omp parallel num_threads(threads)
     {
         float *buf = aligned_alloc(64, sizeof(float) * K * PW);
         #pragma omp for schedule(static)
@@ -167,7 +168,7 @@ void panel_dequantize(int kind, const uint8_t *panels, float *w, int64_t N, int6
 #else
 int panels_ok(void) { return 0; }
 void panel_matmul(int kind, const float *x, const uint8_t *panels, float *y, int64_t M,
-                  int64_t N, int64_t K) { abort(); }
+                  int64_t N, int64_t K, int threads) { abort(); }
 void panel_dequantize(int kind, const uint8_t *panels, float *w, int64_t N, int64_t K) {
     abort();
 }
@@ -178,7 +179,8 @@ void panel_dequantize(int kind, const uint8_t *panels, float *w, int64_t N, int6
 def _declare(lib: ctypes.CDLL) -> None:
     lib.panels_ok.restype = ctypes.c_int
     lib.panel_matmul.restype = lib.panel_dequantize.restype = None
-    lib.panel_matmul.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3
+    lib.panel_matmul.argtypes = ([ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3
+                                 + [ctypes.c_int])
     lib.panel_dequantize.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
 
 
@@ -250,5 +252,5 @@ def matmul(x: torch.Tensor, w: PanelWeight) -> torch.Tensor:
         raise ValueError(f"panel matmul takes fp32 [M, {k}], got {x.dtype} {tuple(x.shape)}")
     y = torch.empty(x.shape[0], n)
     _lib().panel_matmul(_KINDS[w.kind], x.data_ptr(), w.panels.data_ptr(), y.data_ptr(),
-                        x.shape[0], n, k)
+                        x.shape[0], n, k, torch.get_num_threads())
     return y
