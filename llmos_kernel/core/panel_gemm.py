@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from llmos_kernel.core import ckernel
-from llmos_kernel.core.quant_matmul import QuantWeight
+from llmos_kernel.core.quant_matmul import QuantWeight, operands
 
 PANEL = 32  # output columns per panel
 MIN_ROWS = int(os.environ.get("LLMOS_PANEL_MIN_ROWS", "2"))  # one row: quant_matmul's kernel
@@ -246,11 +246,8 @@ def serves_every_step() -> bool:
 
 def matmul(x: torch.Tensor, w: PanelWeight) -> torch.Tensor:
     """``x [M, K] @ Wᵀ`` → ``[M, N]`` (fp32)."""
-    x = x.contiguous()
+    x, y = operands(x, w.shape, "panel matmul")
     n, k = w.shape
-    if x.dtype != torch.float32 or x.dim() != 2 or x.shape[-1] != k:
-        raise ValueError(f"panel matmul takes fp32 [M, {k}], got {x.dtype} {tuple(x.shape)}")
-    y = torch.empty(x.shape[0], n)
     _lib().panel_matmul(_KINDS[w.kind], x.data_ptr(), w.panels.data_ptr(), y.data_ptr(),
                         x.shape[0], n, k, torch.get_num_threads())
     return y

@@ -241,13 +241,20 @@ class QuantWeight:
         return (self.qs.float() * self.d[..., None]).reshape(self.shape)
 
 
+def operands(x: torch.Tensor, shape: tuple[int, int], what: str
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """For ``x @ Wᵀ`` with W of ``shape`` [N, K]: ``x`` checked to be fp32 [M, K] and made
+    contiguous, and an empty [M, N] result."""
+    n, k = shape
+    if x.dtype != torch.float32 or x.dim() != 2 or x.shape[-1] != k:
+        raise ValueError(f"{what} takes fp32 [M, {k}], got {x.dtype} {tuple(x.shape)}")
+    return x.contiguous(), torch.empty(x.shape[0], n)
+
+
 def matmul(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
     """``x [M, K] @ Wᵀ`` → ``[M, N]`` (fp32)."""
-    x = x.contiguous()
+    x, y = operands(x, w.shape, "quantized matmul")
     n, k = w.shape
-    if x.dtype != torch.float32 or x.dim() != 2 or x.shape[-1] != k:
-        raise ValueError(f"quantized matmul takes fp32 [M, {k}], got {x.dtype} {tuple(x.shape)}")
-    y = torch.empty(x.shape[0], n)
     if w.kind == "Q4_1":
         _lib().q4_1_matmul(x.data_ptr(), w.qs.data_ptr(), w.d.data_ptr(), w.m.data_ptr(),
                            y.data_ptr(), x.shape[0], n, k)
