@@ -25,12 +25,13 @@ def _has_avx512() -> bool:
         return False
 
 
-@pytest.fixture(autouse=True)
-def _kernel_present():
-    if not _has_avx512():
-        assert not panel_gemm.available()
-        pytest.skip("this CPU has no AVX-512: the model uses MKL for these steps")
-    assert panel_gemm.available(), "AVX-512 CPU, but the panel kernel could not be built"
+# The kernel is AVX-512 code; on a CPU without it the model uses MKL for these steps (the
+# machine this project targets has it, so nothing below is skipped there).
+needs_avx512 = pytest.mark.skipif(not _has_avx512(), reason="this CPU has no AVX-512")
+
+
+def test_the_kernel_is_built_exactly_where_the_cpu_has_avx512():
+    assert panel_gemm.available() == _has_avx512()
 
 
 def _panels(n: int, k: int, seed: int):
@@ -41,12 +42,14 @@ def _panels(n: int, k: int, seed: int):
     return panel_gemm.PanelWeight.from_quant(quant), reference
 
 
+@needs_avx512
 @pytest.mark.parametrize("n,k", [(32, 32), (96, 576), (64, 1536)])
 def test_panels_hold_exactly_the_loaders_weights(n, k):
     panels, reference = _panels(n, k, seed=n + k)
     assert torch.equal(panels.dequantize(), reference)
 
 
+@needs_avx512
 @pytest.mark.parametrize("rows", [1, 2, 5, 12, 13, 31, 32, 64, 100, 128])
 def test_matches_dequantize_then_matmul(rows):
     n, k = 160, 576
@@ -74,6 +77,7 @@ def _q8_0(n: int, k: int, seed: int):
     return panel_gemm.PanelWeight.from_quant(quant), reference
 
 
+@needs_avx512
 @pytest.mark.parametrize("rows", [2, 13, 64])
 def test_q8_0_panels(rows):
     panels, reference = _q8_0(96, 576, seed=rows)
@@ -89,6 +93,7 @@ def test_refuses_the_wrong_input_shape():
         panel_gemm.matmul(torch.randn(4, 32), panels)
 
 
+@needs_avx512
 def test_the_real_models_fused_projection(model_path):
     gguf = GGUFFile.open(model_path)
     names = [f"blk.3.ffn_{p}.weight" for p in ("gate", "up")]
@@ -103,6 +108,7 @@ def test_the_real_models_fused_projection(model_path):
     assert (got.double() - want).abs().max().item() <= 1e-5 * want.abs().max().item()
 
 
+@needs_avx512
 def test_the_loaded_model_reads_panels_for_steps_of_two_rows_or_more(model_path, monkeypatch):
     from llmos_kernel.core.weights import load_model
 

@@ -30,6 +30,16 @@ class PrefillChunk:
     length: int
     context_slots: torch.Tensor  # [ctx] KV slots of every key the chunk attends to, in order
     past: int  # keys before this chunk (ctx = past + length)
+    _mask: torch.Tensor | None = field(default=None, repr=False)
+
+    def mask(self, dtype: torch.dtype) -> torch.Tensor:
+        """Additive ``[length, ctx]`` mask for a chunk with a past: row i sees keys up to
+        ``past + i``. The same in every layer, so built once per step."""
+        if self._mask is None or self._mask.dtype != dtype:
+            q_pos = torch.arange(self.past, self.past + self.length)[:, None]
+            later = torch.arange(self.past + self.length)[None, :] > q_pos
+            self._mask = torch.zeros(later.shape, dtype=dtype).masked_fill_(later, float("-inf"))
+        return self._mask
 
 
 @dataclass
@@ -135,11 +145,11 @@ class Attention(nn.Module):
                 batch: StepBatch, kv: KVPool) -> torch.Tensor:
         T, H, KV = x.shape[0], self.n_heads, self.n_kv
         qkv = project(x, self.wqkv, self.packed, "wqkv")
+        qk = qkv[:, :(H + KV) * self.hd].view(T, H + KV, self.hd)
         if fused_ops.usable(qkv) and fused_ops.available():
-            fused_ops.rope_(qkv, *rope, H + KV, self.hd)
-            qk = qkv[:, :(H + KV) * self.hd].view(T, H + KV, self.hd)
+            fused_ops.rope_(qkv, *rope, H + KV, self.hd)  # in place: qk sees the result
         else:
-            qk = apply_rotary(qkv[:, :(H + KV) * self.hd].view(T, H + KV, self.hd), *rope)
+            qk = apply_rotary(qk, *rope)
         q, k = qk[:, :H], qk[:, H:]
         v = qkv[:, (H + KV) * self.hd:].view(T, KV, self.hd)
         k_cache, v_cache = kv.layer(self.layer)
@@ -166,10 +176,7 @@ class Attention(nn.Module):
                 kp, vp, causal, mask = k[rows], v[rows], True, None
             else:  # later chunks see every earlier key: causal, offset by the past
                 kp, vp = k_cache[chunk.context_slots], v_cache[chunk.context_slots]
-                q_pos = torch.arange(chunk.past, chunk.past + chunk.length)[:, None]
-                mask = torch.zeros(chunk.length, kp.shape[0], dtype=q.dtype).masked_fill_(
-                    torch.arange(kp.shape[0])[None, :] > q_pos, float("-inf"))
-                causal = False
+                mask, causal = chunk.mask(q.dtype), False
             out = F.scaled_dot_product_attention(qp, kp.transpose(0, 1)[None],
                                                  vp.transpose(0, 1)[None], attn_mask=mask,
                                                  is_causal=causal, scale=self.scale,

@@ -63,15 +63,15 @@ def _state_dict(gguf: GGUFFile, cfg: ModelConfig) -> dict[str, np.ndarray]:
 def projections(model: Transformer, cfg: ModelConfig):
     """(module, attribute, the GGUF tensors it fuses) for every projection, the head last."""
     for i, block in enumerate(model.blocks):
-        for module_name, projections in FUSED.items():
-            for attr, parts in projections.items():
+        for module_name, fused in FUSED.items():
+            for attr, parts in fused.items():
                 yield getattr(block, module_name), attr, [f"blk.{i}.{p}.weight" for p in parts]
     yield model, "output", ["token_embd.weight" if cfg.tied_embeddings else "output.weight"]
 
 
 def _attach_quantized(model: Transformer, gguf: GGUFFile, cfg: ModelConfig) -> None:
     """Give each projection the file stores in a kind quant_matmul reads a copy in that form,
-    and a Q4_1 one also its panel layout (see panel_gemm)."""
+    and its panel layout (see panel_gemm)."""
     panels = panel_gemm.available() and not os.environ.get("LLMOS_NO_PANELS")
     for module, attr, names in projections(model, cfg):
         kinds = {gguf.tensors[n].type_name for n in names}
