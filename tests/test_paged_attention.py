@@ -24,12 +24,16 @@ def reference(q, k_cache, v_cache, tables, lens, block_size, scale):
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (4, 4, 32), (8, 1, 16)])
-def test_kernel_matches_torch_attention(heads, kv_heads, dim):
+@pytest.mark.parametrize("heads,kv_heads,dim,block_size", [
+    (9, 3, 64, 16), (9, 3, 64, 8), (9, 3, 64, 32), (8, 2, 64, 16), (4, 4, 32, 16),
+    (8, 1, 16, 16)])
+def test_kernel_matches_torch_attention(heads, kv_heads, dim, block_size):
+    """Head size 64 takes the tiled AVX-512 path (tiles of 16 keys that straddle blocks when
+    blocks are 8 or 32 slots); other sizes the generic loop."""
     if not paged_attention.available():
         pytest.fail("no C compiler found: the CPU decode kernel could not be built")
-    gen = torch.Generator().manual_seed(heads * 100 + dim)
-    block_size, blocks = 16, 64
+    gen = torch.Generator().manual_seed(heads * 100 + dim + block_size)
+    blocks = 64 * 16 // block_size
     k_cache = torch.randn(blocks * block_size, kv_heads, dim, generator=gen)
     v_cache = torch.randn(blocks * block_size, kv_heads, dim, generator=gen)
     lens = torch.tensor([1, 15, 16, 17, 200, 333], dtype=torch.long)

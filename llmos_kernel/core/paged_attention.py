@@ -5,6 +5,10 @@ Gathering every sequence's keys and values into a padded tensor before
 times per layer; at 64 sequences of a few hundred tokens that costs more than
 the layer's matrix products. This small C kernel reads each key and value once,
 straight from the sequence's blocks, for all query heads that share it (GQA).
+For head size 64 on AVX-512 it works in tiles of 16 keys with an online softmax
+and prefetches the next tile's rows (scattered blocks defeat the hardware
+prefetcher): a 64-sequence decode's attention over 30 layers went 46 -> 37 ms,
+against ~26 ms to stream those keys and values once at this machine's bandwidth.
 
 It is built on first use (see ``ckernel``); where it cannot be, ``available()``
 is False and the model falls back to gather + SDPA.
@@ -80,8 +84,116 @@ static inline void attend(const job_t *j, int64_t b, float *scores, int64_t cap,
     }
 }
 
+#ifdef __AVX512F__
+#include <immintrin.h>
+
+/* exp_neg on 16 lanes: 2^(x log2 e) as 2^round times a polynomial, scaled with scalef. */
+static inline __m512 exp_neg16(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+    const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504f));
+    const __m512 fi = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(t, fi);
+    __m512 p = _mm512_set1_ps(0.00015404f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.00133336f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.00961813f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.05550411f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24022651f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.69314718f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+    return _mm512_scalef_ps(p, fi);
+}
+
+#define TILE 16
+/* Head size 64, one pass over the keys in tiles of 16 (flash-decoding's online softmax):
+   a tile's key rows are read once for every head, its scores live in 16-lane registers
+   (one max, one vector exp per head), and its value rows are read once while every head's
+   output is rescaled and accumulated. Each row holds all KV heads (KV*64 floats), so a
+   tile streams its block's memory front to back. */
+static void attend64(const job_t *j, int64_t b) {
+    const int64_t G = j->group, KV = j->n_kv, H = KV * G, BS = j->block_size, n = j->lens[b];
+    const int64_t *table = j->tables + b * j->max_blocks;
+    const float *q = j->q + b * H * 64;
+    float *out = j->out + b * H * 64;
+    float m[H], l[H], p[H][TILE];
+    __m512 acc[H][4];
+    for (int64_t i = 0; i < H; i++) {
+        m[i] = -INFINITY; l[i] = 0.f;
+        for (int d = 0; d < 4; d++) acc[i][d] = _mm512_setzero_ps();
+    }
+    const __m512 scale = _mm512_set1_ps(j->scale);
+    for (int64_t t0 = 0; t0 < n; t0 += TILE) {
+        const int64_t cnt = n - t0 < TILE ? n - t0 : TILE;
+        int64_t rows[TILE];  /* each key's row offset in the pool */
+        for (int64_t u = 0; u < cnt; u++) {
+            const int64_t t = t0 + u;
+            rows[u] = (table[t / BS] * BS + t % BS) * KV * 64;
+        }
+        /* The next tile's rows sit in another block, often in another page: ask for them
+           now, so memory works while this tile computes. */
+        for (int64_t t = t0 + TILE; t < t0 + 2 * TILE && t < n; t++) {
+            const int64_t off = (table[t / BS] * BS + t % BS) * KV * 64;
+            for (int64_t c = 0; c < KV * 64; c += 16) {
+                _mm_prefetch((const char *)(j->k + off + c), _MM_HINT_T0);
+                _mm_prefetch((const char *)(j->v + off + c), _MM_HINT_T0);
+            }
+        }
+        for (int64_t h = 0; h < KV; h++) {
+            for (int64_t u = 0; u < cnt; u++) {
+                const float *kp = j->k + rows[u] + h * 64;
+                const __m512 k0 = _mm512_loadu_ps(kp), k1 = _mm512_loadu_ps(kp + 16),
+                             k2 = _mm512_loadu_ps(kp + 32), k3 = _mm512_loadu_ps(kp + 48);
+                for (int64_t i = h * G; i < (h + 1) * G; i++) {
+                    const float *qi = q + i * 64;
+                    __m512 s = _mm512_mul_ps(_mm512_loadu_ps(qi), k0);
+                    s = _mm512_fmadd_ps(_mm512_loadu_ps(qi + 16), k1, s);
+                    s = _mm512_fmadd_ps(_mm512_loadu_ps(qi + 32), k2, s);
+                    s = _mm512_fmadd_ps(_mm512_loadu_ps(qi + 48), k3, s);
+                    p[i][u] = _mm512_reduce_add_ps(s);
+                }
+            }
+        }
+        const __mmask16 live = (__mmask16)((1u << cnt) - 1);
+        for (int64_t i = 0; i < H; i++) {
+            const __m512 s = _mm512_mul_ps(_mm512_mask_loadu_ps(
+                _mm512_set1_ps(-INFINITY), live, p[i]), scale);
+            const float top = _mm512_reduce_max_ps(s), mnew = top > m[i] ? top : m[i];
+            const __m512 e = _mm512_maskz_mov_ps(live, exp_neg16(
+                _mm512_sub_ps(s, _mm512_set1_ps(mnew))));
+            const float corr = exp_neg(m[i] - mnew);  /* 0 on the first tile (m = -inf) */
+            l[i] = l[i] * corr + _mm512_reduce_add_ps(e);
+            m[i] = mnew;
+            _mm512_storeu_ps(p[i], e);
+            const __m512 c = _mm512_set1_ps(corr);
+            for (int d = 0; d < 4; d++) acc[i][d] = _mm512_mul_ps(acc[i][d], c);
+        }
+        for (int64_t u = 0; u < cnt; u++) {
+            const float *row = j->v + rows[u];
+            for (int64_t h = 0; h < KV; h++) {
+                const float *vp = row + h * 64;
+                const __m512 v0 = _mm512_loadu_ps(vp), v1 = _mm512_loadu_ps(vp + 16),
+                             v2 = _mm512_loadu_ps(vp + 32), v3 = _mm512_loadu_ps(vp + 48);
+                for (int64_t i = h * G; i < (h + 1) * G; i++) {
+                    const __m512 w = _mm512_set1_ps(p[i][u]);
+                    acc[i][0] = _mm512_fmadd_ps(w, v0, acc[i][0]);
+                    acc[i][1] = _mm512_fmadd_ps(w, v1, acc[i][1]);
+                    acc[i][2] = _mm512_fmadd_ps(w, v2, acc[i][2]);
+                    acc[i][3] = _mm512_fmadd_ps(w, v3, acc[i][3]);
+                }
+            }
+        }
+    }
+    for (int64_t i = 0; i < H; i++) {
+        const __m512 inv = _mm512_set1_ps(1.f / l[i]);
+        for (int d = 0; d < 4; d++) _mm512_storeu_ps(out + i * 64 + 16 * d, _mm512_mul_ps(acc[i][d], inv));
+    }
+}
+#endif
+
 static void attend_seq(const job_t *j, int64_t b, scratch_t *s) {
     const int64_t n = j->lens[b];
+#ifdef __AVX512F__
+    if (j->dim == 64) { attend64(j, b); return; }
+#endif
     if (n > s->cap) {
         free(s->scores); s->cap = n;
         s->scores = malloc(sizeof(float) * j->n_kv * j->group * n);
