@@ -83,15 +83,18 @@ def test_high_priority_request_joins_the_very_next_step(engine, prompts):
         eng.step()
     eng.add_request(Request("urgent", prompts[50], greedy(4), priority=10))
     steps = 0
-    first_token_step = None
-    while first_token_step is None:
+    first_token_step = usage = None
+    while usage is None:
         steps += 1
         for delta in eng.step():
-            if delta.request_id == "urgent" and delta.token_ids:
+            if delta.request_id == "urgent" and delta.token_ids and first_token_step is None:
                 first_token_step = steps
+            if delta.request_id == "urgent" and delta.finished:
+                usage = delta.usage
     assert first_token_step == 1
-    for rid in list(eng.requests):
-        eng.abort(rid)
+    assert usage.steps_waited == 0  # what the kernel reports (llmos bench serve prints it)
+    waited = [eng.abort(rid).usage.steps_waited for rid in list(eng.requests)]
+    assert max(waited) >= 4 + steps - 1  # the low-priority backlog did wait, and says so
 
 
 def test_a_high_priority_prompt_gets_a_step_of_its_own(engine, prompts):

@@ -76,15 +76,21 @@ async def _drive(client, workloads: list[list[dict]], concurrency: int, max_toke
             "itl_p99_s": _pct(itls, 0.99), "wall_s": wall, "tokens": total}
 
 
-async def _ttft(client, messages: list[dict]) -> float:
-    """Time to first token of one high-priority request."""
+async def _ttft(client, messages: list[dict]) -> dict:
+    """Time to first token of one high-priority request, with the kernel's account of its
+    wait: ``queue_s`` (until its first step began: the rest of the step in flight when it
+    arrived) and ``steps_waited`` (steps that began after it arrived and before its first;
+    0 means it ran in the very next step)."""
     sent = time.perf_counter()
     request_id = await client.submit(messages=messages, max_tokens=1, temperature=0,
                                      priority=10)
+    ttft, usage = None, {}
     async for delta in client.stream(request_id):
-        if delta["token_ids"]:
-            return time.perf_counter() - sent
-    return float("nan")
+        if delta["token_ids"] and ttft is None:
+            ttft = time.perf_counter() - sent
+        usage = delta.get("usage") or usage
+    return {"ttft_s": float("nan") if ttft is None else ttft, "queue_s": usage.get("queue_s", float("nan")),
+            "steps_waited": usage.get("steps_waited", -1)}
 
 
 def _reference(model_path, tokenizer, workloads, concurrency: int, max_tokens: int) -> float:
@@ -168,14 +174,16 @@ def run(*, kernel_name: str = "kernel", address: str | None = None, concurrency:
         step = (await client.status())["step_p50_s"]
         return await run, ttft, step
 
-    ours, ttft_busy, step_s = loop.run_until_complete(loaded())
+    ours, busy, step_s = loop.run_until_complete(loaded())
     after = loop.run_until_complete(status())["prefix_cache"]
     queried = after["query_tokens"] - before["query_tokens"]
     result = {**ours, "prefix_hit_rate": (after["hit_tokens"] - before["hit_tokens"]) / queried
               if queried else 0.0, "concurrency": concurrency, "requests": requests,
               "max_tokens": max_tokens, "shared_prefix": shared_prefix,
-              "ttft_high_priority_idle_s": ttft_idle, "ttft_high_priority_busy_s": ttft_busy,
-              "step_p50_s": step_s}
+              "ttft_high_priority_idle_s": ttft_idle["ttft_s"],
+              "ttft_high_priority_busy_s": busy["ttft_s"],
+              "high_priority_queue_s": busy["queue_s"],
+              "high_priority_steps_waited": busy["steps_waited"], "step_p50_s": step_s}
     if shared_prefix:
         progress("the same workload with prefix caching off")
         unwrap(loop.run_until_complete(client.handle.configure.remote(

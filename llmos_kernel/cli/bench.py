@@ -150,9 +150,12 @@ def serve(address, kernel_name, model, concurrency, requests, max_tokens, shared
     click.echo(f"TTFT p50 {result['ttft_p50_s']:.2f}s p99 {result['ttft_p99_s']:.2f}s; "
                f"ITL p50 {result['itl_p50_s'] * 1e3:.0f}ms p99 {result['itl_p99_s'] * 1e3:.0f}ms; "
                f"prefix hit rate {result['prefix_hit_rate']:.0%}")
+    waited = result["high_priority_steps_waited"]
     click.echo(f"high-priority TTFT: {result['ttft_high_priority_idle_s']:.2f}s idle, "
-               f"{result['ttft_high_priority_busy_s']:.2f}s under load "
-               f"(step p50 {result['step_p50_s']:.2f}s)")
+               f"{result['ttft_high_priority_busy_s']:.2f}s under load: "
+               f"{result['high_priority_queue_s']:.2f}s for the step in flight to end, then "
+               + ("the very next step" if waited == 0 else f"{waited} more steps")
+               + f" (step p50 {result['step_p50_s']:.2f}s)")
     if "ttft_p50_nocache_s" in result:
         click.echo(f"TTFT p50 without prefix caching {result['ttft_p50_nocache_s']:.2f}s "
                    f"({result['ttft_p50_nocache_s'] / result['ttft_p50_s']:.1f}x the cached)")

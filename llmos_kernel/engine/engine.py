@@ -52,6 +52,7 @@ class Usage:
     completion_tokens: int = 0
     queue_s: float = 0.0
     ttft_s: float = 0.0
+    steps_waited: int = 0  # steps that started after it arrived and before it first ran
     total_s: float = 0.0
     preemptions: int = 0
 
@@ -120,6 +121,7 @@ class LLMEngine:
         self.requests: dict[str, _RequestState] = {}
         self._seq_of: dict[int, Sequence] = {}
         self._next_seq = 0
+        self.steps_planned = 0  # steps scheduled so far (a request's steps_waited counts from it)
         self._failed: list[Delta] = []  # requests ended by an error while scheduling
         self.stats = {"steps": 0, "tokens_computed": 0, "tokens_generated": 0,
                       "step_seconds": 0.0, "last_step_s": 0.0, "last_step_tokens": 0}
@@ -173,7 +175,7 @@ class LLMEngine:
     def _new_seq(self, req: Request, prompt: list[int], params: SamplingParams) -> Sequence:
         self._next_seq += 1
         seq = Sequence(self._next_seq, req.request_id, prompt, params, req.priority, req.owner,
-                       req.cache_salt or f"owner:{req.owner}")
+                       req.cache_salt or f"owner:{req.owner}", arrival_step=self.steps_planned)
         seq.constraint = req.constraint
         self._seq_of[seq.seq_id] = seq
         return seq
@@ -209,10 +211,12 @@ class LLMEngine:
         plan = StepPlan(swap_out=sched.swap_out, swap_in=sched.swap_in,
                         drop_swap=sched.drop_swap, copies=sched.copies)
         now = time.monotonic()
+        if sched.works:
+            self.steps_planned += 1
         for work in sched.works:
             seq = work.seq
             if seq.first_scheduled is None:
-                seq.first_scheduled = now
+                seq.first_scheduled, seq.first_step = now, self.steps_planned
             start = seq.num_computed
             step = SeqStep(seq.seq_id, seq.token_ids[start:start + work.num_tokens], start,
                            list(seq.table.blocks))
@@ -358,6 +362,7 @@ class LLMEngine:
                 seq.table = self.blocks.fork(parent.table)
                 seq.num_computed, seq.status = parent.num_computed, Status.RUNNING
                 seq.first_scheduled, seq.first_token_at = parent.first_scheduled, parent.first_token_at
+                seq.arrival_step, seq.first_step = parent.arrival_step, parent.first_step
                 self.scheduler.running.append(seq)
             else:
                 seq = parent
@@ -391,6 +396,7 @@ class LLMEngine:
             completion_tokens=len(main.output_ids),
             queue_s=(main.first_scheduled or now) - state.arrival,
             ttft_s=(main.first_token_at or now) - state.arrival,
+            steps_waited=max((main.first_step or self.steps_planned) - main.arrival_step - 1, 0),
             total_s=now - state.arrival, preemptions=sum(s.preemptions for s in state.seqs))
         delta = Delta(req.request_id, finished=True, finish_reason=reason, usage=usage)
         for seq in state.seqs:

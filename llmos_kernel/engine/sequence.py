@@ -37,6 +37,8 @@ class Sequence:
     swap_handle: int | None = None
     num_cached: int = 0  # prompt tokens served from the prefix cache
     first_scheduled: float | None = None
+    arrival_step: int = 0  # the engine's step count when it arrived (see Usage.steps_waited)
+    first_step: int | None = None  # the number of the step it first ran in
     first_token_at: float | None = None
     preemptions: int = 0
     constraint: Any = None  # grammar matcher (see llmos_kernel.engine.grammar)
