@@ -48,3 +48,33 @@ def test_only_contiguous_fp32_cpu_tensors_are_taken():
     assert fused_ops.usable(torch.zeros(4, 8))
     assert not fused_ops.usable(torch.zeros(4, 8, dtype=torch.bfloat16))
     assert not fused_ops.usable(torch.zeros(8, 4).t())
+
+
+@pytest.mark.parametrize("rows,hidden", [(1, 1536), (3, 1536), (300, 1536), (2, 16)])
+def test_silu_mul_matches_torch(rows, hidden):
+    """Large negative gates (where 1 + e^-g overflows a naive sigmoid), zeros and the rows the
+    threads split; the model's feed-forward takes the kernel (see FeedForward)."""
+    _need_kernels()
+    gen = torch.Generator().manual_seed(rows + hidden)
+    gate_up = torch.randn(rows, 2 * hidden, generator=gen) * 6
+    gate_up[0, :4] = torch.tensor([0.0, -120.0, 120.0, -1e-20])
+    gate, up = gate_up.chunk(2, dim=-1)
+    want = torch.nn.functional.silu(gate) * up
+    got = fused_ops.silu_mul(gate_up)
+    if got is None:  # no AVX-512 here: the model keeps torch's two operators
+        assert not _avx512()
+        return
+    torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-6)
+
+
+def test_silu_mul_declines_what_it_cannot_take():
+    _need_kernels()
+    assert fused_ops.silu_mul(torch.randn(2, 2 * 24)) is None  # 24 columns: not 16-wide
+
+
+def _avx512() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return " avx512f" in f.read()
+    except OSError:
+        return False

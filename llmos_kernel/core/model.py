@@ -194,8 +194,13 @@ class FeedForward(nn.Module):
         self.packed: dict[str, Packed] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = project(x, self.w_gate_up, self.packed, "w_gate_up").chunk(2, dim=-1)
-        return project(F.silu(gate) * up, self.w_down, self.packed, "w_down")
+        gate_up = project(x, self.w_gate_up, self.packed, "w_gate_up")
+        hidden = fused_ops.silu_mul(gate_up) if fused_ops.usable(gate_up) and \
+            fused_ops.available() else None
+        if hidden is None:
+            gate, up = gate_up.chunk(2, dim=-1)
+            hidden = F.silu(gate) * up
+        return project(hidden, self.w_down, self.packed, "w_down")
 
 
 class Block(nn.Module):
