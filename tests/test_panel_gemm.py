@@ -124,3 +124,14 @@ def test_the_loaded_model_reads_panels_for_steps_of_two_rows_or_more(model_path,
     for rows in (1, 8, 64, 300):
         mlp(torch.randn(rows, model.config.d_model))
     assert used == [8, 8, 64, 64, 300, 300]  # gate/up and down; one row: quant_matmul
+
+
+def test_bench_gemm_measures_both_paths_on_the_real_model(model_path):
+    """``llmos bench gemm`` packs its own MKL baseline (the loader no longer does where
+    panels serve), and times both paths over the same projections."""
+    from llmos_kernel.bench import gemm
+
+    out = gemm.run(str(model_path), rows=(1, 8), repeat=1)
+    assert out["rows"] == [1, 8]
+    assert all(ms > 0 for ms in out["ms"] + out["ref_ms"])
+    assert all(g > 0 for g in out["gflops"] + out["ref_gflops"])
