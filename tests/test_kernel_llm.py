@@ -110,3 +110,19 @@ def test_an_error_reaches_the_caller_not_the_kernel(kernel, client):
     with pytest.raises(LlmosError):
         kernel.run(client.generate(prompt="hi", temperature=-1))
     assert kernel.run(client.generate(prompt="Hello", **greedy(1))).token_ids
+
+
+def test_bench_serve_reports_every_figure(kernel):
+    """``llmos bench serve`` against a running kernel (a small workload, no baseline): each
+    run under its own cache salt, prompt tokens counted in the processed rate, and the
+    high-priority probe's wait as the kernel accounts it."""
+    from llmos_kernel.bench import serve
+
+    out = serve.run(kernel_name=kernel.name, concurrency=4, requests=6, max_tokens=4,
+                    repeat=2, baseline=False)
+    assert len(out["runs_agg_tok_s"]) == 2 and out["agg_tok_s"] == max(out["runs_agg_tok_s"])
+    assert out["tokens"] == 6 * 4
+    assert out["processed_tok_s"] > out["agg_tok_s"] > 0
+    assert out["compute_bound_tok_s"] > 0 and 0 <= out["prefix_hit_rate"] < 1
+    assert out["high_priority_steps_waited"] == 0  # the probe ran in the very next step
+    assert 0 <= out["high_priority_queue_s"] < out["ttft_high_priority_busy_s"]
