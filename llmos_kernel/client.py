@@ -16,6 +16,7 @@ from typing import Any
 
 import ray
 
+from llmos_kernel.deltas import fold_delta
 from llmos_kernel.errors import LlmosError, Unavailable
 from llmos_kernel.kernel import DEFAULT_NAME, NAMESPACE, ROOT_TOKEN_FILE
 from llmos_kernel.paths import default_state_dir
@@ -109,13 +110,7 @@ class KernelClient:
         request_id = await self.submit(**kwargs)
         out = Completion(request_id)
         async for delta in self.stream(request_id):
-            out.text += delta["text"]
-            out.token_ids += delta["token_ids"]
-            if delta.get("logprobs"):
-                out.logprobs = (out.logprobs or []) + delta["logprobs"]
-            if delta["finished"]:
-                out.finish_reason, out.usage = delta["finish_reason"], delta["usage"]
-                out.context_id = delta.get("context_id")
+            fold_delta(out, delta)
         return out
 
     async def cancel(self, request_id: str) -> None:

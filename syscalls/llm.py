@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from llmos_kernel.deltas import fold_delta
 from llmos_kernel.errors import InvalidArgument, LlmosError
 from syscalls import _context
 
@@ -130,13 +131,7 @@ def _spec(prompt: str | None, messages: list | None, *, tools=None, tool_choice=
 async def _collect(spec: dict) -> Result:
     out = Result("", None, {})
     async for delta in _generate(spec):
-        out.text += delta["text"]
-        out.token_ids += delta["token_ids"]
-        if delta.get("logprobs"):
-            out.logprobs = (out.logprobs or []) + delta["logprobs"]
-        if delta["finished"]:
-            out.finish_reason, out.usage = delta["finish_reason"], delta["usage"]
-            out.context_id = delta.get("context_id")
+        fold_delta(out, delta)
     if "tools" in spec:
         from llmos_kernel.engine.tool_calls import parse_tool_calls
 

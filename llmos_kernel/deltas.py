@@ -1,0 +1,24 @@
+"""How a generation's streamed deltas fold into one result.
+
+The kernel streams a request's output as deltas (new text, token ids and
+logprobs; the last one also carries the finish reason, usage and kept
+context). The driver-side client and the syscall layer both collect them the
+same way; this module is that one way, and imports nothing else of llmos, so
+agent programs pay nothing for it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def fold_delta(out: Any, delta: dict) -> None:
+    """Add one delta to ``out`` (anything with text, token_ids, logprobs, finish_reason,
+    usage and context_id fields)."""
+    out.text += delta["text"]
+    out.token_ids += delta["token_ids"]
+    if delta.get("logprobs"):
+        out.logprobs = (out.logprobs or []) + delta["logprobs"]
+    if delta["finished"]:
+        out.finish_reason, out.usage = delta["finish_reason"], delta["usage"]
+        out.context_id = delta.get("context_id")
