@@ -7,6 +7,7 @@ starts live in tests/agents/workers.py and run in the kernel's agent hosts.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import uuid
 
@@ -15,6 +16,7 @@ import ray
 from checks import reports, table, until
 from workers import Cmd, Commanded, forge, idle, linked_to, supervise, try_kill
 
+from llmos_kernel.errors import AlreadyExists
 from syscalls import ipc, proc
 
 
@@ -223,3 +225,35 @@ def test_a_program_cannot_send_as_another_pid(kernel):
     forger, msg, errors = kernel.run(scenario())
     assert errors == ["InvalidArgument", "PermissionDenied"]
     assert (msg.body.text, msg.sender) == ("honest", forger)
+
+
+def test_an_isolated_agent_gets_a_host_process_of_its_own(kernel):
+    """Agents of a shared host share its Python process; ``isolated=True`` is how a program
+    that must not share one (a hostile one, or one needing its own resources) gets its own."""
+    async def scenario():
+        shared = [await proc.spawn("syscall_agents:os_process") for _ in range(2)]
+        alone = [await proc.spawn("syscall_agents:os_process", isolated=True) for _ in range(2)]
+        return ([(await proc.wait(p, timeout=120))["result"] for p in shared],
+                [(await proc.wait(p, timeout=120))["result"] for p in alone])
+
+    shared, alone = kernel.run(scenario())
+    shared_os_pids = {s["os_pid"] for s in shared}
+    assert {a["os_pid"] for a in alone}.isdisjoint(shared_os_pids)
+    assert alone[0]["os_pid"] != alone[1]["os_pid"]  # one host each, not one for all isolated
+    assert alone[0]["host"] != alone[1]["host"]
+    assert os.getpid() not in shared_os_pids | {a["os_pid"] for a in alone}
+
+
+def test_a_name_is_held_by_one_live_process(kernel):
+    name = f"unique-{uuid.uuid4().hex[:6]}"
+
+    async def scenario():
+        first = await proc.spawn(idle, name=name)
+        try:
+            with pytest.raises(AlreadyExists, match=name):
+                await proc.spawn(idle, name=name)
+        finally:
+            await proc.kill(first)
+            await proc.wait(first, timeout=30)
+
+    kernel.run(scenario())

@@ -318,3 +318,21 @@ def test_the_home_assistant_demo_completes_its_two_tool_task(kernel):
         jsonschema.validate(call["arguments"], schemas[call["name"]])
     assert report["answer"].strip() and "<tool_call>" not in report["answer"]
     assert report["lights"]  # the light the model chose was really switched
+
+
+def test_approval_auto_is_given_only_explicitly_and_then_runs_dangerous_tools_unasked(kernel):
+    """The root (the person at the CLI) may spawn with approval='auto'; a process whose own
+    policy is 'ask' may not hand 'auto' down."""
+    name = f"auto-{uuid.uuid4().hex[:6]}.txt"
+    pid = kernel.call("spawn", {
+        "program": {"kind": "module", "ref": "syscall_agents:probe"}, "approval": "auto",
+        "args": {"calls": [["fs.write", {"path": name, "data": "x"}],
+                           ["tools.call", {"name": "delete_file", "args": {"path": name}}],
+                           ["fs.exists", {"path": name}]]}})
+    exit_ = kernel.call("wait", pid, 60)
+    assert exit_["reason"] == "normal", exit_
+    _, deleted, exists = exit_["result"]
+    assert "error" not in deleted and exists == {"ok": False}
+    assert all(r["pid"] != pid for r in kernel.call("approvals"))
+    with pytest.raises(PermissionDenied, match="approval='auto'"):
+        kernel.run(proc.spawn("syscall_agents:probe", {"calls": []}, approval="auto"))

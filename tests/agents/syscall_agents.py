@@ -166,3 +166,8 @@ class CrashOnce:
 
     async def on_message(self, msg):
         return await identity()
+
+
+async def os_process() -> dict:
+    """The OS process this agent runs in (its host's), and the host's id."""
+    return {"os_pid": os.getpid(), "host": _context.host().host_id}
