@@ -15,7 +15,7 @@ from typing import Annotated, Literal
 
 import jsonschema
 
-from llmos_kernel.errors import ContextOverflow, InvalidArgument
+from llmos_kernel.errors import ContextOverflow, InvalidArgument, LlmosError, NotFound
 from llmos_kernel.services.tools import Range, spec_of
 from syscalls import ipc, llm, proc, tools
 
@@ -266,3 +266,35 @@ def test_tool_choice_auto_gives_text_or_valid_calls(kernel):
         for entry in result.tool_calls:
             args = json.loads(entry["function"]["arguments"])
             jsonschema.validate(args, schemas[entry["function"]["name"]])
+
+
+def test_a_kept_context_continues_without_recompute_and_only_for_its_owner(kernel):
+    """keep_context parks a conversation's KV (an agent waiting on a tool); its owner continues
+    it with only the new tokens computed, nobody else can continue or release it, and once
+    released it is gone."""
+    async def scenario():
+        first = await llm.chat([{"role": "user", "content": "Name three colours."}],
+                               keep_context=True, max_tokens=8, temperature=0)
+        ctx = first.context_id
+        child = await proc.spawn("syscall_agents:probe", {"calls": [
+            ["llm.release", {"context_id": ctx}],
+            ["llm.generate", {"spec": {"prompt": " more", "context": ctx,
+                                       "params": {"max_tokens": 2}}}]]})
+        theirs = (await proc.wait(child, timeout=60))["result"]
+        second = await llm.complete("\nThree more:", context=ctx, keep_context=True,
+                                    max_tokens=8, temperature=0)
+        await llm.release(second.context_id)
+        try:
+            await llm.complete(" again", context=second.context_id, max_tokens=2)
+            gone = None
+        except LlmosError as e:
+            gone = e
+        return first, theirs, second, gone
+
+    first, theirs, second, gone = kernel.run(scenario())
+    assert first.context_id and first.finish_reason == "length"
+    assert [t.get("error") for t in theirs] == ["NotFound", "NotFound"], theirs
+    kept = first.usage["prompt_tokens"] + first.usage["completion_tokens"] - 1
+    assert second.usage["cached_tokens"] >= kept  # the parked KV, not a recompute
+    assert second.usage["prompt_tokens"] > kept
+    assert isinstance(gone, NotFound)
