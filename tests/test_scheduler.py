@@ -198,3 +198,28 @@ def test_a_failing_constraint_ends_only_its_own_request(engine, prompts, referen
     assert out["broken"][-1].finish_reason == "error"
     assert "matcher exploded" in out["broken"][-1].error["message"]
     assert tokens_of(out["fine"]) == reference[1]
+
+
+def test_the_kernel_suspends_a_parked_context_when_others_need_its_memory(engine, prompts,
+                                                                           reference):
+    """A context kept for an agent waiting on a tool stays resident while memory allows; when
+    running work needs its blocks, the scheduler moves it to host memory (before preempting
+    anyone), and the follow-up still resumes it without recompute and identically."""
+    eng = small_engine(engine, num_blocks=16, swap_blocks=64, max_seqs=8)
+    context = prompts[10]
+    eng.add_request(Request("ctx", context, greedy(4), keep_context=True))
+    first = eng.run_until_done()["ctx"]
+    assert eng.scheduler.parked["ctx"].status is Status.PARKED  # resident: nothing needed it
+    for i in range(20, 28):  # together they need about twice the pool
+        eng.add_request(Request(f"busy-{i}", prompts[i], greedy(8)))
+    busy = eng.run_until_done()
+    assert [tokens_of(busy[f"busy-{i}"]) for i in range(20, 28)] == reference[20:28]
+    assert eng.scheduler.preemptions["suspend"] == 1
+    assert eng.scheduler.parked["ctx"].status is Status.SUSPENDED
+
+    follow_up = engine.tokenizer.encode("\nAnd then?", add_special_tokens=False)
+    eng.add_request(Request("resume", follow_up, greedy(8), context="ctx"))
+    resumed = eng.run_until_done()["resume"]
+    assert resumed[-1].usage.cached_tokens == len(context) + 4 - 1
+    eng.add_request(Request("fresh", context + tokens_of(first) + follow_up, greedy(8)))
+    assert tokens_of(resumed) == tokens_of(eng.run_until_done()["fresh"])
