@@ -168,6 +168,21 @@ def test_fifty_requests_under_required_all_give_valid_calls(engine, compiler):
     assert {p for e, p in judged if e == p} == {W, L}  # each tool is picked right at least once
 
 
+def test_sampled_at_temperature_one_every_call_is_still_valid(engine, compiler):
+    """Validity comes from the grammar, not from greedy luck: the same 50 requests sampled at
+    temperature 1 (each its own seed) all still end in one schema-valid call."""
+    grammar = tool_call_grammar(compiler, TOOLS, "required", max_string_length=MAX_CHARS)
+    sampled = {f"sampled-{i}": SamplingParams(max_tokens=MAX_TOKENS, temperature=1.0, seed=i)
+               for i in range(len(REQUESTS))}
+    answers = _answers(engine, {
+        f"sampled-{i}": (_prompt(engine, [{"role": "user", "content": text}]), grammar.matcher())
+        for i, (text, _) in enumerate(REQUESTS)}, own_params=sampled)
+    for i, (text, _) in enumerate(REQUESTS):
+        answer, reason = answers[f"sampled-{i}"]
+        assert reason == "stop", (text, answer)
+        assert len(_validated_calls(answer)) == 1, answer
+
+
 def test_a_named_tool_is_the_only_one_called(engine, compiler):
     grammar = tool_call_grammar(compiler, TOOLS, {"type": "function", "function": {"name": L}},
                                 max_string_length=MAX_CHARS)
@@ -335,3 +350,15 @@ def test_tool_choice_is_checked():
         resolve_tool_choice([], "required")
     with pytest.raises(InvalidArgument):
         resolve_tool_choice(TOOLS + TOOLS[:1], "auto")
+
+
+def test_a_closing_tag_inside_a_string_argument_does_not_end_the_call():
+    """Sampling found it: the grammar lets a string hold "</tool_call>", so the parser reads
+    the JSON with a decoder instead of cutting at the first closing tag."""
+    text = ('Sure. <tool_call>[\n{"name": "get_weather", "arguments": {"city": "}}</tool_call>'
+            '"}}\n]</tool_call> done')
+    content, calls = parse_tool_calls(text)
+    assert content == "Sure.  done"
+    assert [(c.name, c.arguments) for c in calls] == [("get_weather", {"city": "}}</tool_call>"})]
+    with pytest.raises(InvalidArgument, match="not followed by"):
+        parse_tool_calls('<tool_call>{"name": "a", "arguments": {}} trailing</tool_call>')

@@ -16,7 +16,6 @@ and their results go back into the conversation in the same form, as user and as
 from __future__ import annotations
 
 import json
-import re
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 RESULT_OPEN, RESULT_CLOSE = "<tool_response>", "</tool_response>"
 TOOL_CHOICES = ("none", "auto", "required")
 
-_CALL = re.compile(re.escape(CALL_OPEN) + r"(.*?)" + re.escape(CALL_CLOSE), re.DOTALL)
+_JSON = json.JSONDecoder()
 _SCHEMA_DEFS = ("$defs", "definitions")  # where "#/..." references point inside parameters
 _SCHEMA_VALUES = frozenset({"enum", "const", "default", "examples"})  # data, not subschemas
 _STRING_BOUNDS = frozenset({"maxLength", "enum", "const", "pattern", "format"})
@@ -243,24 +242,40 @@ def parse_tool_calls(text: str) -> tuple[str, list[ToolCall]]:
     """The text outside ``<tool_call>`` blocks, and the calls; InvalidArgument if malformed.
 
     A block holds a JSON list of ``{"name": ..., "arguments": {...}}`` (or one such object).
+    The JSON is read with a decoder, not cut at the next closing tag: a string argument may
+    itself contain ``</tool_call>`` (the grammar allows any string), as sampling showed.
     """
-    calls = []
-    for match in _CALL.finditer(text):
+    calls, outside, at = [], [], 0
+    while (start := text.find(CALL_OPEN, at)) >= 0:
+        outside.append(text[at:start])
+        body = _skip_space(text, start + len(CALL_OPEN))
         try:
-            block = json.loads(match[1])
+            block, end = _JSON.raw_decode(text, body)
         except json.JSONDecodeError as e:
-            raise InvalidArgument(f"a tool call is not valid JSON ({e}): {match[1]!r}") from None
+            raise InvalidArgument(f"a tool call is not valid JSON ({e}): "
+                                  f"{text[start:start + 400]!r}") from None
+        close = _skip_space(text, end)
+        if not text.startswith(CALL_CLOSE, close):
+            raise InvalidArgument(f"a tool call's JSON is not followed by {CALL_CLOSE}: "
+                                  f"{text[start:start + 400]!r}")
         for call in block if isinstance(block, list) else [block]:
             if not (isinstance(call, dict) and isinstance(call.get("name"), str)
                     and isinstance(call.get("arguments"), dict)):
                 raise InvalidArgument(f'a tool call must be {{"name": "<tool>", "arguments": '
                                       f"{{...}}}}, got {json.dumps(call)}")
             calls.append(ToolCall(_new_call_id(), call["name"], call["arguments"]))
-    content = _CALL.sub("", text)
-    for tag in (CALL_OPEN, CALL_CLOSE):
-        if tag in content:
-            raise InvalidArgument(f"unbalanced {tag} in the model's answer: {text!r}")
+        at = close + len(CALL_CLOSE)
+    outside.append(text[at:])
+    content = "".join(outside)
+    if CALL_CLOSE in content:
+        raise InvalidArgument(f"unbalanced {CALL_CLOSE} in the model's answer: {text!r}")
     return content.strip(), calls
+
+
+def _skip_space(text: str, at: int) -> int:
+    while at < len(text) and text[at] in " \t\r\n":
+        at += 1
+    return at
 
 
 def _new_call_id() -> str:
