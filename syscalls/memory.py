@@ -57,6 +57,11 @@ async def fit(messages: list[dict], *, reserve: int = 256, limit: int | None = N
     system messages alone do not fit.
     """
     _check_conversation(messages)
+    _check_count("reserve", reserve)
+    if limit is not None:
+        _check_count("limit", limit)
+    if not isinstance(archive, bool):
+        raise InvalidArgument(f"archive must be True or False, got {archive!r:.40}")
     budget = (await llm.info())["context_length"] - reserve
     if limit is not None:
         budget = min(budget, limit)
@@ -92,6 +97,9 @@ async def compact(messages: list[dict], *, keep_last: int = 4, max_tokens: int =
     """All but the last ``keep_last`` turns replaced by a model-written summary (the old
     turns are archived to memory); the result is fitted to the context like ``fit``."""
     _check_conversation(messages)
+    for name, value in (("keep_last", keep_last), ("max_tokens", max_tokens),
+                        ("reserve", reserve)):
+        _check_count(name, value)
     system = [m for m in messages if m["role"] == "system"]
     turns = [m for m in messages if m["role"] != "system"]
     if len(turns) <= keep_last:
@@ -113,6 +121,11 @@ def _check_conversation(messages: Any) -> None:
             isinstance(m, dict) and isinstance(m.get("role"), str)
             and isinstance(m.get("content") or "", str) for m in messages):
         raise InvalidArgument("messages must be a list of {'role': str, 'content': str} dicts")
+
+
+def _check_count(name: str, value: Any) -> None:
+    if type(value) is not int or value < 0:
+        raise InvalidArgument(f"{name} must be a whole number of tokens >= 0, got {value!r:.40}")
 
 
 def _newest_within(turns: list[dict], chars: int) -> list[dict]:

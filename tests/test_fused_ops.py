@@ -7,6 +7,7 @@ import torch
 
 from llmos_kernel.core import fused_ops
 from llmos_kernel.core.model import RMSNorm, Rotary, apply_rotary
+from tests.test_panel_gemm import _has_avx512
 
 
 def _need_kernels() -> None:
@@ -62,7 +63,7 @@ def test_silu_mul_matches_torch(rows, hidden):
     want = torch.nn.functional.silu(gate) * up
     got = fused_ops.silu_mul(gate_up)
     if got is None:  # no AVX-512 here: the model keeps torch's two operators
-        assert not _avx512()
+        assert not _has_avx512()
         return
     torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-6)
 
@@ -71,10 +72,3 @@ def test_silu_mul_declines_what_it_cannot_take():
     _need_kernels()
     assert fused_ops.silu_mul(torch.randn(2, 2 * 24)) is None  # 24 columns: not 16-wide
 
-
-def _avx512() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return " avx512f" in f.read()
-    except OSError:
-        return False

@@ -253,3 +253,17 @@ def test_malformed_searches_are_refused(kernel, bad):
     args = {"query": "anything", "k": 3, **bad}
     with pytest.raises(InvalidArgument):
         kernel.run(memory.search(args["query"], args["k"], where=args.get("where")))
+
+
+@pytest.mark.parametrize("call", [
+    lambda: memory.fit([], reserve=None),
+    lambda: memory.fit([], reserve=-1),
+    lambda: memory.fit([], limit="many"),
+    lambda: memory.fit([], archive="yes"),
+    lambda: memory.compact([], keep_last=None),
+    lambda: memory.compact([], max_tokens=True),
+])
+def test_malformed_fit_and_compact_arguments_are_refused(kernel, call):
+    """The fuzz found fit(reserve=None) raising a bare TypeError inside the program."""
+    with pytest.raises(InvalidArgument):
+        kernel.run(call())

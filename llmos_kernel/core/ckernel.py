@@ -90,3 +90,24 @@ def _cpu_flags() -> str:
     except OSError:
         pass
     return ""
+
+
+EXP_NEG16 = r"""
+/* e^x for x <= 0 on 16 lanes (AVX-512), to ~2e-7 relative: 2^(x log2 e) as 2^round
+   (scalef) times a degree-6 polynomial for 2^frac. Shared by the kernels that need a
+   vector exp (libm's expf stays scalar without -ffast-math); include after immintrin.h. */
+static inline __m512 exp_neg16(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+    const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504f));
+    const __m512 fi = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(t, fi);
+    __m512 p = _mm512_set1_ps(0.00015404f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.00133336f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.00961813f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.05550411f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24022651f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.69314718f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+    return _mm512_scalef_ps(p, fi);
+}
+"""

@@ -87,21 +87,7 @@ static inline void attend(const job_t *j, int64_t b, float *scores, int64_t cap,
 #ifdef __AVX512F__
 #include <immintrin.h>
 
-/* exp_neg on 16 lanes: 2^(x log2 e) as 2^round times a polynomial, scaled with scalef. */
-static inline __m512 exp_neg16(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
-    const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504f));
-    const __m512 fi = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_sub_ps(t, fi);
-    __m512 p = _mm512_set1_ps(0.00015404f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.00133336f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.00961813f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.05550411f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24022651f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.69314718f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-    return _mm512_scalef_ps(p, fi);
-}
+""" + ckernel.EXP_NEG16 + r"""
 
 #define TILE 16
 /* Head size 64, one pass over the keys in tiles of 16 (flash-decoding's online softmax):
