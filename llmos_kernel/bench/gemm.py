@@ -25,24 +25,22 @@ def run(model_path: str, rows: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 2
     cfg = model.config
     if not packed_gemm.available():
         raise RuntimeError("this torch has no MKL packed GEMM to compare against")
-    weights = []  # (what the model reads, the attribute, the baseline's MKL-packed copy)
-    for module, attr, _ in projections(model, cfg):
-        ref = module.packed.get(attr + "/fp32") or packed_gemm.pack(getattr(module, attr))
-        weights.append((module.packed, attr, {attr + "/fp32": ref}))
-    params = sum(ref[attr + "/fp32"].shape.numel() for _, attr, ref in weights)
+    weights = [  # (what the model reads, the attribute, the baseline's MKL-packed copy)
+        (module.packed, attr,
+         module.packed.get(attr + "/fp32") or packed_gemm.pack(getattr(module, attr)))
+        for module, attr, _ in projections(model, cfg)]
+    params = sum(ref.shape.numel() for _, _, ref in weights)
     out: dict = {"rows": list(rows), "ms": [], "ref_ms": [], "gflops": [], "ref_gflops": []}
     for m in rows:
-        inputs = {k: torch.randn(m, k) for k in {r[a + "/fp32"].shape.shape[1]
-                                                  for _, a, r in weights}}
+        inputs = {k: torch.randn(m, k) for k in {ref.shape.shape[1] for _, _, ref in weights}}
         best, ref_best = float("inf"), float("inf")
         for _ in range(repeat):
             start = time.perf_counter()
             for packed, attr, ref in weights:
-                project(inputs[ref[attr + "/fp32"].shape.shape[1]], None, packed, attr)
+                project(inputs[ref.shape.shape[1]], None, packed, attr)
             middle = time.perf_counter()
-            for _, attr, ref in weights:
-                x = inputs[ref[attr + "/fp32"].shape.shape[1]]
-                packed_gemm.matmul(x, ref[attr + "/fp32"])
+            for _, _, ref in weights:
+                packed_gemm.matmul(inputs[ref.shape.shape[1]], ref)
             end = time.perf_counter()
             best, ref_best = min(best, middle - start), min(ref_best, end - middle)
         flops = 2 * m * params

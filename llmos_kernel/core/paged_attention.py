@@ -90,13 +90,18 @@ static inline void attend(const job_t *j, int64_t b, float *scores, int64_t cap,
 """ + ckernel.EXP_NEG16 + r"""
 
 #define TILE 16
+/* Where key ``t`` of a sequence lies in the pool: its row (all KV heads) offset in floats. */
+static inline int64_t row_of(const job_t *j, const int64_t *table, int64_t t) {
+    return (table[t / j->block_size] * j->block_size + t % j->block_size) * j->n_kv * 64;
+}
+
 /* Head size 64, one pass over the keys in tiles of 16 (flash-decoding's online softmax):
    a tile's key rows are read once for every head, its scores live in 16-lane registers
    (one max, one vector exp per head), and its value rows are read once while every head's
    output is rescaled and accumulated. Each row holds all KV heads (KV*64 floats), so a
    tile streams its block's memory front to back. */
 static void attend64(const job_t *j, int64_t b) {
-    const int64_t G = j->group, KV = j->n_kv, H = KV * G, BS = j->block_size, n = j->lens[b];
+    const int64_t G = j->group, KV = j->n_kv, H = KV * G, n = j->lens[b];
     const int64_t *table = j->tables + b * j->max_blocks;
     const float *q = j->q + b * H * 64;
     float *out = j->out + b * H * 64;
@@ -110,14 +115,11 @@ static void attend64(const job_t *j, int64_t b) {
     for (int64_t t0 = 0; t0 < n; t0 += TILE) {
         const int64_t cnt = n - t0 < TILE ? n - t0 : TILE;
         int64_t rows[TILE];  /* each key's row offset in the pool */
-        for (int64_t u = 0; u < cnt; u++) {
-            const int64_t t = t0 + u;
-            rows[u] = (table[t / BS] * BS + t % BS) * KV * 64;
-        }
+        for (int64_t u = 0; u < cnt; u++) rows[u] = row_of(j, table, t0 + u);
         /* The next tile's rows sit in another block, often in another page: ask for them
            now, so memory works while this tile computes. */
         for (int64_t t = t0 + TILE; t < t0 + 2 * TILE && t < n; t++) {
-            const int64_t off = (table[t / BS] * BS + t % BS) * KV * 64;
+            const int64_t off = row_of(j, table, t);
             for (int64_t c = 0; c < KV * 64; c += 16) {
                 _mm_prefetch((const char *)(j->k + off + c), _MM_HINT_T0);
                 _mm_prefetch((const char *)(j->v + off + c), _MM_HINT_T0);
