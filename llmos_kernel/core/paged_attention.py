@@ -91,8 +91,8 @@ static inline void attend(const job_t *j, int64_t b, float *scores, int64_t cap,
 
 #define TILE 16
 /* Where key ``t`` of a sequence lies in the pool: its row (all KV heads) offset in floats. */
-static inline int64_t row_of(const job_t *j, const int64_t *table, int64_t t) {
-    return (table[t / j->block_size] * j->block_size + t % j->block_size) * j->n_kv * 64;
+static inline int64_t row_of(const int64_t *table, int64_t t, int64_t BS, int64_t KV) {
+    return (table[t / BS] * BS + t % BS) * KV * 64;
 }
 
 /* Head size 64, one pass over the keys in tiles of 16 (flash-decoding's online softmax):
@@ -101,7 +101,7 @@ static inline int64_t row_of(const job_t *j, const int64_t *table, int64_t t) {
    output is rescaled and accumulated. Each row holds all KV heads (KV*64 floats), so a
    tile streams its block's memory front to back. */
 static void attend64(const job_t *j, int64_t b) {
-    const int64_t G = j->group, KV = j->n_kv, H = KV * G, n = j->lens[b];
+    const int64_t G = j->group, KV = j->n_kv, H = KV * G, BS = j->block_size, n = j->lens[b];
     const int64_t *table = j->tables + b * j->max_blocks;
     const float *q = j->q + b * H * 64;
     float *out = j->out + b * H * 64;
@@ -115,11 +115,11 @@ static void attend64(const job_t *j, int64_t b) {
     for (int64_t t0 = 0; t0 < n; t0 += TILE) {
         const int64_t cnt = n - t0 < TILE ? n - t0 : TILE;
         int64_t rows[TILE];  /* each key's row offset in the pool */
-        for (int64_t u = 0; u < cnt; u++) rows[u] = row_of(j, table, t0 + u);
+        for (int64_t u = 0; u < cnt; u++) rows[u] = row_of(table, t0 + u, BS, KV);
         /* The next tile's rows sit in another block, often in another page: ask for them
            now, so memory works while this tile computes. */
         for (int64_t t = t0 + TILE; t < t0 + 2 * TILE && t < n; t++) {
-            const int64_t off = row_of(j, table, t);
+            const int64_t off = row_of(table, t, BS, KV);
             for (int64_t c = 0; c < KV * 64; c += 16) {
                 _mm_prefetch((const char *)(j->k + off + c), _MM_HINT_T0);
                 _mm_prefetch((const char *)(j->v + off + c), _MM_HINT_T0);
