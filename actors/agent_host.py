@@ -24,11 +24,26 @@ together with that acknowledgement, so a handler that finished is never
 re-run for the same message and its messages are never sent twice; if the
 host or the kernel dies first, the message is delivered again. A driver
 script is no handler: what it receives is acknowledged at once.
+
+Local delivery: a host on the kernel's node keeps messages between its own
+agents in a journal of its own (llmos_kernel.journal, in the kernel's state
+dir) instead of sending them through the kernel: committed there before the
+sender hears "ok", delivered from memory, deleted with the handler's
+acknowledgement (together with what the handler sent to agents here). The
+guarantees stay those of the kernel path, so the kernel takes over whatever
+could break them: a message whose handler sends beyond this host (with what
+the handler sent so far, so its ack and those sends still commit together),
+a sender's earlier direct messages to a receiver it now reaches through the
+kernel (its later direct ones wait until that one arrives: order per
+sender), an exiting agent's unhandled messages, and a dead host's journal.
+Sends with a deadline, an id of the sender's choosing, to a topic or from a
+driver script always go through the kernel.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextvars
 import hashlib
 import importlib
@@ -42,20 +57,32 @@ import traceback
 import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import msgpack
 import ray
 
-from llmos_kernel.errors import InvalidArgument, LlmosError, MessageError, Timeout, Unavailable
+from llmos_kernel.errors import (
+    InvalidArgument,
+    LlmosError,
+    MessageError,
+    QuotaExceeded,
+    Timeout,
+    Unavailable,
+)
+from llmos_kernel.journal import HostJournal
 from llmos_kernel.messages import (
     DEFAULT_REGISTRY,
+    MAX_MESSAGE_BYTES,
     UNTYPED,
     Envelope,
     RawMessage,
+    check,
     decode,
     encode,
     message_type,
+    new_message_id,
     schema_of,
 )
 
@@ -66,7 +93,9 @@ KERNEL_RESTART_WAIT_S = 60.0  # how long a driver's host retries a kernel that w
 RETRY_DELAY_S = 0.5
 BATCHES_IN_FLIGHT = 2
 SEEN_LIMIT = 10_000  # message ids an agent remembers, to drop redeliveries
-RETRYABLE = frozenset({"ipc.send", "ipc.publish", "ipc.ack", "ipc.subscribe", "ipc.unsubscribe"})
+RETRYABLE = frozenset({"ipc.send", "ipc.publish", "ipc.ack", "ipc.subscribe", "ipc.unsubscribe",
+                       "ipc.adopt"})
+_LOCAL_ARGS = frozenset({"to", "id", "type", "payload", "schema", "correlation_id", "reply_to"})
 
 # The process the running task belongs to; the syscall layer reads it (syscalls._context).
 current: contextvars.ContextVar[AgentRuntime | None] = contextvars.ContextVar(
@@ -92,7 +121,10 @@ class Message:
     def arrived(cls, wire: list) -> Message:
         """From an envelope's wire form; the body stays encoded until it is received, when
         the receiving program has declared its message types."""
-        env = Envelope(*wire)
+        return cls.of(Envelope(*wire))
+
+    @classmethod
+    def of(cls, env: Envelope) -> Message:
         return cls(env.id, env.sender, env.type, env.payload, env.correlation_id, env.topic,
                    expects_reply=env.reply_to == "call", timestamp=env.timestamp)
 
@@ -127,6 +159,7 @@ class AgentRuntime:
     log_buffer: list[str] = field(default_factory=list)
     behaviour: Any = None  # the instance, for a program written as a behaviour class
     handles: bool = True  # False for a driver script: what it receives is acked at once
+    mailbox_quota: int = 10_000  # unhandled messages from agents of this host it may hold
 
     def deliver(self, msg: Message) -> None:
         if msg.id in self.seen or msg.id in self.mailbox:
@@ -225,6 +258,7 @@ class AgentHost:
         self.exits: list[dict] = []
         self.logging: set[AgentRuntime] = set()  # agents with output to send
         self.sent_schemas: set[str] = set()  # message types this host has declared to the kernel
+        self._schemas: dict[str, dict] = {}  # their schemas, by name
         self._ids = itertools.count()
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
@@ -237,9 +271,26 @@ class AgentHost:
         self._unsent_logs: dict[int, str] = {}  # output of batches that must go again
         self._down_since: float | None = None
         self.started_at = time.time()
+        # Messages between this host's agents (see "Local delivery" above).
+        self.journal: HostJournal | None = None
+        self.names: dict[str, AgentRuntime] = {}
+        self.local_adds: list[tuple[Envelope, asyncio.Future | None]] = []  # to commit
+        self.local_removes: list[str] = []  # handled: to delete with the next commit
+        self.local_inflight: dict[str, Envelope] = {}  # committed, not yet handled
+        self.local_pending: collections.Counter[int] = collections.Counter()  # per receiver
+        self.held_local: dict[str, list[Envelope]] = {}  # handled msg id -> what it sent
+        self.gates: dict[tuple[int, int], str] = {}  # (sender, receiver) -> id on its way
 
     # -- lifecycle ------------------------------------------------------------
-    async def start(self) -> dict:
+    async def start(self, journal: str | None = None, node: str | None = None) -> dict:
+        """Start serving; with ``journal`` (a path on the kernel's node ``node``), messages
+        between agents of this host are kept there instead of going through the kernel."""
+        if journal and self.journal is None and node == ray.get_runtime_context().get_node_id():
+            try:
+                self.journal = HostJournal(Path(journal))
+            except LlmosError as e:
+                log.error("host %s delivers every message through the kernel: %s",
+                          self.host_id, e)
         if not self._tasks:
             loop = asyncio.get_running_loop()
             self._tasks = [loop.create_task(self._flush_loop()), loop.create_task(self._poll_loop())]
@@ -282,9 +333,27 @@ class AgentHost:
         if name in self.sent_schemas:
             return {"type": name, "payload": payload}
         self.sent_schemas.add(name)
-        return {"type": name, "payload": payload, "schema": schema_of(type(msg))}
+        schema = self._schemas.get(name)
+        if schema is None:
+            schema = self._schemas[name] = schema_of(type(msg))
+        return {"type": name, "payload": payload, "schema": schema}
 
     async def syscall(self, agent: AgentRuntime, name: str, args: dict) -> Any:
+        gate = None
+        if name == "ipc.send":
+            explicit = "id" in args
+            if not explicit:
+                args["id"] = new_message_id()
+            if self.journal is not None:
+                local = self._send_local(agent, args, explicit)
+                if isinstance(local, dict):  # held until the handler finishes
+                    return local
+                if local is not None:
+                    reply = await local
+                    if "error" in reply:
+                        raise LlmosError.from_wire(reply["error"])
+                    return reply["ok"]
+                gate = self._before_kernel_send(agent, args)
         call_id = f"{self.host_id}:{next(self._ids)}"
         future = asyncio.get_running_loop().create_future()
         self.futures[call_id] = future
@@ -292,13 +361,26 @@ class AgentHost:
         self._wake.set()
         reply = await future
         if "error" in reply:
+            if gate is not None and self.gates.get(gate) == f"{agent.pid}:{args['id']}":
+                del self.gates[gate]  # it never arrives
             raise LlmosError.from_wire(reply["error"])
         return reply.get("ok")
 
     def queue_ack(self, agent: AgentRuntime, msg_id: str, reply: dict | None = None) -> None:
         """Acknowledge a message without waiting; a failed reply is noted in the agent's log."""
+        if reply is not None:
+            reply = {**reply, "id": new_message_id()}
+        if msg_id in self.local_inflight:
+            env = None if reply is None else self._local_envelope(agent, reply)
+            if reply is None or env is not None:
+                self._finish_local(msg_id, [] if env is None else [env])
+                return
+            self._adopt_handled(agent, msg_id)  # the reply leaves through the kernel
         args: dict[str, Any] = {"id": msg_id}
         if reply is not None:
+            receiver = self._local_agent(reply.get("to"))
+            if receiver is not None and self.journal is not None:
+                self._route_via_kernel(agent.pid, receiver.pid, f"{agent.pid}:{reply['id']}")
             args["reply"] = reply
             call_id = f"{self.host_id}:{next(self._ids)}"
             future = asyncio.get_running_loop().create_future()
@@ -309,6 +391,181 @@ class AgentHost:
         self.ops.append([call_id, agent.capability, "ipc.ack", args, None])
         self._wake.set()
 
+    # -- local delivery ---------------------------------------------------------
+    def _local_agent(self, to: Any) -> AgentRuntime | None:
+        """The running agent of this host that ``to`` (a pid or a name) is, if any."""
+        agent = self.agents.get(to) if type(to) is int else \
+            self.names.get(to) if type(to) is str else None
+        if agent is None or not agent.handles or agent.killing or agent.task is None or \
+                agent.task.done():
+            return None
+        return agent
+
+    def _local_envelope(self, agent: AgentRuntime, args: dict) -> Envelope | None:
+        """The envelope of a send that may stay on this host, else None (the kernel takes it:
+        a receiver elsewhere, a deadline, a message this host cannot vouch for...)."""
+        if not agent.handles or not args.keys() <= _LOCAL_ARGS:
+            return None
+        receiver = self._local_agent(args.get("to"))
+        if receiver is None or (agent.pid, receiver.pid) in self.gates:
+            return None
+        payload, type_ = args.get("payload"), args.get("type")
+        if type(payload) is not bytes or len(payload) > MAX_MESSAGE_BYTES:
+            return None
+        try:
+            if check(payload, registry=DEFAULT_REGISTRY) != type_:
+                return None
+            env = Envelope.from_wire([f"{agent.pid}:{args['id']}", agent.pid, receiver.pid,
+                                      type_, payload, args.get("correlation_id"),
+                                      args.get("reply_to"), None, time.time(), None])
+        except MessageError:
+            return None
+        if self.local_pending[receiver.pid] >= receiver.mailbox_quota:
+            raise QuotaExceeded(f"the mailbox of process {receiver.pid} is full "
+                                f"({receiver.mailbox_quota} pending messages); retry later")
+        if "schema" in args:
+            self.sent_schemas.discard(type_)  # the kernel has not seen it yet
+        return env
+
+    def _send_local(self, agent: AgentRuntime, args: dict, explicit: bool
+                    ) -> dict | asyncio.Future | None:
+        """Keep a send on this host when it may; None when the kernel must take it.
+
+        A send with an id of the caller's choosing goes through the kernel, which remembers
+        ids for deduplication across restarts."""
+        handling = agent.handling if args.get("reply_to") != "call" else None
+        if explicit or (handling is not None and handling not in self.local_inflight):
+            return None
+        env = self._local_envelope(agent, args)
+        if env is None:
+            return None
+        self.local_pending[env.receiver] += 1
+        if handling is not None:  # goes out with the handler's acknowledgement
+            self.held_local.setdefault(handling, []).append(env)
+            return {"id": env.id, "to": env.receiver}
+        future = asyncio.get_running_loop().create_future()
+        self.local_adds.append((env, future))
+        self._wake.set()
+        return future
+
+    def _commit_local(self) -> None:
+        """Commit what was sent and handled here since the last commit, then deliver."""
+        if not (self.local_adds or self.local_removes):
+            return
+        adds, removes = self.local_adds, self.local_removes
+        self.local_adds, self.local_removes = [], []
+        try:
+            self.journal.commit([env for env, _ in adds], removes)
+        except Exception as e:
+            log.exception("host %s: journal commit failed", self.host_id)
+            error = Unavailable(f"could not persist: {e}").to_wire()
+            for env, future in adds:
+                self.local_pending[env.receiver] -= 1
+                if future is not None and not future.done():
+                    future.set_result({"error": error})
+            return
+        orphans = []
+        for env, future in adds:
+            self.local_inflight[env.id] = env
+            receiver = self.agents.get(env.receiver)
+            if receiver is not None:
+                receiver.deliver(Message.of(env))
+            else:  # it exited meanwhile: its next incarnation gets it from the kernel
+                orphans.append(env)
+            if future is not None and not future.done():
+                future.set_result({"ok": {"id": env.id, "to": env.receiver}})
+        if orphans:
+            self._adopt(orphans)
+
+    def _finish_local(self, msg_id: str, replies: list[Envelope]) -> None:
+        """A handler finished a local message: its sends and its deletion commit together."""
+        env = self.local_inflight.pop(msg_id)
+        self.local_pending[env.receiver] -= 1
+        for reply in replies:
+            self.local_pending[reply.receiver] += 1
+        sent = self.held_local.pop(msg_id, []) + replies
+        self.local_adds.extend((e, None) for e in sent)
+        self.local_removes.append(msg_id)
+        self._wake.set()
+
+    def _adopt(self, envs: list[Envelope]) -> None:
+        """Hand unhandled local messages to the kernel (in order); the journal forgets them
+        once the kernel has committed them."""
+        for env in envs:
+            self.local_inflight.pop(env.id, None)
+            self.local_pending[env.receiver] -= 1
+        ids = [env.id for env in envs]
+
+        def adopted(future: asyncio.Future) -> None:
+            if "error" in future.result():  # kept here: the kernel takes them when we die
+                log.error("host %s could not hand %d messages to the kernel: %s",
+                          self.host_id, len(ids), future.result()["error"])
+                return
+            self.local_removes.extend(ids)
+            self._wake.set()
+
+        call_id = f"{self.host_id}:{next(self._ids)}"
+        future = asyncio.get_running_loop().create_future()
+        future.add_done_callback(adopted)
+        self.futures[call_id] = future
+        self.ops.append([call_id, "", "ipc.adopt",
+                         {"envelopes": [env.to_wire() for env in envs]}, None])
+        self._wake.set()
+
+    def _route_via_kernel(self, sender: int, receiver: int, msg_id: str) -> None:
+        """``sender`` sends to ``receiver`` (here) through the kernel: what it sent directly
+        before goes to the kernel first, and later direct sends wait until ``msg_id``
+        arrives, so its messages keep their order, also when redelivered after a crash."""
+        self._commit_local()
+        earlier = [e for e in self.local_inflight.values()
+                   if e.sender == sender and e.receiver == receiver]
+        if earlier:
+            self._adopt(earlier)
+        self.gates[(sender, receiver)] = msg_id
+
+    def _before_kernel_send(self, agent: AgentRuntime, args: dict) -> tuple[int, int] | None:
+        """A send that goes through the kernel; returns its gate, if it set one."""
+        handling = agent.handling if args.get("reply_to") != "call" else None
+        if handling is not None and handling in self.local_inflight:
+            self._adopt_handled(agent, handling)  # it must commit with the handler's ack
+        receiver = self._local_agent(args.get("to"))
+        if receiver is None:
+            return None
+        self._route_via_kernel(agent.pid, receiver.pid, f"{agent.pid}:{args['id']}")
+        return (agent.pid, receiver.pid)
+
+    def _adopt_handled(self, agent: AgentRuntime, msg_id: str) -> None:
+        """The handler of local message ``msg_id`` sends beyond this host: the message and
+        what the handler sent so far become the kernel's, to commit with its ack there."""
+        self._adopt([self.local_inflight[msg_id]])
+        for env in self.held_local.pop(msg_id, []):
+            self.local_pending[env.receiver] -= 1
+            args: dict[str, Any] = {"to": env.receiver, "id": env.id.split(":", 1)[1],
+                                    "type": env.type, "payload": env.payload}
+            for key in ("correlation_id", "reply_to"):
+                if getattr(env, key) is not None:
+                    args[key] = getattr(env, key)
+            if env.type != UNTYPED and env.type not in self.sent_schemas:
+                args["schema"] = schema_of(env.type, registry=DEFAULT_REGISTRY)
+                self.sent_schemas.add(env.type)
+            if self._local_agent(env.receiver) is not None:
+                self._route_via_kernel(agent.pid, env.receiver, env.id)
+            call_id = f"{self.host_id}:{next(self._ids)}"
+            future = asyncio.get_running_loop().create_future()
+            future.add_done_callback(lambda f: _log_failure(agent, "send", f.result()))
+            self.futures[call_id] = future
+            self.ops.append([call_id, agent.capability, "ipc.send", args, msg_id])
+
+    def _hand_over(self, agent: AgentRuntime) -> None:
+        """An agent exited: its unhandled local messages go to the kernel, which delivers them
+        to its next incarnation or makes them dead letters (before its exit report)."""
+        for env in self.held_local.pop(agent.handling, []) if agent.handling else []:
+            self.local_pending[env.receiver] -= 1  # its handler did not finish
+        self._commit_local()
+        mine = [e for e in self.local_inflight.values() if e.receiver == agent.pid]
+        if mine:
+            self._adopt(mine)
+
     async def _flush_loop(self) -> None:
         """Send what agents asked for, up to BATCHES_IN_FLIGHT numbered batches at a time (the
         kernel runs a host's batches in their order), so the kernel works on one batch while
@@ -316,6 +573,8 @@ class AgentHost:
         while True:
             await self._wake.wait()
             self._wake.clear()
+            if self.journal is not None:
+                self._commit_local()
             if self._setback or len(self._in_flight) >= BATCHES_IN_FLIGHT or not (
                     self.ops or self.exits or self.logging or self._unsent_logs):
                 continue
@@ -433,7 +692,10 @@ class AgentHost:
         elif kind == "msg":
             agent = self.agents.get(item["pid"])
             if agent is not None:
-                agent.deliver(Message.arrived(item["env"]))
+                msg = Message.arrived(item["env"])
+                if self.gates and self.gates.get((msg.sender, agent.pid)) == msg.id:
+                    del self.gates[(msg.sender, agent.pid)]  # later ones may go directly
+                agent.deliver(msg)
         elif kind == "delta":
             agent = self.agents.get(item["pid"])
             queue = agent.streams.get(item["delta"]["request_id"]) if agent else None
@@ -464,8 +726,15 @@ class AgentHost:
 
     def _spawn(self, order: dict) -> None:
         pid = order["pid"]
-        agent = AgentRuntime(self, pid, order["capability"], order.get("name"))
+        agent = AgentRuntime(self, pid, order["capability"], order.get("name"),
+                             mailbox_quota=order.get("mailbox", 10_000))
         self.agents[pid] = agent
+        if agent.name:
+            self.names[agent.name] = agent
+        for key in [k for k in self.gates if k[1] == pid]:
+            del self.gates[key]
+        for sender, newest in (order.get("backlog") or {}).items():
+            self.gates[(int(sender), pid)] = newest  # what waits in the kernel comes first
         ctx = contextvars.copy_context()
         ctx.run(current.set, agent)
         agent.task = asyncio.get_running_loop().create_task(
@@ -491,6 +760,10 @@ class AgentHost:
                                "traceback": traceback.format_exc(limit=20)}}
             agent.log(f"[exit] {type(e).__name__}: {e}\n")
         self.agents.pop(agent.pid, None)
+        if agent.name and self.names.get(agent.name) is agent:
+            del self.names[agent.name]
+        if self.journal is not None:
+            self._hand_over(agent)
         self.exits.append({"pid": agent.pid, **exit_})
         self._wake.set()
 
@@ -614,8 +887,8 @@ class _HostActor:
     def __init__(self, kernel: Any, host_id: str, *, token: str | None = None):
         self.host = AgentHost(kernel, host_id, token=token)
 
-    async def start(self) -> dict:
-        return await self.host.start()
+    async def start(self, journal: str | None = None, node: str | None = None) -> dict:
+        return await self.host.start(journal, node)
 
     async def lifetime(self) -> None:
         await self.host.lifetime()

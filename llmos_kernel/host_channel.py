@@ -42,7 +42,8 @@ log = logging.getLogger("llmos.kernel")
 MAX_LOG_BYTES = 8 << 20  # per process; later output is dropped with a note
 BATCH_ORDER_WAIT_S = 10.0  # how long a host's batch waits for the one numbered before it
 POLL_MAX_S = 60.0
-_STAGING = ("ipc.send", "ipc.publish", "ipc.ack")  # calls whose effects the commit persists
+_STAGING = ("ipc.send", "ipc.publish", "ipc.ack", "ipc.adopt")
+_HOST_CALLS = ("tools.result", "ipc.adopt")  # calls whose effects the commit persists
 
 
 def internal_error(where: str, e: Exception) -> dict:
@@ -129,8 +130,13 @@ class HostChannel:
             if len(op) != 5:
                 raise InvalidArgument("a syscall is [call id, capability, name, args, handling]")
             call_id, capability, name, args, handling = op
-            if name == "tools.result":
-                return self.kernel._tool_result(host_id, args)
+            if name in _HOST_CALLS:  # the host's own calls, never an agent's
+                if capability != "":
+                    raise PermissionDenied(f"{name} is for agent hosts, not programs")
+                if name == "tools.result":
+                    return self.kernel._tool_result(host_id, args)
+                return {"ok": self.kernel.ipc.adopt(host_id, args.get("envelopes")
+                                                    if isinstance(args, dict) else None)}
             proc = self._caller(host_id, capability)
             args = syscall_table.check_args(name, args)
             spec = syscall_table.TABLE[name]
@@ -174,6 +180,7 @@ class HostChannel:
         if proc is None or proc.host != host.host_id:
             return  # a host may only report its own agents
         if report.get("reason") == "error":
+            self.kernel.ipc.commit()  # what the host handed over with this report, first
             error = report.get("error") if isinstance(report.get("error"), dict) else {}
             self.kernel.ipc.reject(proc.pid, report.get("handling"),
                                    f"the handler of process {proc.pid} raised "

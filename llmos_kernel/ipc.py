@@ -35,7 +35,7 @@ from llmos_kernel.proctable import Process, ProcessTable
 
 DELIVERY_WINDOW = 512  # unacknowledged messages in flight per receiver
 MAX_ID = 200  # characters in a sender-chosen message id
-_REPLY_ARGS = ("to", "type", "payload", "schema", "correlation_id")
+_REPLY_ARGS = ("to", "type", "payload", "schema", "correlation_id", "id")
 SCHEMAS_KEY = "schemas"
 TOPICS_KEY = "topics"
 
@@ -45,6 +45,7 @@ class _Batch:
     sends: list[Envelope] = field(default_factory=list)
     acks: list[str] = field(default_factory=list)
     dead: list[tuple[Envelope, str]] = field(default_factory=list)
+    adopted: set[str] = field(default_factory=set)  # already delivered by their host
     per_receiver: dict[int, int] = field(default_factory=lambda: defaultdict(int))
 
 
@@ -62,7 +63,8 @@ class IPCService:
         self.cursor: dict[int, int] = defaultdict(int)  # receiver -> last delivered seq
         self.caught_up: set[int] = set()  # receivers with every committed message pushed
         self.batch = _Batch()
-        self.stats = {"sent": 0, "delivered": 0, "acked": 0, "dead": 0}
+        self.stats = {"sent": 0, "delivered": 0, "acked": 0, "dead": 0, "adopted": 0,
+                      "taken_over": 0}
 
     # -- staging (inside one host batch) ----------------------------------------
     def send(self, sender: Process, args: dict, handling: str | None) -> dict:
@@ -133,6 +135,46 @@ class IPCService:
             raise InvalidArgument("a reply is a dict of ipc.send arguments")
         return self.send(proc, {k: v for k, v in reply.items() if k in _REPLY_ARGS}, None)
 
+    def adopt(self, host_id: str, wires: Any) -> int:
+        """Take over messages a host kept in its journal (llmos_kernel.journal): they become
+        pending here, in the order given. One its receiver holds unhandled on that host
+        counts as delivered there (its ack comes here); the host deletes the journal copy
+        once this commits. Returns how many are new."""
+        if not isinstance(wires, list):
+            raise InvalidArgument("ipc.adopt takes a list of envelopes")
+        envs = [Envelope.from_wire(w) for w in wires]
+        for env in envs:
+            receiver = self.table.procs.get(env.receiver)
+            if receiver is None or env.sender not in self.table.procs or \
+                    not env.id.startswith(f"{env.sender}:") or \
+                    host_id not in (receiver.host, self.table.procs[env.sender].host):
+                raise InvalidArgument(f"message {env.id!r:.60} is not one this host may hand "
+                                      "over")
+        self.stats["adopted"] += len(envs)
+        for env in envs:
+            receiver = self.table.procs[env.receiver]
+            self.batch.sends.append(env)
+            if receiver.host == host_id and receiver.status == "running" and \
+                    env.id not in self.inflight:
+                self.batch.adopted.add(env.id)
+                self.inflight[env.id] = receiver.pid
+                self.window[receiver.pid] += 1
+        return len(envs)
+
+    def take_over(self, envs: list[Envelope]) -> None:
+        """A dead host's journal: its messages join the mailboxes, after what is here."""
+        self.stats["taken_over"] += len(envs)
+        self.batch.sends.extend(envs)
+        self.commit()
+        for pid in {env.receiver for env in envs}:
+            proc = self.table.procs.get(pid)
+            if proc is None or proc.status == "exited":
+                self.store.dead_letter(pid, f"process {pid} has exited")
+
+    def backlog(self, pid: int) -> dict[int, str]:
+        """Per sender, the id of its newest message pending for ``pid``."""
+        return self.store.newest_per_sender(pid)
+
     def _receiver(self, to: Any) -> Process:
         if isinstance(to, bool) or not isinstance(to, int | str):
             raise InvalidArgument(f"send to a pid (int) or a process name (str), got {to!r}")
@@ -200,6 +242,10 @@ class IPCService:
                 self.window[pid] -= 1
                 freed.add(pid)
         for seq, env in enumerate(new, self.store.last_seq - len(new) + 1):
+            if env.id in batch.adopted:  # its host delivered it already
+                if env.receiver in self.caught_up:
+                    self.cursor[env.receiver] = seq
+                continue
             self._push(env, seq)
         for pid in freed - self.caught_up:
             self.pump(pid)

@@ -30,7 +30,7 @@ from typing import Any
 
 import ray
 
-from llmos_kernel import syscall_table
+from llmos_kernel import journal, syscall_table
 from llmos_kernel.errors import (
     InvalidArgument,
     LlmosError,
@@ -69,6 +69,7 @@ class KernelConfig:
     hosts: int = 1  # shared agent hosts
     memory_model: str = "minilm"
     driver_silent_s: float = 60.0  # a driver script's host silent this long is gone
+    local_delivery: bool = True  # hosts on the kernel's node journal their own messages
 
 
 def answer(method):
@@ -110,7 +111,9 @@ class Kernel:
             self.tools.register(fn)
         self.llm = LLMService(cfg.llm, cfg.name, self.outboxes, on_usage=self._charge_tokens)
         self.procs = ProcessManager(cfg.name, self.table, self.ipc, self.outboxes,
-                                    shared_hosts=cfg.hosts, on_final_exit=self._reap)
+                                    shared_hosts=cfg.hosts, on_final_exit=self._reap,
+                                    journal_dir=(self.state_dir / journal.JOURNAL_DIR
+                                                 if cfg.local_delivery else None))
         self.channel = HostChannel(self)
         self._memory: asyncio.Future[MemoryStore] | None = None
         self._embedder = None  # the memory store's sentence embedder, once loaded
@@ -163,6 +166,7 @@ class Kernel:
                 if expired:
                     log.info("%d messages expired", len(expired))
                 self.procs.reap_drivers(self.cfg.driver_silent_s)
+                self.procs.take_over_journals()
                 self.ipc.commit()
                 self.ipc.pump_all()
             except Exception:

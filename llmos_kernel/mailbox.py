@@ -235,6 +235,14 @@ class MailboxStore:
             self._conn()
             return dict(self._pending)
 
+    def newest_per_sender(self, receiver: int) -> dict[int, str]:
+        """Per sender, the id of its newest pending message for ``receiver``."""
+        with self._lock:
+            rows = self._conn().execute(
+                "SELECT sender, id FROM messages WHERE seq IN (SELECT max(seq) FROM messages "
+                "WHERE receiver = ? GROUP BY sender)", (receiver,)).fetchall()
+        return dict(rows)
+
     def count(self, receiver: int) -> int:
         """Pending messages for ``receiver`` (kept as a counter: O(1))."""
         with self._lock:

@@ -14,17 +14,20 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import ray
 
 from actors.agent_host import RemoteAgentHost
+from llmos_kernel import journal
 from llmos_kernel.errors import (
     AlreadyExists,
     InvalidArgument,
     NoSuchProcess,
     PermissionDenied,
     Timeout,
+    Unavailable,
 )
 from llmos_kernel.ipc import IPCService
 from llmos_kernel.notices import notice
@@ -53,7 +56,7 @@ class HostInfo:
 class ProcessManager:
     def __init__(self, kernel_name: str, table: ProcessTable, ipc: IPCService, outboxes: Outboxes,
                  *, shared_hosts: int = 1, kernel_spec: RestartSpec | None = None,
-                 on_final_exit=None):
+                 on_final_exit=None, journal_dir: Path | None = None):
         self.kernel_name, self.table, self.ipc, self.outboxes = kernel_name, table, ipc, outboxes
         self.shared_hosts = shared_hosts
         self.kernel_spec = kernel_spec or RestartSpec(strategy="one_for_one", intensity=5,
@@ -63,9 +66,22 @@ class ProcessManager:
         self.on_final_exit = on_final_exit or (lambda proc: None)
         self.started = time.monotonic()
         self._host_seq = 0
+        self.journal_dir = journal_dir  # None: messages between agents of a host go through us
+        self._orphans: set[Path] = set()  # journals of dead hosts not yet taken over
 
     # -- hosts ----------------------------------------------------------------
     async def start(self) -> None:
+        if self.journal_dir is not None:  # hosts of the kernel before us: stop, take over
+            self._orphans.update(self.journal_dir.glob("*.db"))
+            for path in self._orphans:
+                try:
+                    ray.kill(ray.get_actor(path.stem, namespace="llmos"), no_restart=True)
+                except ValueError:
+                    pass  # gone already
+            for _ in range(40):
+                if self.take_over_journals():
+                    break
+                await asyncio.sleep(0.25)
         for _ in range(self.shared_hosts):
             await self._new_host()
         await self._recover()
@@ -84,7 +100,8 @@ class ProcessManager:
                                                           token=secret)
         info = HostInfo(host_id, handle, secret, isolated)
         self.hosts[host_id] = info
-        await handle.start.remote()
+        journal = None if self.journal_dir is None else str(self.journal_dir / f"{host_id}.db")
+        await handle.start.remote(journal, ray.get_runtime_context().get_node_id())
         asyncio.get_running_loop().create_task(self._watch(info))
         return info
 
@@ -135,14 +152,37 @@ class ProcessManager:
     async def host_died(self, info: HostInfo) -> None:
         self.hosts.pop(info.host_id, None)
         self.outboxes.drop(info.host_id)
+        for pid in info.pids:
+            self.ipc.forget_deliveries(pid)
+        if self.journal_dir is not None and info.handle is not None:
+            self._orphans.add(self.journal_dir / f"{info.host_id}.db")
+            for _ in range(20):  # the dead host's process lets go of its journal
+                if self.take_over_journals():
+                    break
+                await asyncio.sleep(0.25)
         for pid in sorted(info.pids):
             proc = self.table.procs.get(pid)
             if proc is not None and proc.alive:
-                self.ipc.forget_deliveries(pid)
                 self.exited(pid, {"reason": "host_died", "error": {
                     "type": "HostDied", "message": f"host {info.host_id} died"}})
         if len(self.shared_host_ids()) < self.shared_hosts:
             await self._new_host()
+
+    def take_over_journals(self) -> bool:
+        """Move the messages of dead hosts' journals into the kernel's mailboxes; True when
+        none is left (one still locked is retried on the next call)."""
+        for path in sorted(self._orphans):
+            try:
+                envs = journal.take_over(path)
+            except Unavailable as e:
+                log.info("%s; will retry", e)
+                continue
+            if envs:
+                log.warning("taking over %d unhandled messages from %s", len(envs), path.name)
+            self.ipc.take_over(envs)
+            journal.remove(path)
+            self._orphans.discard(path)
+        return not self._orphans
 
     def shared_host_ids(self) -> list[str]:
         return [h.host_id for h in self.hosts.values() if not h.isolated and h.handle is not None]
@@ -232,7 +272,8 @@ class ProcessManager:
         self.table.save(proc)
         self.outboxes.put(host.host_id, {
             "kind": "spawn", "pid": proc.pid, "capability": capability, "name": proc.name,
-            "program": proc.program, "args": proc.args})
+            "program": proc.program, "args": proc.args, "mailbox": proc.quotas.mailbox,
+            "backlog": self.ipc.backlog(proc.pid)})
         self.ipc.pump(proc.pid)
 
     def attach(self, name: str | None, priority: int, host_id: str) -> tuple[Process, str]:

@@ -3,8 +3,10 @@
 Guarantees:
 
 - order: messages from one sender to one receiver arrive in the order sent;
-- durability: ``send`` returns once the kernel has validated the message and
-  committed it to the receiver's mailbox on disk — or, inside a handler,
+- durability: ``send`` returns once the message is validated and committed to
+  the receiver's mailbox on disk (the kernel's store; for a receiver on the
+  sender's own agent host, that host's journal, which the kernel takes over if
+  the host dies) — or, inside a handler,
   staged it to be committed together with that handler's completion (the
   acknowledgement of the message being handled), so a crash keeps both or
   neither; the message stays in the mailbox until the receiver's handler for it
@@ -17,7 +19,9 @@ Guarantees:
 
 Errors: MessageError (malformed message, unknown or mismatched type),
 NoSuchProcess (no such receiver, or it exited for good), QuotaExceeded (the
-receiver's mailbox is full: back off and retry), Timeout (``recv``/``call``).
+receiver's mailbox is full: back off and retry; the quota bounds the messages
+waiting in the kernel and, separately, those from the receiver's own host),
+Timeout (``recv``/``call``).
 """
 
 from __future__ import annotations
@@ -40,8 +44,8 @@ async def send(to: int | str, msg: Any, *, id: str | None = None, deadline: floa
     that left you unsure) delivers the message once. ``deadline`` (epoch seconds) turns an
     undelivered message into a dead letter when it passes.
     """
-    args = {"to": to, "id": id or new_message_id(), **_context.host().wire(msg)}
-    for key, value in (("deadline", deadline), ("correlation_id", correlation_id)):
+    args = {"to": to, **_context.host().wire(msg)}
+    for key, value in (("id", id), ("deadline", deadline), ("correlation_id", correlation_id)):
         if value is not None:
             args[key] = value
     return (await _context.call("ipc.send", **args))["id"]
@@ -82,8 +86,7 @@ async def call(to: int | str, msg: Any, *, timeout: float = 30.0) -> Message:
     The request leaves at once, even inside a handler (a handler that waits for a
     reply cannot hold its request back until it finishes).
     """
-    sent = await _context.call("ipc.send", to=to, id=new_message_id(), reply_to="call",
-                               **_context.host().wire(msg))
+    sent = await _context.call("ipc.send", to=to, reply_to="call", **_context.host().wire(msg))
     return await _context.runtime().next_message(
         lambda m: m.correlation_id == sent["id"], timeout, handle=False)
 

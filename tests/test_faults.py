@@ -8,6 +8,10 @@ consumer's forward is committed together with its acknowledgement of the
 message it handled, so the numbers that come back are exactly the messages
 whose handlers finished: all 10,000 must come back, in order per consumer,
 none twice, whatever dies on the way.
+
+The same two failures also strike a stream that never touched the kernel
+before: agents of one host passing numbers among themselves, kept in their
+host's journal (actors.agent_host, "Local delivery").
 """
 
 from __future__ import annotations
@@ -21,10 +25,11 @@ import uuid
 import pytest
 import ray
 from checks import table, until
-from workers import Num, forwarder, idle
+from workers import Cmd, Num, counter, forwarder, hold_then_forward, idle, relay
 
 from actors.agent_host import AgentHost, AgentRuntime, current
 from llmos_kernel.client import unwrap
+from llmos_kernel.errors import Unavailable
 from syscalls import ipc, proc
 from syscalls.proc import program_spec
 
@@ -188,3 +193,68 @@ def test_kernel_sigkilled_mid_stream(fault_kernel):
     _check(consumers, back)
     assert after["pid"] != before["pid"], "Ray restarted the kernel in a new process"
     assert {rows[c]["restarts"] for c in consumers} == {1}, "the kernel restarted them all"
+
+
+LOCAL = 2_000  # numbers passed among the agents of one host
+
+
+async def _local_stream(driver: Driver, kill) -> tuple[list[int], dict, dict]:
+    """On one host: a counter sends LOCAL numbers to a slow relay, which passes each on to a
+    holder that handles nothing until told to. ``kill()`` strikes with the numbers spread
+    over both mailboxes; then the holder, restarted, forwards all it got to this test."""
+    start = await driver.call("status")
+    host = start["processes"]["shared_hosts"][0]
+    permanent = {"restart": {"restart": "permanent"}, "quotas": {"mailbox": 2 * LOCAL},
+                 "host": host}
+    holder = await driver.call("spawn", {"program": program_spec(hold_then_forward),
+                                         "args": {"to": proc.pid()}, **permanent})
+    relayer = await driver.call("spawn", {"program": program_spec(relay),
+                                          "args": {"to": holder, "pause": 0.002}, **permanent})
+    sender = await driver.call("spawn", {"program": program_spec(counter), "host": host,
+                                         "args": {"to": relayer, "count": LOCAL}})
+    assert (await proc.wait(sender, timeout=120))["result"] == LOCAL
+    await asyncio.sleep(1.0)  # the relay is a few hundred numbers in
+    before = (await driver.call("status"))["ipc"]
+    before["sent"] -= start["ipc"]["sent"]
+    await kill(host)
+    for _ in range(120):  # calls made while the kernel restarts fail with Unavailable
+        try:
+            rows = await until(lambda t: all(t[p]["status"] == "running" and
+                                             t[p]["restarts"] == 1 for p in (holder, relayer)),
+                               timeout=120)
+            break
+        except Unavailable:
+            await asyncio.sleep(1.0)
+    await ipc.send(holder, Cmd("go"))
+    got = [(await ipc.recv(type=Num, sender=holder, timeout=180)).body.n for _ in range(LOCAL)]
+    for p in (holder, relayer):
+        await driver.call("kill", p)
+    status = await driver.call("status")
+    after = status["ipc"]
+    if status["pid"] == start["pid"]:  # the same kernel: count from the start
+        after["taken_over"] -= start["ipc"]["taken_over"]
+    return got, before, {**after, "rows": rows}
+
+
+def _check_local(got: list[int], before: dict, after: dict) -> None:
+    assert len(got) == len(set(got)), "a finished handler ran twice"
+    assert got == list(range(LOCAL)), "lost or out of order"
+    assert before["sent"] < LOCAL // 2, "the numbers did not stay on their host"
+    assert after["taken_over"] > 0, "the kernel took nothing over from the host's journal"
+
+
+def test_agent_host_sigkilled_mid_local_stream(fault_kernel):
+    async def kill_the_host(host: str) -> None:
+        info = await ray.get_actor(host, namespace="llmos").info.remote()
+        os.kill(info["pid"], signal.SIGKILL)
+
+    got, before, after = fault_kernel.run(_local_stream(fault_kernel, kill_the_host))
+    _check_local(got, before, after)
+
+
+def test_kernel_sigkilled_mid_local_stream(fault_kernel):
+    async def kill_the_kernel(host: str) -> None:
+        os.kill((await fault_kernel.call("status"))["pid"], signal.SIGKILL)
+
+    got, before, after = fault_kernel.run(_local_stream(fault_kernel, kill_the_kernel))
+    _check_local(got, before, after)

@@ -139,9 +139,33 @@ def test_no_argument_lets_a_caller_claim_another_identity(intruder, name, args):
 
 
 def test_a_host_cannot_answer_a_tool_call_it_was_not_given(intruder):
-    host, _, capability = intruder
-    op = host.op(capability, "tools.result", {"call": secrets.token_hex(8), "reply": {"ok": 1}})
+    host, _, _ = intruder
+    op = host.op("", "tools.result", {"call": secrets.token_hex(8), "reply": {"ok": 1}})
     assert host.batch([op])[op[0]]["error"]["type"] == "NotFound"
+
+
+@pytest.mark.parametrize("name", ["tools.result", "ipc.adopt"])
+def test_a_program_cannot_make_its_hosts_own_calls(intruder, name):
+    """Answering tool calls and handing messages over are for hosts: a call that carries a
+    program's capability is refused."""
+    host, _, capability = intruder
+    op = host.op(capability, name, {"call": "x", "reply": {"ok": 1}, "envelopes": []})
+    result = host.batch([op])[op[0]]
+    assert result["error"]["type"] == "PermissionDenied"
+    assert "for agent hosts" in result["error"]["message"]
+
+
+def test_a_host_cannot_hand_over_a_message_as_another_sender(kernel, intruder):
+    """A host hands the kernel only messages whose id carries their sender's pid and that
+    went to or from a process of its own."""
+    host, pid, _ = intruder
+    forged = [f"{kernel.pid}:x", kernel.pid, pid, "dict", b"\x80", None, None, None, 1.0, None]
+    elsewhere = [f"{kernel.pid}:y", kernel.pid, kernel.pid, "dict", b"\x80", None, None, None,
+                 1.0, None]
+    for env in ([f"{pid}:z", *forged[1:]], elsewhere):
+        op = host.op("", "ipc.adopt", {"envelopes": [env]})
+        result = host.batch([op])[op[0]]
+        assert result["error"]["type"] == "InvalidArgument", env
 
 
 def test_an_agent_is_limited_to_its_tools_paths_memory_and_children(kernel):

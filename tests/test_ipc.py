@@ -21,9 +21,12 @@ from workers import (
     Report,
     announce,
     collector,
+    commander,
     counter,
     idle,
+    relay,
     subscriber,
+    switcher,
 )
 
 from llmos_kernel.errors import MessageError, NoSuchProcess, QuotaExceeded, Timeout
@@ -232,3 +235,98 @@ def test_many_concurrent_calls_are_all_answered(kernel):
         return [a.body.n for a in answers]
 
     assert kernel.run(scenario()) == list(range(1, 301))
+
+
+# -- local delivery: messages between agents of one host (actors.agent_host) --------------
+def _kernel_sent(kernel) -> int:
+    return kernel.call("status")["ipc"]["sent"]
+
+
+def test_messages_between_agents_of_one_host_stay_there(kernel):
+    """Two senders and a collector on one host: every message arrives, in order per sender,
+    and (almost) none of them went through the kernel."""
+    host = kernel.call("status")["processes"]["shared_hosts"][0]
+    before = _kernel_sent(kernel)
+
+    async def scenario():
+        sink = await proc.spawn(collector, {"count": 1000}, host=host)
+        senders = [await proc.spawn(counter, {"to": sink, "count": 500}, host=host)
+                   for _ in range(2)]
+        return senders, (await proc.wait(sink, timeout=120))["result"]
+
+    senders, got = kernel.run(scenario())
+    for s in senders:
+        assert [n for sender, n in got if sender == s] == list(range(500))
+    assert _kernel_sent(kernel) - before < 100, "the messages went through the kernel"
+
+
+def test_order_holds_when_a_sender_switches_between_host_and_kernel(kernel):
+    """A sender alternates five direct sends with five sent while handling a message that
+    came through the kernel (those go through the kernel, with that message's ack): its
+    receiver still gets all of them in the order sent."""
+    host = kernel.call("status")["processes"]["shared_hosts"][0]
+    rounds = 20
+
+    async def scenario():
+        sink = await proc.spawn(collector, {"count": 10 * rounds}, host=host)
+        sender = await proc.spawn(switcher, {"to": sink, "rounds": rounds}, host=host)
+        for _ in range(rounds):
+            await ipc.send(sender, Cmd("next"))
+        return sender, (await proc.wait(sink, timeout=120))["result"]
+
+    sender, got = kernel.run(scenario())
+    assert got == [[sender, n] for n in range(10 * rounds)]
+
+
+def test_a_handler_of_a_local_message_may_send_beyond_its_host(kernel):
+    """A relay handles numbers from a neighbour on its host and passes each on to this
+    driver script: the kernel takes each such message over (to commit its ack with the
+    relay's send), and all arrive, in order, once."""
+    host = kernel.call("status")["processes"]["shared_hosts"][0]
+    before = kernel.call("status")["ipc"]["adopted"]
+
+    async def scenario():
+        relayer = await proc.spawn(relay, {"to": proc.pid()}, host=host)
+        await proc.spawn(counter, {"to": relayer, "count": 300}, host=host)
+        got = [(await ipc.recv(type=Num, sender=relayer, timeout=60)).body.n
+               for _ in range(300)]
+        await proc.kill(relayer)
+        return got
+
+    assert kernel.run(scenario()) == list(range(300))
+    assert kernel.call("status")["ipc"]["adopted"] - before >= 300
+
+
+def test_a_full_mailbox_pushes_back_a_neighbour_too(kernel):
+    host = kernel.call("status")["processes"]["shared_hosts"][0]
+
+    async def scenario():
+        slow = await proc.spawn(idle, quotas={"mailbox": 3}, host=host)
+        sender = await proc.spawn(counter, {"to": slow, "count": 4}, host=host)
+        exit_ = await proc.wait(sender, timeout=60)
+        await proc.kill(slow)
+        return exit_
+
+    exit_ = kernel.run(scenario())
+    assert exit_["reason"] == "error"
+    assert exit_["error"]["type"] == "QuotaExceeded"
+    assert "is full (3 pending messages)" in exit_["error"]["message"]
+
+
+def test_a_local_message_whose_handler_raises_is_dead_lettered_not_redelivered(kernel):
+    """The crash's message becomes a dead letter; the message still waiting behind it
+    reaches the restarted receiver (which it tells to stop)."""
+    host = kernel.call("status")["processes"]["shared_hosts"][0]
+
+    async def scenario():
+        victim = await proc.spawn(Commanded, restart="transient", host=host)
+        await proc.spawn(commander, {"to": victim, "whats": ["crash", "exit"]}, host=host)
+        return victim, await proc.wait(victim, timeout=60)
+
+    victim, exit_ = kernel.run(scenario())
+    assert exit_["reason"] == "normal" and exit_["result"] == "bye"
+    rows = kernel.run(until(lambda t: t[victim]["status"] == "exited"))
+    assert rows[victim]["restarts"] == 1
+    dead = kernel.call("dead_letters", victim)
+    assert [d["type"] for d in dead] == ["test.Cmd"]
+    assert "raised RuntimeError: crashing on command" in dead[0]["reason"]

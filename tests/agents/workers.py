@@ -151,3 +151,44 @@ async def delete_after_approval(path: str) -> str:
 async def sleeper(seconds: float) -> float:
     await asyncio.sleep(seconds)
     return seconds
+
+
+async def switcher(to: int, rounds: int) -> int:
+    """Per round: five Nums sent as no handler's output (they may stay on this host), then
+    five more while handling a Cmd (they commit with its ack); numbered in sending order."""
+    n = 0
+    for _ in range(rounds):
+        for _ in range(5):
+            await ipc.send(to, Num(n))
+            n += 1
+        await ipc.recv(type=Cmd)
+        for _ in range(5):
+            await ipc.send(to, Num(n))
+            n += 1
+        ipc.done()
+    return n
+
+
+async def relay(to: int, pause: float = 0.0) -> None:
+    """Passes every Num it handles on to ``to``, taking ``pause`` seconds over each."""
+    while True:
+        msg = await ipc.recv(type=Num)
+        if pause:
+            await asyncio.sleep(pause)
+        await ipc.send(to, Num(msg.body.n))
+
+
+async def hold_then_forward(to: int) -> None:
+    """Handles nothing until a Cmd comes; then forwards every Num to ``to``."""
+    await ipc.recv(type=Cmd)
+    ipc.done()
+    while True:
+        msg = await ipc.recv(type=Num)
+        await ipc.send(to, Num(msg.body.n))
+
+
+async def commander(to: int, whats: list) -> int:
+    """Sends a Cmd for each of ``whats`` to ``to``."""
+    for what in whats:
+        await ipc.send(to, Cmd(what))
+    return len(whats)
