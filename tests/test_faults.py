@@ -25,11 +25,11 @@ import uuid
 import pytest
 import ray
 from checks import table, until
-from workers import Cmd, Num, counter, forwarder, hold_then_forward, idle, relay
+from workers import Num, counter, forwarder, hold_then_forward, idle, relay
 
 from actors.agent_host import AgentHost, AgentRuntime, current
 from llmos_kernel.client import unwrap
-from llmos_kernel.errors import Unavailable
+from llmos_kernel.errors import Timeout, Unavailable
 from syscalls import ipc, proc
 from syscalls.proc import program_spec
 
@@ -43,7 +43,7 @@ class Driver:
     """This test as a process of the fault kernel, running coroutines on a loop of its own."""
 
     def __init__(self, handle, state_dir, name: str):
-        self.handle, self.name = handle, name
+        self.handle, self.name, self.state_dir = handle, name, state_dir
         self.token = (state_dir / "root.token").read_text()
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, daemon=True).start()
@@ -200,8 +200,9 @@ LOCAL = 2_000  # numbers passed among the agents of one host
 
 async def _local_stream(driver: Driver, kill) -> tuple[list[int], dict, dict]:
     """On one host: a counter sends LOCAL numbers to a slow relay, which passes each on to a
-    holder that handles nothing until told to. ``kill()`` strikes with the numbers spread
-    over both mailboxes; then the holder, restarted, forwards all it got to this test."""
+    holder that handles nothing until it is restarted. ``kill()`` strikes with the numbers
+    spread over both mailboxes; then the holder, restarted, forwards all it got to this
+    test."""
     start = await driver.call("status")
     host = start["processes"]["shared_hosts"][0]
     permanent = {"restart": {"restart": "permanent"}, "quotas": {"mailbox": 2 * LOCAL},
@@ -225,8 +226,16 @@ async def _local_stream(driver: Driver, kill) -> tuple[list[int], dict, dict]:
             break
         except Unavailable:
             await asyncio.sleep(1.0)
-    await ipc.send(holder, Cmd("go"))
-    got = [(await ipc.recv(type=Num, sender=holder, timeout=180)).body.n for _ in range(LOCAL)]
+    got: list[int] = []
+    try:
+        while len(got) < LOCAL:
+            got.append((await ipc.recv(type=Num, sender=holder, timeout=180)).body.n)
+    except Timeout:
+        status = await driver.call("status")
+        left = sorted(p.name for p in (driver.state_dir / "journals").glob("*.db"))
+        raise AssertionError(f"{len(got)} of {LOCAL} numbers came back (last {got[-3:]}); "
+                             f"kernel ipc {status['ipc']}; journals left {left}; "
+                             f"{ {p: rows[p] for p in (holder, relayer)} }") from None
     for p in (holder, relayer):
         await driver.call("kill", p)
     status = await driver.call("status")
