@@ -6,7 +6,8 @@ Measured, in one run on one kernel with two shared agent hosts:
   memory per idle agent is the hosts' RSS growth divided by the agents;
 - ping-pong: ``pairs`` pinger/ponger pairs at once, ``messages`` round trips each,
   both agents on one host (local) or on different hosts (cross); a message is one
-  ping or one pong, each durably committed before its sender hears ok;
+  ping or one pong, each durably committed before its sender hears ok (local: in
+  the host's journal, without a kernel round trip; cross: in the kernel's store);
 - the baseline: the same ping-pong between two plain Ray async actors, where each
   message is one actor call its sender awaits (``ray_calls_per_s`` = calls/s).
 
