@@ -374,7 +374,12 @@ class AgentHost:
         if reply is not None:
             reply = {**reply, "id": new_message_id()}
         if msg_id in self.local_inflight:
-            env = None if reply is None else self._local_envelope(agent, reply)
+            try:
+                env = None if reply is None else self._local_envelope(agent, reply)
+            except QuotaExceeded as e:  # as through the kernel: handled, the reply refused
+                _log_failure(agent, "reply", {"error": e.to_wire()})
+                reply = None
+                env = None
             if reply is None or env is not None:
                 self._finish_local(msg_id, [] if env is None else [env])
                 return
