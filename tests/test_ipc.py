@@ -20,6 +20,7 @@ from workers import (
     Num,
     Report,
     announce,
+    call_with_full_mailbox,
     collector,
     commander,
     counter,
@@ -330,3 +331,25 @@ def test_a_local_message_whose_handler_raises_is_dead_lettered_not_redelivered(k
     dead = kernel.call("dead_letters", victim)
     assert [d["type"] for d in dead] == ["test.Cmd"]
     assert "raised RuntimeError: crashing on command" in dead[0]["reason"]
+
+
+def test_a_reply_to_a_full_local_mailbox_is_refused_and_logged(kernel):
+    """A caller whose mailbox (quota 2) is full of a neighbour's numbers: the answer to its
+    call is refused, the answerer's log says why, and the answerer keeps serving."""
+    host = kernel.call("status")["processes"]["shared_hosts"][0]
+
+    async def scenario():
+        answerer = await proc.spawn(Commanded, host=host)
+        caller = await proc.spawn(call_with_full_mailbox, {"peer": answerer, "wait": 1.0},
+                                  quotas={"mailbox": 2}, host=host)
+        await proc.spawn(counter, {"to": caller, "count": 2}, host=host)
+        result = (await proc.wait(caller, timeout=60))["result"]
+        still = await ipc.call(answerer, Cmd("ping"), timeout=30)
+        await proc.kill(answerer)
+        return answerer, result, still
+
+    answerer, result, still = kernel.run(scenario())
+    assert result == "Timeout"
+    assert still.body.text == f"ping from {kernel.pid}"
+    log = kernel.call("logs", answerer)["text"]
+    assert "[reply failed] QuotaExceeded" in log and "is full (2 pending" in log

@@ -194,3 +194,13 @@ async def commander(to: int, whats: list) -> int:
     for what in whats:
         await ipc.send(to, Cmd(what))
     return len(whats)
+
+
+async def call_with_full_mailbox(peer: int, wait: float) -> str:
+    """After ``wait`` seconds (its mailbox fills meanwhile), calls ``peer`` with a Cmd."""
+    await asyncio.sleep(wait)
+    try:
+        await ipc.call(peer, Cmd("ping"), timeout=2)
+    except LlmosError as e:
+        return type(e).__name__
+    return "answered"
