@@ -119,9 +119,9 @@ def test_bench_serve_reports_every_figure(kernel):
     from llmos_kernel.bench import serve
 
     out = serve.run(kernel_name=kernel.name, concurrency=4, requests=6, max_tokens=4,
-                    repeat=2, baseline=False)
+                    repeat=2, max_words=30, baseline=False)
     assert len(out["runs_agg_tok_s"]) == 2 and out["agg_tok_s"] == max(out["runs_agg_tok_s"])
-    assert out["tokens"] == 6 * 4
+    assert out["tokens"] == 6 * 4 and out["max_words"] == 30
     assert out["processed_tok_s"] > out["agg_tok_s"] > 0
     assert out["compute_bound_tok_s"] > 0 and 0 <= out["prefix_hit_rate"] < 1
     assert out["high_priority_steps_waited"] == 0  # the probe ran in the very next step

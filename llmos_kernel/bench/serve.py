@@ -131,7 +131,8 @@ def _reference(hf, tokenizer, workloads, concurrency: int,
 
 def run(*, kernel_name: str = "kernel", address: str | None = None, concurrency: int = 64,
         requests: int = 128, repeat: int = 1,
-        max_tokens: int = 64, shared_prefix: int = 0, baseline: bool = True,
+        max_tokens: int = 64, shared_prefix: int = 0, max_words: int = 200,
+        baseline: bool = True,
         model: str = store.DEFAULT_MODEL, kv_budget: str = "auto",
         progress: Callable[[str], None] = lambda _: None) -> dict:
     import ray
@@ -176,7 +177,7 @@ def run(*, kernel_name: str = "kernel", address: str | None = None, concurrency:
 
     tokenizer = Tokenizer.from_gguf(GGUFFile.open(model_path).metadata)
     system = shared_system_prompt(shared_prefix, tokenizer) if shared_prefix else None
-    workloads = chat_prompts(requests, system=system)
+    workloads = chat_prompts(requests, system=system, max_words=max_words)
 
     progress("warming up")
     loop.run_until_complete(_drive(client, workloads[:2], 2, 4, salt="warm-up"))
@@ -216,6 +217,7 @@ def run(*, kernel_name: str = "kernel", address: str | None = None, concurrency:
             progress(f"baseline run {rep + 1}: {refs[-1][0]:.1f} tok/s")
     best = max(runs, key=lambda r: r["agg_tok_s"])
     result = {**best, "concurrency": concurrency, "requests": requests, "repeat": repeat,
+              "max_words": max_words,
               "max_tokens": max_tokens, "shared_prefix": shared_prefix,
               "ttft_high_priority_idle_s": ttft_idle["ttft_s"],
               "runs_agg_tok_s": [r["agg_tok_s"] for r in runs]}

@@ -128,15 +128,19 @@ def ipc(agents: int, messages: int, pairs: int, kernel_name: str | None, state_d
 @click.option("--shared-prefix", type=int, default=0, show_default=True,
               help="Every prompt starts with the same system text of this many tokens; the "
                    "workload is also run with prefix caching off.")
+@click.option("--max-words", type=click.IntRange(min=8), default=200, show_default=True,
+              help="User messages run from 8 words to this many (prompt lengths spread "
+                   "evenly); shorter prompts make the workload decode-heavy.")
 @click.option("--no-baseline", is_flag=True, help="Skip the transformers baseline.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
 def serve(address, kernel_name, model, concurrency, requests, max_tokens, repeat, shared_prefix,
-          no_baseline, as_json) -> None:
+          max_words, no_baseline, as_json) -> None:
     """The kernel under concurrent load vs transformers' padded batches."""
     from llmos_kernel.bench import serve as serve_bench
 
     result = serve_bench.run(kernel_name=kernel_name, address=address, concurrency=concurrency, requests=requests,
                              max_tokens=max_tokens, repeat=repeat, shared_prefix=shared_prefix,
+                             max_words=max_words,
                              baseline=not no_baseline, model=model,
                              progress=lambda m: click.echo(f"[bench] {m}", err=True))
     if as_json:
