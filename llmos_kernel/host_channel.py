@@ -42,8 +42,8 @@ log = logging.getLogger("llmos.kernel")
 MAX_LOG_BYTES = 8 << 20  # per process; later output is dropped with a note
 BATCH_ORDER_WAIT_S = 10.0  # how long a host's batch waits for the one numbered before it
 POLL_MAX_S = 60.0
-_STAGING = ("ipc.send", "ipc.publish", "ipc.ack", "ipc.adopt")
-_HOST_CALLS = ("tools.result", "ipc.adopt")  # calls whose effects the commit persists
+_STAGING = ("ipc.send", "ipc.publish", "ipc.ack", "ipc.adopt")  # effects the commit persists
+_HOST_CALLS = ("tools.result", "ipc.adopt")  # a host's own calls, never a program's
 
 
 def internal_error(where: str, e: Exception) -> dict:

@@ -139,7 +139,7 @@ class IPCService:
         """Take over messages a host kept in its journal (llmos_kernel.journal): they become
         pending here, in the order given. One its receiver holds unhandled on that host
         counts as delivered there (its ack comes here); the host deletes the journal copy
-        once this commits. Returns how many are new."""
+        once this commits. Returns how many it took."""
         if not isinstance(wires, list):
             raise InvalidArgument("ipc.adopt takes a list of envelopes")
         envs = [Envelope.from_wire(w) for w in wires]

@@ -22,30 +22,22 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from llmos_kernel.errors import Unavailable
+from llmos_kernel.mailbox import ENVELOPE_COLUMN_DEFS
+from llmos_kernel.mailbox import ENVELOPE_COLUMNS as _COLUMNS
 from llmos_kernel.messages import Envelope
 
-JOURNAL_DIR = "journals"
-_COLUMNS = ("id, sender, receiver, type, payload, correlation_id, reply_to, deadline, "
-            "timestamp, topic")
-_SCHEMA = """
+JOURNAL_DIR = "journals"  # in the kernel's state dir
+_SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS messages (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    id TEXT NOT NULL UNIQUE,
-    sender INTEGER NOT NULL,
-    receiver INTEGER NOT NULL,
-    type TEXT NOT NULL,
-    payload BLOB NOT NULL,
-    correlation_id TEXT,
-    reply_to TEXT,
-    deadline REAL,
-    timestamp REAL NOT NULL,
-    topic TEXT
+    id TEXT NOT NULL UNIQUE,{ENVELOPE_COLUMN_DEFS}
 );
 """
 
 
-def journal_path(state_dir: str | Path, host_id: str) -> Path:
-    return Path(state_dir) / JOURNAL_DIR / f"{host_id}.db"
+def journal_path(journal_dir: Path, host_id: str) -> Path:
+    """The journal of host ``host_id``; its name is the host's (named) actor's."""
+    return journal_dir / f"{host_id}.db"
 
 
 class HostJournal:

@@ -48,15 +48,10 @@ from llmos_kernel.messages import Envelope
 
 SCHEMA_VERSION = 1
 _SYNC_MODES = ("NORMAL", "FULL", "EXTRA")
-_ENVELOPE_COLUMNS = ("id, sender, receiver, type, payload, correlation_id, reply_to, deadline, "
-                     "timestamp, topic")
-_IDS = "(SELECT value FROM json_each(?))"
-_SETTLED_AMONG = f"SELECT id FROM settled WHERE generation IN (?, ?) AND id IN {_IDS}"
-
-_SCHEMA = f"""
-CREATE TABLE IF NOT EXISTS messages (
-    seq INTEGER PRIMARY KEY,
-    id TEXT NOT NULL UNIQUE,
+ENVELOPE_COLUMNS = ("id, sender, receiver, type, payload, correlation_id, reply_to, deadline, "
+                    "timestamp, topic")
+# The columns after ``id`` of a table of envelopes (the journal of a host has one too).
+ENVELOPE_COLUMN_DEFS = """
     sender INTEGER NOT NULL,
     receiver INTEGER NOT NULL,
     type TEXT NOT NULL,
@@ -65,7 +60,14 @@ CREATE TABLE IF NOT EXISTS messages (
     reply_to TEXT,
     deadline REAL,
     timestamp REAL NOT NULL,
-    topic TEXT
+    topic TEXT"""
+_IDS = "(SELECT value FROM json_each(?))"
+_SETTLED_AMONG = f"SELECT id FROM settled WHERE generation IN (?, ?) AND id IN {_IDS}"
+
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS messages (
+    seq INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,{ENVELOPE_COLUMN_DEFS}
 ) STRICT;
 CREATE INDEX IF NOT EXISTS messages_by_receiver ON messages (receiver, seq);
 CREATE INDEX IF NOT EXISTS messages_by_deadline ON messages (deadline)
@@ -77,16 +79,7 @@ CREATE TABLE IF NOT EXISTS settled (
 ) STRICT, WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS dead_letters (
     seq INTEGER PRIMARY KEY,
-    id TEXT NOT NULL,
-    sender INTEGER NOT NULL,
-    receiver INTEGER NOT NULL,
-    type TEXT NOT NULL,
-    payload BLOB NOT NULL,
-    correlation_id TEXT,
-    reply_to TEXT,
-    deadline REAL,
-    timestamp REAL NOT NULL,
-    topic TEXT,
+    id TEXT NOT NULL,{ENVELOPE_COLUMN_DEFS},
     reason TEXT NOT NULL,
     died_at REAL NOT NULL
 ) STRICT;
@@ -225,7 +218,7 @@ class MailboxStore:
             where, params = "receiver = ? AND seq > ?", (receiver, *params)
         with self._lock:
             rows = self._conn().execute(
-                f"SELECT seq, {_ENVELOPE_COLUMNS} FROM messages WHERE {where} ORDER BY seq "
+                f"SELECT seq, {ENVELOPE_COLUMNS} FROM messages WHERE {where} ORDER BY seq "
                 f"LIMIT ?", params,
             ).fetchall()
         return [StoredMessage(row[0], Envelope(*row[1:])) for row in rows]
@@ -271,7 +264,7 @@ class MailboxStore:
             where, params = "WHERE receiver = ?", (receiver, limit)
         with self._lock:
             rows = self._conn().execute(
-                f"SELECT seq, {_ENVELOPE_COLUMNS}, reason, died_at FROM dead_letters {where} "
+                f"SELECT seq, {ENVELOPE_COLUMNS}, reason, died_at FROM dead_letters {where} "
                 f"ORDER BY seq DESC LIMIT ?", params,
             ).fetchall()
         return [DeadLetter(r[0], Envelope(*r[1:11]), r[11], r[12]) for r in reversed(rows)]
@@ -353,7 +346,7 @@ class MailboxStore:
         seq += len(new)
         delta.update(e.receiver for e in new)
         db.executemany(
-            f"INSERT INTO messages (seq, {_ENVELOPE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)", rows
+            f"INSERT INTO messages (seq, {ENVELOPE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)", rows
         )
         db.execute("UPDATE sequence SET next = ?", (seq,))
         self._next_seq = seq
@@ -396,7 +389,7 @@ class MailboxStore:
             with self._transaction() as db:
                 now = time.time()
                 rows = [row[1:] for row in
-                        self._remove(db, where, params, _ENVELOPE_COLUMNS, delta)]
+                        self._remove(db, where, params, ENVELOPE_COLUMNS, delta)]
                 self._record_dead(db, [(*row, reason, now) for row in rows])
                 self._settle(db, [row[0] for row in rows], now)
             self._apply(delta)
@@ -404,7 +397,7 @@ class MailboxStore:
 
     def _record_dead(self, db: sqlite3.Connection, rows: list[tuple]) -> None:
         db.executemany(
-            f"INSERT INTO dead_letters ({_ENVELOPE_COLUMNS}, reason, died_at) "
+            f"INSERT INTO dead_letters ({ENVELOPE_COLUMNS}, reason, died_at) "
             f"VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", rows,
         )
 

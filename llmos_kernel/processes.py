@@ -78,10 +78,7 @@ class ProcessManager:
                     ray.kill(ray.get_actor(path.stem, namespace="llmos"), no_restart=True)
                 except ValueError:
                     pass  # gone already
-            for _ in range(40):
-                if self.take_over_journals():
-                    break
-                await asyncio.sleep(0.25)
+            await self._take_over_journals_soon(tries=40)
         for _ in range(self.shared_hosts):
             await self._new_host()
         await self._recover()
@@ -100,8 +97,9 @@ class ProcessManager:
                                                           token=secret)
         info = HostInfo(host_id, handle, secret, isolated)
         self.hosts[host_id] = info
-        journal = None if self.journal_dir is None else str(self.journal_dir / f"{host_id}.db")
-        await handle.start.remote(journal, ray.get_runtime_context().get_node_id())
+        path = None if self.journal_dir is None else \
+            str(journal.journal_path(self.journal_dir, host_id))
+        await handle.start.remote(path, ray.get_runtime_context().get_node_id())
         asyncio.get_running_loop().create_task(self._watch(info))
         return info
 
@@ -155,11 +153,8 @@ class ProcessManager:
         for pid in info.pids:
             self.ipc.forget_deliveries(pid)
         if self.journal_dir is not None and info.handle is not None:
-            self._orphans.add(self.journal_dir / f"{info.host_id}.db")
-            for _ in range(20):  # the dead host's process lets go of its journal
-                if self.take_over_journals():
-                    break
-                await asyncio.sleep(0.25)
+            self._orphans.add(journal.journal_path(self.journal_dir, info.host_id))
+            await self._take_over_journals_soon(tries=20)
         for pid in sorted(info.pids):
             proc = self.table.procs.get(pid)
             if proc is not None and proc.alive:
@@ -167,6 +162,14 @@ class ProcessManager:
                     "type": "HostDied", "message": f"host {info.host_id} died"}})
         if len(self.shared_host_ids()) < self.shared_hosts:
             await self._new_host()
+
+    async def _take_over_journals_soon(self, tries: int) -> None:
+        """Take over the orphaned journals, waiting a little for dead hosts' processes to let
+        go of theirs (what is still locked after that waits for housekeeping)."""
+        for _ in range(tries):
+            if self.take_over_journals():
+                return
+            await asyncio.sleep(0.25)
 
     def take_over_journals(self) -> bool:
         """Move the messages of dead hosts' journals into the kernel's mailboxes; True when
