@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 
+import pytest
 import torch
 
 from llmos_kernel.core.gguf_file import ModelConfig
@@ -24,8 +25,11 @@ def _resident_fraction(t: torch.Tensor) -> float:
     return sum(v & 1 for v in vec) / pages
 
 
-def test_faulting_in_ahead_keeps_the_contents_and_makes_the_pages_resident():
-    pool = KVPool(CFG, num_blocks=1024, block_size=16)  # 64 MiB
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_faulting_in_ahead_keeps_the_contents_and_makes_the_pages_resident(dtype):
+    blocks = 1024 * 4 // dtype.itemsize  # 64 MiB: more than one chunk ahead
+    pool = KVPool(CFG, num_blocks=blocks, block_size=16, dtype=dtype)
+    assert pool.data.dtype == dtype and pool.data.count_nonzero() == 0
     k, v = pool.layer(2)
     k[5 * 16 + 3] = 1.5
     v[900 * 16] = -2.0
@@ -45,7 +49,7 @@ def test_faulting_in_ahead_keeps_the_contents_and_makes_the_pages_resident():
 
 
 def test_a_pool_in_another_dtype_counts_as_resident_from_the_start():
-    pool = KVPool(CFG, num_blocks=8, block_size=16, dtype=torch.bfloat16)
+    pool = KVPool(CFG, num_blocks=8, block_size=16, dtype=torch.float16)
     assert pool.resident_blocks == pool.num_blocks
     pool.ensure_resident(8)
 

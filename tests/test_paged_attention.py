@@ -24,18 +24,20 @@ def reference(q, k_cache, v_cache, tables, lens, block_size, scale):
     return torch.stack(out)
 
 
+@pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads,kv_heads,dim,block_size", [
     (9, 3, 64, 16), (9, 3, 64, 8), (9, 3, 64, 32), (8, 2, 64, 16), (4, 4, 32, 16),
     (8, 1, 16, 16)])
-def test_kernel_matches_torch_attention(heads, kv_heads, dim, block_size):
+def test_kernel_matches_torch_attention(heads, kv_heads, dim, block_size, pool_dtype):
     """Head size 64 takes the tiled AVX-512 path (tiles of 16 keys that straddle blocks when
-    blocks are 8 or 32 slots); other sizes the generic loop."""
+    blocks are 8 or 32 slots); other sizes the generic loop. A bf16 pool is read as the fp32
+    values its entries stand for, so the reference is fp32 attention on those values."""
     if not paged_attention.available():
         pytest.fail("no C compiler found: the CPU decode kernel could not be built")
     gen = torch.Generator().manual_seed(heads * 100 + dim + block_size)
     blocks = 64 * 16 // block_size
-    k_cache = torch.randn(blocks * block_size, kv_heads, dim, generator=gen)
-    v_cache = torch.randn(blocks * block_size, kv_heads, dim, generator=gen)
+    k_cache = torch.randn(blocks * block_size, kv_heads, dim, generator=gen).to(pool_dtype)
+    v_cache = torch.randn(blocks * block_size, kv_heads, dim, generator=gen).to(pool_dtype)
     lens = torch.tensor([1, 15, 16, 17, 200, 333], dtype=torch.long)
     max_blocks = (int(lens.max()) + block_size - 1) // block_size
     perm = torch.randperm(blocks, generator=gen)  # blocks scattered through the pool
@@ -43,7 +45,7 @@ def test_kernel_matches_torch_attention(heads, kv_heads, dim, block_size):
     q = torch.randn(len(lens), heads, dim, generator=gen)
     scale = dim ** -0.5
     got = paged_attention.decode(q, k_cache, v_cache, tables, lens, block_size, scale)
-    want = reference(q, k_cache, v_cache, tables, lens, block_size, scale)
+    want = reference(q, k_cache.float(), v_cache.float(), tables, lens, block_size, scale)
     assert (got - want).abs().max().item() < 1e-5
 
 

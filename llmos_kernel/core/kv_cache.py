@@ -19,8 +19,12 @@ from llmos_kernel.core.gguf_file import ModelConfig
 
 POPULATE_CHUNK_BYTES = 32 << 20
 """How much of the pool ``ensure_resident`` faults in at a time, ahead of first use."""
+WARM_CHUNK_BYTES = 8 << 20
+"""How much ``warm`` faults in per call: a few tens of ms here, the most a request arriving at
+an idle kernel waits for it."""
 _MADV_POPULATE_WRITE = 23  # Linux 5.14+
 _MADV_NOHUGEPAGE = 15
+_HOST_DTYPES = {torch.float32: np.float32, torch.bfloat16: np.uint16}  # numpy has no bf16
 
 
 def _madvise() -> object | None:
@@ -39,17 +43,18 @@ class KVPool:
         if num_blocks < 1 or block_size < 1:
             raise ValueError("a KV pool needs at least one block of at least one slot")
         self.num_blocks, self.block_size = num_blocks, block_size
-        self.paged_kernel = (torch.device(device).type == "cpu" and dtype == torch.float32
+        on_cpu = torch.device(device).type == "cpu"
+        self.paged_kernel = (on_cpu and dtype in paged_attention.KV_DTYPES
                              and cfg.n_heads // cfg.n_kv_heads <= paged_attention.MAX_GROUP
                              and paged_attention.available())
         shape = (cfg.n_layers, 2, num_blocks * block_size, cfg.n_kv_heads, cfg.head_dim)
-        if torch.device(device).type == "cpu" and dtype == torch.float32:
+        if on_cpu and dtype in _HOST_DTYPES:
             # calloc'd pages: zero (so padding slots never hold NaN) yet only resident once used.
             # numpy asks for transparent huge pages on large arrays; here the kernel then
             # compacts memory to find them on first touch (0.2 GB/s populated, vs 2+ GB/s in
             # 4 KiB pages: 12 ms of a 200 ms decode step of 64 sequences on a fresh pool), so
             # the pool opts out; LLMOS_KV_HUGEPAGES=1 keeps them (a little faster once warm).
-            self.data = torch.from_numpy(np.zeros(shape, dtype=np.float32))
+            self.data = torch.from_numpy(np.zeros(shape, dtype=_HOST_DTYPES[dtype])).view(dtype)
             self._madvise = _madvise()
             if self._madvise is not None and os.environ.get("LLMOS_KV_HUGEPAGES") != "1":
                 start = -(-self.data.data_ptr() // mmap.PAGESIZE) * mmap.PAGESIZE
@@ -67,13 +72,25 @@ class KVPool:
         decode step of 32 sequences here), where one MADV_POPULATE_WRITE call per slab does
         the same pages many times faster. Blocks are handed out lowest first until every
         one has been used once, so the resident part grows from the front."""
-        if blocks <= self.resident_blocks:
-            return
+        if blocks > self.resident_blocks:
+            ahead = self.resident_blocks + self._blocks_in(POPULATE_CHUNK_BYTES)
+            self._populate(max(blocks, ahead))
+
+    def warm(self, max_bytes: int = WARM_CHUNK_BYTES) -> bool:
+        """Fault in up to ``max_bytes`` more of the pool ahead of any step (the kernel calls
+        this while it is idle, so a busy spell later pays no page faults); True while some of
+        the pool is not yet resident."""
+        if self.resident_blocks < self.num_blocks:
+            self._populate(self.resident_blocks + self._blocks_in(max_bytes))
+        return self.resident_blocks < self.num_blocks
+
+    def _blocks_in(self, nbytes: int) -> int:
+        return max(1, nbytes // self.bytes_per_block_here)
+
+    def _populate(self, blocks: int) -> None:
         slab = self.data[0, 0]
         per_block = self.block_size * slab[0].numel() * slab.element_size()  # in one slab
-        layers_kv = self.data.shape[0] * 2
-        ahead = max(1, POPULATE_CHUNK_BYTES // (per_block * layers_kv))
-        target = min(self.num_blocks, max(blocks, self.resident_blocks + ahead))
+        target = min(self.num_blocks, blocks)
         for layer in range(self.data.shape[0]):
             for kv in (0, 1):
                 base = self.data[layer, kv].data_ptr()
@@ -83,6 +100,11 @@ class KVPool:
                     self._madvise, self.resident_blocks = None, self.num_blocks  # old kernel
                     return
         self.resident_blocks = target
+
+    @property
+    def bytes_per_block_here(self) -> int:
+        """Bytes of one block over every layer, keys and values."""
+        return self.nbytes // self.num_blocks
 
     @staticmethod
     def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:

@@ -28,10 +28,17 @@ _SOURCE = r"""
 #include <stdlib.h>
 
 typedef struct {
-    const float *q; const float *k; const float *v; float *out;
+    const float *q; const void *k; const void *v; float *out;  /* k, v: fp32 or bf16 */
     const int64_t *tables; const int64_t *lens;
-    int64_t max_blocks, block_size, n_kv, group, dim; float scale;
+    int64_t max_blocks, block_size, n_kv, group, dim; float scale; int bf16;
 } job_t;
+
+/* Element i of a pool of fp32 or bf16 (a bf16 is the top half of an fp32). */
+static inline float kv_at(const void *pool, int64_t i, const int bf16) {
+    if (!bf16) return ((const float *)pool)[i];
+    union { uint32_t u; float f; } w; w.u = (uint32_t)((const uint16_t *)pool)[i] << 16;
+    return w.f;
+}
 
 typedef struct { float *scores; int64_t cap; } scratch_t;  /* one per thread, grown as needed */
 
@@ -52,17 +59,17 @@ static inline float exp_neg(float x) {
    values front to back, once. Inlined with D a constant where the model's head size is 64,
    so the dot products unroll. scores: [H][cap]. */
 static inline void attend(const job_t *j, int64_t b, float *scores, int64_t cap,
-                          const int64_t D) {
+                          const int64_t D, const int bf16) {
     const int64_t G = j->group, KV = j->n_kv, H = KV * G, BS = j->block_size, n = j->lens[b];
     const int64_t *table = j->tables + b * j->max_blocks;
     const float *q = j->q + b * H * D;
     float mx[H];
     for (int64_t i = 0; i < H; i++) mx[i] = -INFINITY;
     for (int64_t t = 0; t < n; t++) {
-        const float *row = j->k + (table[t / BS] * BS + t % BS) * KV * D;
+        const int64_t row = (table[t / BS] * BS + t % BS) * KV * D;
         for (int64_t i = 0; i < H; i++) {
-            const float *qi = q + i * D, *kp = row + (i / G) * D; float s = 0.f;
-            for (int64_t d = 0; d < D; d++) s += qi[d] * kp[d];
+            const float *qi = q + i * D; const int64_t kp = row + (i / G) * D; float s = 0.f;
+            for (int64_t d = 0; d < D; d++) s += qi[d] * kv_at(j->k, kp + d, bf16);
             s *= j->scale; scores[i * cap + t] = s;
             mx[i] = s > mx[i] ? s : mx[i];
         }
@@ -76,10 +83,11 @@ static inline void attend(const job_t *j, int64_t b, float *scores, int64_t cap,
     float *o = j->out + b * H * D;
     for (int64_t i = 0; i < H * D; i++) o[i] = 0.f;
     for (int64_t t = 0; t < n; t++) {
-        const float *row = j->v + (table[t / BS] * BS + t % BS) * KV * D;
+        const int64_t row = (table[t / BS] * BS + t % BS) * KV * D;
         for (int64_t i = 0; i < H; i++) {
-            const float p = scores[i * cap + t], *vp = row + (i / G) * D; float *oi = o + i * D;
-            for (int64_t d = 0; d < D; d++) oi[d] += p * vp[d];
+            const float p = scores[i * cap + t]; const int64_t vp = row + (i / G) * D;
+            float *oi = o + i * D;
+            for (int64_t d = 0; d < D; d++) oi[d] += p * kv_at(j->v, vp + d, bf16);
         }
     }
 }
@@ -90,7 +98,14 @@ static inline void attend(const job_t *j, int64_t b, float *scores, int64_t cap,
 """ + ckernel.EXP_NEG16 + r"""
 
 #define TILE 16
-/* Where key ``t`` of a sequence lies in the pool: its row (all KV heads) offset in floats. */
+/* 16 pool elements from i on, as fp32. */
+static inline __m512 load16(const void *pool, int64_t i, const int bf16) {
+    if (!bf16) return _mm512_loadu_ps((const float *)pool + i);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
+        _mm256_loadu_si256((const __m256i *)((const uint16_t *)pool + i))), 16));
+}
+
+/* Where key ``t`` of a sequence lies in the pool: its row (all KV heads) offset in elements. */
 static inline int64_t row_of(const int64_t *table, int64_t t, int64_t BS, int64_t KV) {
     return (table[t / BS] * BS + t % BS) * KV * 64;
 }
@@ -100,7 +115,8 @@ static inline int64_t row_of(const int64_t *table, int64_t t, int64_t BS, int64_
    (one max, one vector exp per head), and its value rows are read once while every head's
    output is rescaled and accumulated. Each row holds all KV heads (KV*64 floats), so a
    tile streams its block's memory front to back. */
-static void attend64(const job_t *j, int64_t b) {
+static inline __attribute__((always_inline)) void attend64(const job_t *j, int64_t b,
+                                                          const int bf16) {
     const int64_t G = j->group, KV = j->n_kv, H = KV * G, BS = j->block_size, n = j->lens[b];
     const int64_t *table = j->tables + b * j->max_blocks;
     const float *q = j->q + b * H * 64;
@@ -119,17 +135,17 @@ static void attend64(const job_t *j, int64_t b) {
         /* The next tile's rows sit in another block, often in another page: ask for them
            now, so memory works while this tile computes. */
         for (int64_t t = t0 + TILE; t < t0 + 2 * TILE && t < n; t++) {
-            const int64_t off = row_of(table, t, BS, KV);
-            for (int64_t c = 0; c < KV * 64; c += 16) {
-                _mm_prefetch((const char *)(j->k + off + c), _MM_HINT_T0);
-                _mm_prefetch((const char *)(j->v + off + c), _MM_HINT_T0);
+            const int64_t size = bf16 ? 2 : 4, off = row_of(table, t, BS, KV) * size;
+            for (int64_t c = 0; c < KV * 64 * size; c += 64) {
+                _mm_prefetch((const char *)j->k + off + c, _MM_HINT_T0);
+                _mm_prefetch((const char *)j->v + off + c, _MM_HINT_T0);
             }
         }
         for (int64_t h = 0; h < KV; h++) {
             for (int64_t u = 0; u < cnt; u++) {
-                const float *kp = j->k + rows[u] + h * 64;
-                const __m512 k0 = _mm512_loadu_ps(kp), k1 = _mm512_loadu_ps(kp + 16),
-                             k2 = _mm512_loadu_ps(kp + 32), k3 = _mm512_loadu_ps(kp + 48);
+                const int64_t kp = rows[u] + h * 64;
+                const __m512 k0 = load16(j->k, kp, bf16), k1 = load16(j->k, kp + 16, bf16),
+                             k2 = load16(j->k, kp + 32, bf16), k3 = load16(j->k, kp + 48, bf16);
                 for (int64_t i = h * G; i < (h + 1) * G; i++) {
                     const float *qi = q + i * 64;
                     __m512 s = _mm512_mul_ps(_mm512_loadu_ps(qi), k0);
@@ -155,11 +171,10 @@ static void attend64(const job_t *j, int64_t b) {
             for (int d = 0; d < 4; d++) acc[i][d] = _mm512_mul_ps(acc[i][d], c);
         }
         for (int64_t u = 0; u < cnt; u++) {
-            const float *row = j->v + rows[u];
             for (int64_t h = 0; h < KV; h++) {
-                const float *vp = row + h * 64;
-                const __m512 v0 = _mm512_loadu_ps(vp), v1 = _mm512_loadu_ps(vp + 16),
-                             v2 = _mm512_loadu_ps(vp + 32), v3 = _mm512_loadu_ps(vp + 48);
+                const int64_t vp = rows[u] + h * 64;
+                const __m512 v0 = load16(j->v, vp, bf16), v1 = load16(j->v, vp + 16, bf16),
+                             v2 = load16(j->v, vp + 32, bf16), v3 = load16(j->v, vp + 48, bf16);
                 for (int64_t i = h * G; i < (h + 1) * G; i++) {
                     const __m512 w = _mm512_set1_ps(p[i][u]);
                     acc[i][0] = _mm512_fmadd_ps(w, v0, acc[i][0]);
@@ -180,25 +195,31 @@ static void attend64(const job_t *j, int64_t b) {
 static void attend_seq(const job_t *j, int64_t b, scratch_t *s) {
     const int64_t n = j->lens[b];
 #ifdef __AVX512F__
-    if (j->dim == 64) { attend64(j, b); return; }
+    if (j->dim == 64) {
+        if (j->bf16) attend64(j, b, 1); else attend64(j, b, 0);
+        return;
+    }
 #endif
     if (n > s->cap) {
         free(s->scores); s->cap = n;
         s->scores = malloc(sizeof(float) * j->n_kv * j->group * n);
     }
-    if (j->dim == 64) attend(j, b, s->scores, s->cap, 64);
-    else attend(j, b, s->scores, s->cap, j->dim);
+    if (j->bf16) attend(j, b, s->scores, s->cap, j->dim, 1);
+    else if (j->dim == 64) attend(j, b, s->scores, s->cap, 64, 0);
+    else attend(j, b, s->scores, s->cap, j->dim, 0);
 }
 
-/* q, out: [B, KV*G, D]; k, v: [slots, KV, D]; tables: [B, max_blocks]; lens: [B]. */
-int paged_decode(const float *q, const float *k, const float *v, float *out,
+/* q, out: [B, KV*G, D] fp32; k, v: [slots, KV, D], fp32 or (bf16 != 0) bf16;
+   tables: [B, max_blocks]; lens: [B]. */
+int paged_decode(const float *q, const void *k, const void *v, float *out,
                  const int64_t *tables, const int64_t *lens, int64_t B, int64_t max_blocks,
                  int64_t block_size, int64_t n_kv, int64_t group, int64_t dim, float scale,
-                 int64_t threads) {
+                 int64_t threads, int bf16) {
     if (group > 64) return -1;
     int64_t keys = 0;  /* the work: keys read, summed over sequences */
     for (int64_t b = 0; b < B; b++) keys += lens[b] * n_kv;
-    const job_t j = {q, k, v, out, tables, lens, max_blocks, block_size, n_kv, group, dim, scale};
+    const job_t j = {q, k, v, out, tables, lens, max_blocks, block_size, n_kv, group, dim, scale,
+                     bf16};
     if (threads < 2 || keys < 4096) {
         scratch_t s = {NULL, 0};
         for (int64_t b = 0; b < B; b++) attend_seq(&j, b, &s);
@@ -224,23 +245,32 @@ MAX_GROUP = 64  # query heads per KV head the kernel takes (bounds its stack scr
 def _declare(lib: ctypes.CDLL) -> None:
     lib.paged_decode.restype = ctypes.c_int
     lib.paged_decode.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 6 + [
-        ctypes.c_float, ctypes.c_int64]
+        ctypes.c_float, ctypes.c_int64, ctypes.c_int]
 
 
 def available() -> bool:
     return ckernel.load("paged_attention", _SOURCE, _declare, openmp=True) is not None
 
 
+KV_DTYPES = (torch.float32, torch.bfloat16)  # what the pool may hold; queries are fp32
+
+
 def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
            lens: torch.Tensor, block_size: int, scale: float) -> torch.Tensor:
-    """Attention of one new token per sequence: q ``[B, H, D]`` → ``[B, H, D]``."""
+    """Attention of one new token per sequence: q ``[B, H, D]`` (fp32) → ``[B, H, D]``,
+    against a pool of fp32 or bf16 keys and values."""
     B, H, D = q.shape
     n_kv = k_cache.shape[1]
+    if q.dtype != torch.float32 or k_cache.dtype not in KV_DTYPES or v_cache.dtype != k_cache.dtype:
+        raise ValueError(f"paged decode takes fp32 queries and an fp32 or bf16 pool, got "
+                         f"{q.dtype} and {k_cache.dtype}/{v_cache.dtype}")
     q = q.contiguous()
     out = torch.empty_like(q)
-    rc = ckernel.load("paged_attention", _SOURCE, _declare, openmp=True).paged_decode(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(),
-                           tables.data_ptr(), lens.data_ptr(), B, tables.shape[1], block_size,
-                           n_kv, H // n_kv, D, scale, torch.get_num_threads())
+    lib = ckernel.load("paged_attention", _SOURCE, _declare, openmp=True)
+    rc = lib.paged_decode(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(),
+                          tables.data_ptr(), lens.data_ptr(), B, tables.shape[1], block_size,
+                          n_kv, H // n_kv, D, scale, torch.get_num_threads(),
+                          int(k_cache.dtype == torch.bfloat16))
     if rc != 0:
         raise RuntimeError(f"paged_decode failed ({rc})")
     return out
