@@ -1,0 +1,250 @@
+"""bf16 matrix products on Intel AMX, read from the same panels as panel_gemm.
+
+With ``--dtype bf16`` the projections multiply bf16-rounded activations by
+bf16-rounded weights and sum in fp32: the precision GPUs serve in, and what
+CPUs with AMX tiles (Sapphire Rapids and later) run several times faster than
+fp32 FMAs. The weights stay in the file's Q4_1 / Q8_0 bytes, laid out in
+panels of 32 output columns (see panel_gemm); a product dequantizes one panel
+at a time to the loader's fp32 values, rounds them to bf16 (to nearest even,
+as ``Tensor.bfloat16()``) in the pair-interleaved layout the tiles read, and
+multiplies every row of the step against it from a core's cache:
+
+    y[r, n] = Σ_k bf16(x[r, k]) · bf16(w[n, k])     (products exact, fp32 sums)
+
+A row's result depends only on that row, never on how many others share the
+step, so a request's output is the same alone or in a busy batch.
+
+Tiles: 16 rows × 32 bf16 of ``x`` (A), 16 K-pairs × 16 columns of the panel (B),
+16 × 16 fp32 sums (C); a block of 32 rows × 32 columns keeps four C tiles.
+Linux hands AMX's tile state to a process only on request (``arch_prctl``),
+which ``available()`` makes once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from llmos_kernel.core import ckernel
+from llmos_kernel.core.panel_gemm import _KINDS, PanelWeight
+from llmos_kernel.core.quant_matmul import operands
+
+_SOURCE = r"""
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define PW 32
+#define Q4_1_BYTES 640
+#define Q8_0_BYTES 1088
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+
+int amx_ok(void) { return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0; }
+
+static inline int64_t block_bytes(int kind) { return kind == 4 ? Q4_1_BYTES : Q8_0_BYTES; }
+
+/* fp32 bits rounded to nearest even bf16, left in the upper half of each lane. */
+static inline __m512i rne_hi(__m512 v) {
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    return _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
+}
+
+/* Lane j: bf16(even[j]) in the low half, bf16(odd[j]) in the high half: a tile pair.
+   (vcvtne2ps2bf16 rounds to nearest even; the permute interleaves the two halves.) */
+static inline __m512i pair(__m512 even, __m512 odd) {
+    const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9,
+                                         24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1,
+                                         16, 0);
+    return _mm512_permutexvar_epi16(idx, (__m512i)_mm512_cvtne2ps_pbh(odd, even));
+}
+
+/* One panel into B tiles: for each 32-K chunk c and column half h, 16 rows (K pairs) ×
+   16 columns × (k even, k odd): buf[((c * 2 + h) * 16 + p) * 32 + 2 * j + (k & 1)]. */
+__attribute__((optimize("fp-contract=off")))
+static void dequant_q4_1(const uint8_t *p, uint16_t *buf, int64_t K) {
+    const __m512i low = _mm512_set1_epi32(15);
+    for (int64_t b = 0; b < K / 32; b++, p += Q4_1_BYTES) {
+        const __m512 d0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+        const __m512 d1 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + 32)));
+        const __m512 m0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + 64)));
+        const __m512 m1 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + 96)));
+        const uint8_t *q = p + 128;
+        uint16_t *o0 = buf + b * 2 * 16 * 32, *o1 = o0 + 16 * 32;
+        for (int pr = 0; pr < 16; pr++, q += 32) {
+            const __m512i a = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)q));
+            const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + 16)));
+            const __m512 ae = _mm512_add_ps(_mm512_mul_ps(
+                _mm512_cvtepi32_ps(_mm512_and_si512(a, low)), d0), m0);
+            const __m512 ao = _mm512_add_ps(_mm512_mul_ps(
+                _mm512_cvtepi32_ps(_mm512_srli_epi32(a, 4)), d0), m0);
+            const __m512 ce = _mm512_add_ps(_mm512_mul_ps(
+                _mm512_cvtepi32_ps(_mm512_and_si512(c, low)), d1), m1);
+            const __m512 co = _mm512_add_ps(_mm512_mul_ps(
+                _mm512_cvtepi32_ps(_mm512_srli_epi32(c, 4)), d1), m1);
+            _mm512_store_si512((__m512i *)(o0 + pr * 32), pair(ae, ao));
+            _mm512_store_si512((__m512i *)(o1 + pr * 32), pair(ce, co));
+        }
+    }
+}
+
+static void dequant_q8_0(const uint8_t *p, uint16_t *buf, int64_t K) {
+    for (int64_t b = 0; b < K / 32; b++, p += Q8_0_BYTES) {
+        const __m512 d0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+        const __m512 d1 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + 32)));
+        const uint8_t *q = p + 64;
+        uint16_t *o0 = buf + b * 2 * 16 * 32, *o1 = o0 + 16 * 32;
+        for (int pr = 0; pr < 16; pr++, q += 64) {
+            #define Q8(off, d) _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32( \
+                _mm_loadu_si128((const __m128i *)(q + (off))))), d)
+            _mm512_store_si512((__m512i *)(o0 + pr * 32), pair(Q8(0, d0), Q8(32, d0)));
+            _mm512_store_si512((__m512i *)(o1 + pr * 32), pair(Q8(16, d1), Q8(48, d1)));
+            #undef Q8
+        }
+    }
+}
+
+/* Row r of x [M][K] fp32 into xb [Mp][K] bf16 (rows M..Mp are zero). */
+static inline void row_to_bf16(const float *x, uint16_t *xb, int64_t r, int64_t M, int64_t K) {
+    if (r >= M) { memset(xb + r * K, 0, sizeof(uint16_t) * K); return; }
+    for (int64_t k = 0; k < K; k += 32) {
+        const __m512 a = _mm512_loadu_ps(x + r * K + k), b = _mm512_loadu_ps(x + r * K + k + 16);
+        _mm512_storeu_si512((__m512i *)(xb + r * K + k), (__m512i)_mm512_cvtne2ps_pbh(b, a));
+    }
+}
+
+typedef struct { uint8_t palette, start_row, reserved[14]; uint16_t colsb[16];
+                 uint8_t rows[16]; } tilecfg;
+
+static void configure(void) {
+    tilecfg cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int t = 0; t < 8; t++) { cfg.rows[t] = 16; cfg.colsb[t] = 64; }
+    _tile_loadconfig(&cfg);
+}
+
+/* C tiles 0-3: rows [0,16)×cols [0,16), [0,16)×[16,32), [16,32)×[0,16), [16,32)×[16,32);
+   A tiles 4, 5: the two row halves; B tiles 6, 7: the two column halves. */
+static inline void store_c(int tile, float *y, int64_t N, int valid, float *scratch) {
+    if (valid >= 16) {
+        switch (tile) {
+            case 0: _tile_stored(0, y, N * 4); break;
+            case 1: _tile_stored(1, y, N * 4); break;
+            case 2: _tile_stored(2, y, N * 4); break;
+            default: _tile_stored(3, y, N * 4); break;
+        }
+        return;
+    }
+    switch (tile) {
+        case 0: _tile_stored(0, scratch, 64); break;
+        case 1: _tile_stored(1, scratch, 64); break;
+        case 2: _tile_stored(2, scratch, 64); break;
+        default: _tile_stored(3, scratch, 64); break;
+    }
+    for (int r = 0; r < valid; r++) memcpy(y + r * N, scratch + r * 16, 64);
+}
+
+static void panel_rows(const uint16_t *xb, const uint16_t *buf, float *y, int64_t M,
+                       int64_t Mp, int64_t N, int64_t K, float *scratch) {
+    const int64_t chunks = K / 32, lda = K * 2;
+    int64_t r = 0;
+    for (; r + 32 <= Mp; r += 32) {
+        _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+        for (int64_t c = 0; c < chunks; c++) {
+            _tile_loadd(4, xb + r * K + c * 32, lda);
+            _tile_loadd(5, xb + (r + 16) * K + c * 32, lda);
+            _tile_loadd(6, buf + c * 1024, 64);
+            _tile_loadd(7, buf + c * 1024 + 512, 64);
+            _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7);
+            _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
+        }
+        const int64_t v0 = M - r, v1 = M - r - 16;
+        store_c(0, y + r * N, N, v0, scratch); store_c(1, y + r * N + 16, N, v0, scratch);
+        if (v1 > 0) {
+            store_c(2, y + (r + 16) * N, N, v1, scratch);
+            store_c(3, y + (r + 16) * N + 16, N, v1, scratch);
+        }
+    }
+    if (r < Mp) {  /* one block of 16 rows left */
+        _tile_zero(0); _tile_zero(1);
+        for (int64_t c = 0; c < chunks; c++) {
+            _tile_loadd(4, xb + r * K + c * 32, lda);
+            _tile_loadd(6, buf + c * 1024, 64);
+            _tile_loadd(7, buf + c * 1024 + 512, 64);
+            _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7);
+        }
+        store_c(0, y + r * N, N, M - r, scratch); store_c(1, y + r * N + 16, N, M - r, scratch);
+    }
+}
+
+/* y[M][N] = bf16(x)[M][K] · bf16(W)ᵀ, W in panels of kind 4 (Q4_1) or 8 (Q8_0). */
+void amx_matmul(int kind, const float *x, const uint8_t *panels, float *y, int64_t M,
+                int64_t N, int64_t K, int threads) {
+    const int64_t count = N / PW, bytes = (K / 32) * block_bytes(kind), Mp = (M + 15) / 16 * 16;
+    uint16_t *xb = aligned_alloc(64, sizeof(uint16_t) * Mp * K);
+    #pragma omp parallel num_threads(threads)
+    {
+        #pragma omp for schedule(static)
+        for (int64_t r = 0; r < Mp; r++) row_to_bf16(x, xb, r, M, K);
+        uint16_t *buf = aligned_alloc(64, sizeof(uint16_t) * K * PW);
+        float *scratch = aligned_alloc(64, sizeof(float) * 256);
+        configure();
+        #pragma omp for schedule(static)
+        for (int64_t p = 0; p < count; p++) {
+            if (kind == 4) dequant_q4_1(panels + p * bytes, buf, K);
+            else dequant_q8_0(panels + p * bytes, buf, K);
+            panel_rows(xb, buf, y + p * PW, M, Mp, N, K, scratch);
+        }
+        _tile_release();
+        free(scratch);
+        free(buf);
+    }
+    free(xb);
+}
+#else
+int amx_ok(void) { return 0; }
+void amx_matmul(int kind, const float *x, const uint8_t *panels, float *y, int64_t M,
+                int64_t N, int64_t K, int threads) { abort(); }
+#endif
+"""
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    lib.amx_ok.restype = ctypes.c_int
+    lib.amx_matmul.restype = None
+    lib.amx_matmul.argtypes = ([ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3
+                               + [ctypes.c_int])
+
+
+_usable: ctypes.CDLL | None | bool = False  # False: not yet looked for
+
+
+def _lib() -> ctypes.CDLL | None:
+    """The kernel, once this process may use AMX tiles (asked of Linux on first use)."""
+    global _usable
+    if _usable is False:
+        lib = ckernel.load("amx_gemm", _SOURCE, _declare, openmp=True)
+        _usable = lib if lib is not None and lib.amx_ok() else None
+    return _usable
+
+
+def available() -> bool:
+    """Whether this CPU has AMX bf16 tiles and the OS lets this process use them."""
+    return _lib() is not None
+
+
+def matmul(x: torch.Tensor, w: PanelWeight) -> torch.Tensor:
+    """``bf16(x) [M, K] @ bf16(W)ᵀ`` summed in fp32 → ``[M, N]`` (fp32)."""
+    x, y = operands(x, w.shape, "AMX matmul")
+    n, k = w.shape
+    _lib().amx_matmul(_KINDS[w.kind], x.data_ptr(), w.panels.data_ptr(), y.data_ptr(),
+                      x.shape[0], n, k, torch.get_num_threads())
+    return y

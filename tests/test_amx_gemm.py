@@ -1,0 +1,104 @@
+"""The AMX bf16 kernel against bf16-rounded operands multiplied exactly (in float64).
+
+Speed (not asserted here): ``llmos bench gemm --dtype bf16`` prints it beside MKL's fp32.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmos_kernel.core import amx_gemm, panel_gemm, quant_matmul
+from tests.test_panel_gemm import _panels, _q8_0
+
+
+def _has_amx() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return all(f in flags for f in ("amx_tile", "amx_bf16", "avx512_bf16"))
+
+
+# AMX tiles are Sapphire Rapids and later; elsewhere bf16 runs the whole model in torch's bf16.
+needs_amx = pytest.mark.skipif(not _has_amx(), reason="this CPU has no AMX bf16 tiles")
+
+
+def test_the_kernel_is_built_exactly_where_the_cpu_has_amx():
+    assert amx_gemm.available() == _has_amx()
+
+
+def _bf16_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Σ bf16(x)·bf16(w) with every product and sum exact."""
+    return x.bfloat16().double() @ w.bfloat16().double().T
+
+
+def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
+    return (got.double() - want).abs().max().item() <= 1e-5 * max(1.0, want.abs().max().item())
+
+
+@needs_amx
+@pytest.mark.parametrize("rows", [1, 2, 15, 16, 17, 31, 32, 33, 64, 100, 257])
+def test_q4_1_matches_bf16_operands_multiplied_exactly(rows):
+    panels, weights = _panels(160, 576, seed=rows)
+    x = torch.randn(rows, 576, generator=torch.Generator().manual_seed(rows))
+    assert _close(amx_gemm.matmul(x, panels), _bf16_reference(x, weights))
+
+
+@needs_amx
+@pytest.mark.parametrize("rows", [1, 13, 48])
+def test_q8_0_and_a_long_k(rows):
+    panels, weights = _q8_0(96, 1536, seed=rows)
+    x = torch.randn(rows, 1536, generator=torch.Generator().manual_seed(rows))
+    assert _close(amx_gemm.matmul(x, panels), _bf16_reference(x, weights))
+
+
+@needs_amx
+def test_the_products_are_not_the_fp32_ones():
+    """bf16 rounding is really applied (an fp32 product would differ from the reference)."""
+    panels, weights = _panels(64, 576, seed=3)
+    x = torch.randn(8, 576, generator=torch.Generator().manual_seed(3))
+    got = amx_gemm.matmul(x, panels).double()
+    assert _close(got, _bf16_reference(x, weights))
+    assert not _close(got, x.double() @ weights.double().T)
+
+
+@needs_amx
+def test_a_rows_result_does_not_depend_on_the_rows_beside_it():
+    """Bit for bit: what a request computes alone it computes in a busy batch."""
+    panels, _ = _panels(96, 576, seed=5)
+    x = torch.randn(70, 576, generator=torch.Generator().manual_seed(5))
+    batch = amx_gemm.matmul(x, panels)
+    for r in (0, 17, 69):
+        assert torch.equal(amx_gemm.matmul(x[r:r + 1], panels)[0], batch[r])
+    assert torch.equal(amx_gemm.matmul(x[16:40], panels), batch[16:40])
+
+
+@needs_amx
+def test_refuses_the_wrong_input():
+    panels, _ = _panels(32, 64, seed=2)
+    with pytest.raises(ValueError, match="fp32"):
+        amx_gemm.matmul(torch.randn(4, 32), panels)
+    with pytest.raises(ValueError, match="fp32"):
+        amx_gemm.matmul(torch.randn(4, 64, dtype=torch.bfloat16), panels)
+
+
+@needs_amx
+def test_a_bf16_model_serves_every_projection_from_amx(model_path, monkeypatch):
+    from llmos_kernel.core.weights import load_model, projections
+
+    model, _ = load_model(model_path, dtype="bf16")
+    assert model.bf16_products and model.dtype == torch.float32
+    assert model.kv_dtype == torch.bfloat16
+    for module, attr, _ in projections(model, model.config):
+        assert isinstance(module.packed[attr + "/bf16"], panel_gemm.PanelWeight)
+        assert getattr(module, attr).numel() == 0  # the fp32 copy is gone
+    used = []
+    real = amx_gemm.matmul
+    monkeypatch.setattr(amx_gemm, "matmul", lambda x, w: used.append(x.shape[0]) or real(x, w))
+    monkeypatch.setattr(quant_matmul, "matmul", lambda *a: pytest.fail("fp32 kernel used"))
+    monkeypatch.setattr(panel_gemm, "matmul", lambda *a: pytest.fail("fp32 kernel used"))
+    for rows in (1, 8, 300):
+        model.blocks[0].ffn(torch.randn(rows, model.config.d_model))
+    assert used == [1, 1, 8, 8, 300, 300]
