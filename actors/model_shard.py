@@ -39,16 +39,21 @@ class ModelShard:
         return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
                 "device": self.device, "threads": torch.get_num_threads(),
                 "load_seconds": self.model.load_seconds,
+                "bf16_products": self.model.bf16_products, "kv_dtype": str(self.model.kv_dtype),
                 "devices": [d.__dict__ for d in devices()]}
 
     def allocate_kv(self, num_blocks: int, block_size: int) -> int:
         """Create the KV pool the kernel sized; returns its bytes."""
-        kv = KVPool(self.model.config, num_blocks, block_size, self.model.dtype, self.device)
+        kv = KVPool(self.model.config, num_blocks, block_size, self.model.kv_dtype, self.device)
         self.runner = ModelRunner(self.model, kv)
         return kv.nbytes
 
     def execute(self, plan: StepPlan) -> StepOutput:
         return self.runner.execute(plan)
+
+    def warm_kv(self) -> bool:
+        """Fault in a little more of the KV pool (see KVPool.warm); True while some is left."""
+        return self.runner.kv.warm()
 
     def swapped_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.runner.swapped.values())

@@ -27,7 +27,7 @@ from llmos_kernel import store
 from llmos_kernel.core.gguf_file import GGUFFile
 from llmos_kernel.core.sampling import SamplingParams
 from llmos_kernel.core.tokenizer import Tokenizer, validate_messages
-from llmos_kernel.core.weights import parse_dtype
+from llmos_kernel.core.weights import parse_dtype, resolve_dtype
 from llmos_kernel.engine.engine import Delta, EngineConfig, LLMEngine, Request
 from llmos_kernel.errors import (
     AlreadyExists,
@@ -49,7 +49,7 @@ SHARD_RESTART_WINDOW_S = 60.0
 @dataclass
 class LLMConfig:
     model: str = store.DEFAULT_MODEL
-    dtype: str = "fp32"
+    dtype: str = "auto"  # resolved at start (weights.resolve_dtype)
     device: str = "cpu"
     kv_budget: str | int = "auto"
     swap_budget: str | int = "auto"
@@ -84,6 +84,7 @@ class LLMService:
         self.model_config = gguf.config()
         gguf.check_tensor_types()
         self.tokenizer = Tokenizer.from_gguf(gguf.metadata)
+        self.cfg.dtype = resolve_dtype(self.cfg.dtype, self.cfg.device)
         self.plan = plan_memory(self.model_config, parse_dtype(self.cfg.dtype), self.cfg.device,
                                 self.cfg.kv_budget, self.cfg.block_size, self.cfg.swap_budget)
         self.engine = LLMEngine(
@@ -106,6 +107,7 @@ class LLMService:
         ).remote(self.model_path, self.cfg.dtype, self.cfg.device, None, threads)
         self.shard_info = await self.shard.info.remote()
         await self.shard.allocate_kv.remote(self.plan.num_blocks, self.plan.block_size)
+        self._kv_cold = True  # a new pool: faulted in while the kernel is idle (see _loop)
 
     async def stop(self) -> None:
         if self._loop_task:
@@ -240,6 +242,12 @@ class LLMService:
     async def _loop(self) -> None:
         while True:
             if not self.engine.scheduler.has_work():
+                if self._kv_cold:  # idle: fault in a little more of the pool, then look again
+                    try:
+                        self._kv_cold = await self.shard.warm_kv.remote()
+                    except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+                        self._kv_cold = False  # the next step finds it dead and restarts it
+                    continue
                 self._wake.clear()
                 await self._wake.wait()
                 continue

@@ -59,10 +59,35 @@ def hf_model(model_path):
 
 @pytest.fixture(scope="session")
 def engine(model_path):
-    """One in-process engine on the real model, shared by the tests that need one."""
+    """One in-process engine on the real model, shared by the tests that need one: fp32, the
+    precision the reference's outputs are matched in (bf16 has tests of its own)."""
     from llmos_kernel.engine.local import load_engine
 
-    return load_engine(str(model_path), kv_budget="512MiB", swap_budget="256MiB")
+    return load_engine(str(model_path), dtype="fp32", kv_budget="512MiB", swap_budget="256MiB")
+
+
+@pytest.fixture(scope="session")
+def prompt_ids(engine):
+    from tests.reference_prompts import PROMPTS
+
+    ids = {name: engine.tokenizer.encode(text) for name, text in PROMPTS.items()}
+    assert len(ids["long"]) >= 1000
+    return ids
+
+
+@pytest.fixture(scope="session")
+def reference_greedy(hf_model, prompt_ids):
+    """The reference's 32 greedy tokens after each prompt."""
+    import torch
+
+    out = {}
+    for name, ids in prompt_ids.items():
+        with torch.no_grad():
+            gen = hf_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids)),
+                                    max_new_tokens=32, min_new_tokens=32, do_sample=False,
+                                    pad_token_id=0)
+        out[name] = gen[0, len(ids):].tolist()
+    return out
 
 
 AGENTS_DIR = Path(__file__).parent / "agents"

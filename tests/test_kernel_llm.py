@@ -79,13 +79,15 @@ def test_cancelling_an_unknown_request_is_a_typed_error(kernel, client):
 
 def test_kernel_restarts_a_killed_shard_and_finishes_every_request(kernel, client, alone):
     async def run():
+        shard = ray.get_actor(f"{kernel.name}-shard-0", namespace="llmos")
+        pid = (await shard.info.remote())["pid"]
+        generated = (await client.status())["engine"]["tokens_generated"]
         tasks = [asyncio.ensure_future(client.generate(messages=m, **greedy()))
                  for m in MESSAGES]
-        while (await client.status())["engine"]["tokens_generated"] == 0:
-            await asyncio.sleep(0.05)
-        await asyncio.sleep(0.5)  # mid-run
-        shard = ray.get_actor(f"{kernel.name}-shard-0", namespace="llmos")
-        os.kill((await shard.info.remote())["pid"], signal.SIGKILL)
+        while (await client.status())["engine"]["tokens_generated"] == generated:
+            await asyncio.sleep(0.01)
+        os.kill(pid, signal.SIGKILL)  # mid-run: the first tokens are out, most are not
+        assert not all(t.done() for t in tasks)
         return await asyncio.gather(*tasks)
 
     before = kernel.run(client.status())["shard"]["restarts"]

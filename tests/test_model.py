@@ -6,8 +6,6 @@ the models, not the tokenizers.
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 
@@ -15,28 +13,7 @@ from llmos_kernel.core.kv_cache import KVPool
 from llmos_kernel.core.model import PrefillChunk, StepBatch
 from llmos_kernel.core.sampling import SamplingParams
 from llmos_kernel.engine.engine import Request
-
-
-def _long_text(n_words: int) -> str:
-    rng = random.Random(7)
-    words = ["the", "kernel", "schedules", "agents", "that", "share", "one", "model", "while", "tools", "run", "and", "memory", "pages", "move", "between", "devices", "as", "requests", "arrive", "and", "finish"]
-    return " ".join(rng.choice(words) for _ in range(n_words))
-
-
-PROMPTS = {
-    "english": "The history of the printing press begins in",
-    "chinese": "请用一句话介绍长城的历史。",
-    "code": "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
-    "emoji": "My favourite emojis are 🎉🐍🚀 because",
-    "long": _long_text(1040),
-}
-
-
-@pytest.fixture(scope="module")
-def prompt_ids(engine):
-    ids = {name: engine.tokenizer.encode(text) for name, text in PROMPTS.items()}
-    assert len(ids["long"]) >= 1000
-    return ids
+from tests.reference_prompts import PROMPTS
 
 
 def _hf_last_logits(hf_model, ids: list[int]) -> torch.Tensor:
@@ -59,18 +36,6 @@ def test_last_position_logits_match_reference(engine, hf_model, prompt_ids, name
     ours = _our_last_logits(engine, prompt_ids[name])
     ref = _hf_last_logits(hf_model, prompt_ids[name])
     assert (ours - ref).abs().max().item() <= 1e-3
-
-
-@pytest.fixture(scope="module")
-def reference_greedy(hf_model, prompt_ids):
-    out = {}
-    for name, ids in prompt_ids.items():
-        with torch.no_grad():
-            gen = hf_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids)),
-                                    max_new_tokens=32, min_new_tokens=32, do_sample=False,
-                                    pad_token_id=0)
-        out[name] = gen[0, len(ids):].tolist()
-    return out
 
 
 def _greedy(max_tokens: int = 32) -> SamplingParams:

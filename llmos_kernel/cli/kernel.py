@@ -37,7 +37,9 @@ def kernel() -> None:
               help="Host memory for preempted and suspended KV, or 0 for none.")
 @click.option("--max-batch-tokens", type=int, default=256, show_default=True)
 @click.option("--max-seqs", type=int, default=64, show_default=True)
-@click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
+@click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16"]), default="auto",
+              show_default=True, help="bf16: bf16 matrix products (AMX tiles on CPUs that have "
+              "them) and KV; auto: bf16 where that is the fast path, else fp32.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--no-prefix-cache", is_flag=True)
 @name_option
@@ -82,8 +84,11 @@ def status(as_json: bool, name: str, state_dir: Path | None) -> None:
     mem, q = st["memory"], st["queues"]
     gib = 1 << 30
     click.echo(f"kernel {st['name']}  up {st['uptime_s']:.0f}s  state {st['state_dir']}")
+    shard = st["shard"]
+    products = ("bf16 products on AMX tiles, " if shard.get("bf16_products") else "")
     click.echo(f"model   {st['model']['path']}  ({st['model']['params'] / 1e6:.0f}M params, "
-               f"{st['model']['dtype']} on {st['model']['device']})")
+               f"{st['model']['dtype']} on {st['model']['device']}: {products}"
+               f"KV {shard.get('kv_dtype', '?').removeprefix('torch.')})")
     for d in mem["devices"]:
         click.echo(f"device  {d['name']:8s} {d['free_bytes'] / gib:6.1f} GiB free of "
                    f"{d['total_bytes'] / gib:.1f}")

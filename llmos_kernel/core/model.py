@@ -17,7 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmos_kernel.core import fused_ops, packed_gemm, paged_attention, panel_gemm, quant_matmul
+from llmos_kernel.core import (
+    amx_gemm,
+    fused_ops,
+    packed_gemm,
+    paged_attention,
+    panel_gemm,
+    quant_matmul,
+)
 from llmos_kernel.core.gguf_file import ModelConfig
 from llmos_kernel.core.kv_cache import KVPool
 
@@ -117,7 +124,12 @@ def project(x: torch.Tensor, weight: torch.Tensor, packed: dict[str, Packed],
     """``x @ weight``, read from the file's quantized bytes where streaming fp32 weights
     would set the pace: ``packed[name + "/panels"]`` for steps of two rows or more (see
     panel_gemm), ``packed[name]`` for one row (see quant_matmul); else (other weight types,
-    no AVX-512) from MKL's packed copy of the fp32 weight, ``packed[name + "/fp32"]``."""
+    no AVX-512) from MKL's packed copy of the fp32 weight, ``packed[name + "/fp32"]``.
+    A model loaded for bf16 products has ``packed[name + "/bf16"]`` and takes AMX tiles
+    for every step (see amx_gemm)."""
+    bf16 = packed.get(name + "/bf16")
+    if bf16 is not None:
+        return amx_gemm.matmul(x, bf16)
     rows = x.shape[0]
     panels = packed.get(name + "/panels")
     if panels is not None and panel_gemm.serves(rows):
@@ -153,19 +165,22 @@ class Attention(nn.Module):
         q, k = qk[:, :H], qk[:, H:]
         v = qkv[:, (H + KV) * self.hd:].view(T, KV, self.hd)
         k_cache, v_cache = kv.layer(self.layer)
+        # A pool of another dtype (bf16 under fp32 activations) keeps the rounded keys and
+        # values; attention reads those everywhere, so a prompt's chunking never matters.
+        k, v = k.to(k_cache.dtype), v.to(v_cache.dtype)
         k_cache.index_copy_(0, batch.slot_mapping, k)
         v_cache.index_copy_(0, batch.slot_mapping, v)
 
         parts = []
         nd = batch.n_decode
         if nd and kv.paged_kernel:
-            out = paged_attention.decode(q[:nd], k_cache, v_cache, batch.decode_tables,
+            out = paged_attention.decode(q[:nd].float(), k_cache, v_cache, batch.decode_tables,
                                          batch.decode_lens, batch.block_size, self.scale)
-            parts.append(out.reshape(nd, -1))
+            parts.append(out.reshape(nd, -1).to(x.dtype))
         elif nd:
             slots, mask = batch.decode_gather()
-            kd = k_cache[slots].transpose(1, 2)  # [Bd, kvh, ctx, hd]
-            vd = v_cache[slots].transpose(1, 2)
+            kd = k_cache[slots].transpose(1, 2).to(q.dtype)  # [Bd, kvh, ctx, hd]
+            vd = v_cache[slots].transpose(1, 2).to(q.dtype)
             out = F.scaled_dot_product_attention(q[:nd].unsqueeze(2), kd, vd, attn_mask=mask,
                                                  scale=self.scale, enable_gqa=True)
             parts.append(out.reshape(nd, -1))
@@ -177,8 +192,9 @@ class Attention(nn.Module):
             else:  # later chunks see every earlier key: causal, offset by the past
                 kp, vp = k_cache[chunk.context_slots], v_cache[chunk.context_slots]
                 mask, causal = chunk.mask(q.dtype), False
-            out = F.scaled_dot_product_attention(qp, kp.transpose(0, 1)[None],
-                                                 vp.transpose(0, 1)[None], attn_mask=mask,
+            out = F.scaled_dot_product_attention(qp, kp.transpose(0, 1)[None].to(q.dtype),
+                                                 vp.transpose(0, 1)[None].to(q.dtype),
+                                                 attn_mask=mask,
                                                  is_causal=causal, scale=self.scale,
                                                  enable_gqa=True)
             parts.append(out[0].transpose(0, 1).reshape(chunk.length, -1))
@@ -230,10 +246,18 @@ class Transformer(nn.Module):
         self.output = nn.Parameter(torch.empty(cfg.d_model, cfg.vocab_size), requires_grad=False)
         self.rotary = Rotary(cfg.head_dim, cfg.rope_base, cfg.context_length)
         self.packed: dict[str, Packed] = {}
+        self.bf16_products = False  # set by the loader with every projection on AMX tiles
 
     @property
     def dtype(self) -> torch.dtype:
+        """The activations' dtype."""
         return self.embed.dtype
+
+    @property
+    def kv_dtype(self) -> torch.dtype:
+        """What the KV pool holds: the activations' dtype, or bf16 where the loader gave the
+        projections bf16 products (see weights.load_model)."""
+        return torch.bfloat16 if self.bf16_products else self.dtype
 
     @torch.inference_mode()
     def hidden_states(self, batch: StepBatch, kv: KVPool) -> torch.Tensor:

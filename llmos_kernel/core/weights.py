@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llmos_kernel.core import packed_gemm, panel_gemm, quant_matmul
+from llmos_kernel.core import amx_gemm, packed_gemm, panel_gemm, quant_matmul
 from llmos_kernel.core.gguf_file import GGUFFile, ModelConfig
 from llmos_kernel.core.model import Transformer
 from llmos_kernel.errors import InvalidArgument
@@ -23,8 +23,19 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     if isinstance(name, torch.dtype):
         return name
     if name not in DTYPES:
-        raise InvalidArgument(f"unknown dtype {name!r}; use one of: fp32, bf16, fp16")
+        raise InvalidArgument(f"unknown dtype {name!r}; use one of: auto, fp32, bf16, fp16")
     return DTYPES[name]
+
+
+def resolve_dtype(name: str, device: str = "cpu") -> str:
+    """``auto``: bf16 where it is the fast path (a CPU with AMX tiles, a CUDA device with
+    bf16), else fp32; any other name is checked and returned."""
+    if name != "auto":
+        parse_dtype(name)
+        return name
+    if torch.device(device).type == "cuda":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if bf16_products_available() else "fp32"
 
 
 # The model's projections and the GGUF tensors each one fuses, rows in this order.
@@ -101,9 +112,33 @@ def _attach_mkl_packed(model: Transformer, cfg: ModelConfig) -> None:
             param.data = torch.empty(0, dtype=param.dtype)
 
 
+def _attach_bf16_products(model: Transformer, cfg: ModelConfig) -> bool:
+    """Serve every projection from its panels on AMX tiles (see amx_gemm), and let the fp32
+    copies go; False (nothing changed) unless every projection has panels."""
+    served = [(module, attr) for module, attr, _ in projections(model, cfg)]
+    if not all(attr + "/panels" in module.packed for module, attr in served):
+        return False
+    for module, attr in served:
+        module.packed[attr + "/bf16"] = module.packed[attr + "/panels"]
+        getattr(module, attr).data = torch.empty(0)
+    model.bf16_products = True
+    return True
+
+
+def bf16_products_available() -> bool:
+    """Whether ``dtype="bf16"`` on this CPU means bf16 products on AMX tiles under fp32
+    activations (else the whole model runs in torch's bf16)."""
+    return (quant_matmul.available() and panel_gemm.available() and amx_gemm.available()
+            and not os.environ.get("LLMOS_NO_PANELS"))
+
+
 def load_model(path: str | Path, dtype: str | torch.dtype = "fp32",
                device: str | torch.device = "cpu") -> tuple[Transformer, GGUFFile]:
-    """Open a GGUF file and build its Transformer with dequantized weights."""
+    """Open a GGUF file and build its Transformer with dequantized weights.
+
+    ``bf16`` on a CPU with AMX keeps fp32 activations (norms, residuals, attention) and
+    multiplies bf16-rounded operands in every projection, summed in fp32, with a bf16 KV
+    pool (``model.kv_dtype``); elsewhere it is the whole model in torch's bf16."""
     started = time.perf_counter()
     dtype = parse_dtype(dtype)
     gguf = GGUFFile.open(path)
@@ -111,16 +146,25 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "fp32",
     gguf.check_tensor_types()
     sd = _state_dict(gguf, cfg)
     model = Transformer(cfg)
-    tensors = {k: torch.from_numpy(np.array(v, order="C", copy=True)).to(device=device, dtype=dtype)
+    on_cpu = torch.device(device).type == "cpu"
+    amx = dtype == torch.bfloat16 and on_cpu and bf16_products_available()
+    values = torch.float32 if amx else dtype
+    tensors = {k: torch.from_numpy(np.array(v, order="C", copy=True)).to(device=device, dtype=values)
                for k, v in sd.items()}
     model.load_state_dict(tensors, assign=True, strict=True)
     for p in model.parameters():
         p.requires_grad_(False)
     model.rotary.to(device)
-    if dtype == torch.float32 and torch.device(device).type == "cpu":
+    if values == torch.float32 and on_cpu:
         if quant_matmul.available():
             _attach_quantized(model, gguf, cfg)
-        _attach_mkl_packed(model, cfg)
+        if not amx:
+            _attach_mkl_packed(model, cfg)
+        elif not _attach_bf16_products(model, cfg):  # not every projection has panels
+            for module, _, _ in projections(model, cfg):
+                module.packed.clear()
+            for p in model.parameters():  # the whole model in torch's bf16, then
+                p.data = p.data.to(dtype)
     model.eval()
     model.load_seconds = time.perf_counter() - started
     return model, gguf
