@@ -17,20 +17,23 @@ import torch
 from llmos_kernel import store
 from llmos_kernel.bench.prompts import chat_prompts
 from llmos_kernel.core.sampling import SamplingParams
+from llmos_kernel.core.weights import parse_dtype, resolve_dtype
 from llmos_kernel.engine.engine import Request
 from llmos_kernel.engine.local import load_engine, set_threads
 from llmos_kernel.errors import Unavailable
 
 
-def load_reference(model_path):
-    """transformers loading the same GGUF (the baseline); needs transformers + accelerate."""
+def load_reference(model_path, dtype: str = "fp32"):
+    """transformers loading the same GGUF (the baseline), in its own ``dtype`` (fp32 or
+    bf16: the whole model in that type); needs transformers + accelerate."""
     try:
         from transformers import AutoModelForCausalLM
     except ImportError:
         raise Unavailable("the baseline needs transformers and accelerate: "
                           "pip install 'llmos[bench]'") from None
     model = AutoModelForCausalLM.from_pretrained(str(model_path.parent),
-                                                 gguf_file=model_path.name, dtype=torch.float32)
+                                                 gguf_file=model_path.name,
+                                                 dtype=parse_dtype(dtype))
     return model.eval()
 
 
@@ -123,19 +126,22 @@ def _context_restore(engine, n_tokens: int = 1000) -> tuple[float, float]:
 
 
 def run(model: str = store.DEFAULT_MODEL, *, new_tokens: int = 128, batch_size: int = 32,
-        repeat: int = 2, progress: Callable[[str], None] = lambda _: None) -> dict:
+        repeat: int = 2, dtype: str = "auto",
+        progress: Callable[[str], None] = lambda _: None) -> dict:
     """``repeat``: how many times each side runs the batch; the best run of each counts
     (this machine is shared, so one slow run says more about the neighbours than the code).
+    Both sides run in ``dtype`` (``auto`` resolved as the kernel resolves it).
     """
     set_threads()
     path = store.resolve_model(model)
-    progress("loading llmos core")
+    dtype = resolve_dtype(dtype)
+    progress(f"loading llmos core ({dtype})")
     started = time.perf_counter()
-    engine = load_engine(str(path), kv_budget="1GiB", max_seqs=max(64, batch_size))
+    engine = load_engine(str(path), dtype=dtype, kv_budget="1GiB", max_seqs=max(64, batch_size))
     load_s = time.perf_counter() - started
-    progress("loading the reference (transformers)")
+    progress(f"loading the reference (transformers, {dtype})")
     started = time.perf_counter()
-    hf = load_reference(path)
+    hf = load_reference(path, dtype)
     ref_load_s = time.perf_counter() - started
 
     tok = engine.tokenizer
@@ -161,6 +167,6 @@ def run(model: str = store.DEFAULT_MODEL, *, new_tokens: int = 128, batch_size: 
         "decode_tok_s": decode, "ref_decode_tok_s": ref_decode,
         f"batch{batch_size}_tok_s": agg, f"ref_batch{batch_size}_tok_s": ref_agg,
         f"batch{batch_size}_runs_tok_s": aggs, f"ref_batch{batch_size}_runs_tok_s": ref_aggs,
-        "threads": torch.get_num_threads(),
+        "threads": torch.get_num_threads(), "dtype": dtype,
         "prompt_tokens": [len(ids) for ids in batch], "new_tokens": new_tokens,
     }

@@ -32,11 +32,13 @@ from llmos_kernel.bench.core import load_reference
 from llmos_kernel.bench.prompts import chat_prompts, shared_system_prompt
 
 
-def gemm_peak_flops(seconds: float = 1.0) -> float:
-    """Best fp32 GEMM rate over a few shapes the engine runs (576 → 1536, 64..256 rows)."""
+def gemm_peak_flops(seconds: float = 1.0, dtype: torch.dtype = torch.float32) -> float:
+    """Best GEMM rate in ``dtype`` (torch's own kernels: MKL for fp32, oneDNN, on AMX tiles
+    where the CPU has them, for bf16) over shapes the engine runs (576 → 1536, 64..256
+    rows)."""
     best = 0.0
     for rows in (64, 128, 256):
-        x, w = torch.randn(rows, 576), torch.randn(576, 1536)
+        x, w = torch.randn(rows, 576, dtype=dtype), torch.randn(576, 1536, dtype=dtype)
         for _ in range(3):
             x @ w
         n, started = 0, time.perf_counter()
@@ -132,7 +134,7 @@ def _reference(hf, tokenizer, workloads, concurrency: int,
 def run(*, kernel_name: str = "kernel", address: str | None = None, concurrency: int = 64,
         requests: int = 128, repeat: int = 1,
         max_tokens: int = 64, shared_prefix: int = 0, max_words: int = 200,
-        baseline: bool = True,
+        baseline: bool = True, dtype: str = "auto",
         model: str = store.DEFAULT_MODEL, kv_budget: str = "auto",
         progress: Callable[[str], None] = lambda _: None) -> dict:
     import ray
@@ -160,7 +162,8 @@ def run(*, kernel_name: str = "kernel", address: str | None = None, concurrency:
         state = tempfile.mkdtemp(prefix="llmos-bench-")
         started_here = start_kernel(KernelConfig(
             state_dir=state, name=kernel_name,
-            llm=LLMConfig(model=model, kv_budget=kv_budget, max_seqs=max(64, concurrency))),
+            llm=LLMConfig(model=model, dtype=dtype, kv_budget=kv_budget,
+                          max_seqs=max(64, concurrency))),
             detached=False)
         client = KernelClient(started_here, (Path(state) / "root.token").read_text())
     else:
@@ -183,7 +186,8 @@ def run(*, kernel_name: str = "kernel", address: str | None = None, concurrency:
     loop.run_until_complete(_drive(client, workloads[:2], 2, 4, salt="warm-up"))
     probe = [{"role": "user", "content": "Say yes."}]
     ttft_idle = loop.run_until_complete(_ttft(client, probe))
-    hf = load_reference(store.resolve_model(model_path)) if baseline else None
+    dtype = st["model"]["dtype"]  # the kernel's (resolved); the baseline runs in the same
+    hf = load_reference(store.resolve_model(model_path), dtype) if baseline else None
     runs: list[dict] = []
     refs: list[tuple[float, float]] = []
     for rep in range(repeat):
@@ -234,8 +238,14 @@ def run(*, kernel_name: str = "kernel", address: str | None = None, concurrency:
         result["agg_tok_s_nocache"] = nocache["agg_tok_s"]
     progress("measuring this machine's fp32 GEMM peak")
     peak = gemm_peak_flops()
+    result["dtype"] = result["ref_dtype"] = dtype
     result["gemm_peak_gflops"] = peak / 1e9
     result["compute_bound_tok_s"] = peak / (2 * st["model"]["params"])
+    if dtype == "bf16":  # the bound of bf16 products, beside the fp32 one
+        progress("measuring this machine's bf16 GEMM peak")
+        peak16 = gemm_peak_flops(dtype=torch.bfloat16)
+        result["gemm_peak_bf16_gflops"] = peak16 / 1e9
+        result["compute_bound_bf16_tok_s"] = peak16 / (2 * st["model"]["params"])
     if refs:
         result["ref_agg_tok_s"], result["ref_processed_tok_s"] = max(refs)
         result["runs_ref_agg_tok_s"] = [r[0] for r in refs]

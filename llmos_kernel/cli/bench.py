@@ -30,13 +30,16 @@ def bench() -> None:
 @click.option("--batch", "batch_size", type=int, default=32, show_default=True)
 @click.option("--repeat", type=click.IntRange(min=1), default=2, show_default=True,
               help="Batch runs per side, alternating; the best of each side counts.")
+@click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16"]), default="auto",
+              show_default=True, help="Both sides run in it (auto: as the kernel resolves it).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
-def core(model: str, new_tokens: int, batch_size: int, repeat: int, as_json: bool) -> None:
+def core(model: str, new_tokens: int, batch_size: int, repeat: int, dtype: str,
+         as_json: bool) -> None:
     """The Transformer core vs Hugging Face transformers on the same GGUF."""
     from llmos_kernel.bench import core as core_bench
 
     result = core_bench.run(model, new_tokens=new_tokens, batch_size=batch_size, repeat=repeat,
-                            progress=lambda m: click.echo(f"[bench] {m}", err=True))
+                            dtype=dtype, progress=lambda m: click.echo(f"[bench] {m}", err=True))
     b = f"batch{batch_size}_tok_s"
     _report(result, [("load seconds (lower wins)", "load_s", "ref_load_s"),
                      ("decode tok/s, 1 stream", "decode_tok_s", "ref_decode_tok_s"),
@@ -132,16 +135,19 @@ def ipc(agents: int, messages: int, pairs: int, kernel_name: str | None, state_d
               help="User messages run from 8 words to this many (prompt lengths spread "
                    "evenly); shorter prompts make the workload decode-heavy.")
 @click.option("--no-baseline", is_flag=True, help="Skip the transformers baseline.")
+@click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16"]), default="auto",
+              show_default=True, help="The kernel's, where it is started here; the baseline "
+              "runs in the kernel's dtype.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
 def serve(address, kernel_name, model, concurrency, requests, max_tokens, repeat, shared_prefix,
-          max_words, no_baseline, as_json) -> None:
+          max_words, no_baseline, dtype, as_json) -> None:
     """The kernel under concurrent load vs transformers' padded batches."""
     from llmos_kernel.bench import serve as serve_bench
 
-    result = serve_bench.run(kernel_name=kernel_name, address=address, concurrency=concurrency, requests=requests,
-                             max_tokens=max_tokens, repeat=repeat, shared_prefix=shared_prefix,
-                             max_words=max_words,
-                             baseline=not no_baseline, model=model,
+    result = serve_bench.run(kernel_name=kernel_name, address=address, concurrency=concurrency,
+                             requests=requests, max_tokens=max_tokens, repeat=repeat,
+                             shared_prefix=shared_prefix, max_words=max_words,
+                             baseline=not no_baseline, model=model, dtype=dtype,
                              progress=lambda m: click.echo(f"[bench] {m}", err=True))
     if as_json:
         click.echo(json.dumps(result))
@@ -151,6 +157,9 @@ def serve(address, kernel_name, model, concurrency, requests, max_tokens, repeat
                    + ("; transformers: " + ", ".join(f"{v:.1f}" for v in
                                                      result["runs_ref_agg_tok_s"])
                       if "runs_ref_agg_tok_s" in result else "") + " (best of each below)")
+    click.echo(f"both sides in {result['dtype']}" + (
+        " (llmos: bf16 products on AMX tiles, fp32 activations, bf16 KV; transformers: its "
+        "whole model in bf16)" if result["dtype"] == "bf16" else ""))
     if "ref_agg_tok_s" in result:
         _report(result, [("aggregate tok/s", "agg_tok_s", "ref_agg_tok_s"),
                          ("processed tok/s", "processed_tok_s", "ref_processed_tok_s")], False)
@@ -161,6 +170,12 @@ def serve(address, kernel_name, model, concurrency, requests, max_tokens, repeat
     click.echo(f"compute bound {bound:.0f} tok/s (GEMM peak {result['gemm_peak_gflops']:.0f} "
                f"GFLOP/s): generated tokens reach {result['agg_tok_s'] / bound:.0%} of it, "
                f"processed tokens {result['processed_tok_s'] / bound:.0%}")
+    if "compute_bound_bf16_tok_s" in result:
+        bound16 = result["compute_bound_bf16_tok_s"]
+        click.echo(f"bf16 compute bound {bound16:.0f} tok/s (bf16 GEMM peak "
+                   f"{result['gemm_peak_bf16_gflops']:.0f} GFLOP/s): generated "
+                   f"{result['agg_tok_s'] / bound16:.0%}, processed "
+                   f"{result['processed_tok_s'] / bound16:.0%}")
     click.echo(f"TTFT p50 {result['ttft_p50_s']:.2f}s p99 {result['ttft_p99_s']:.2f}s; "
                f"ITL p50 {result['itl_p50_s'] * 1e3:.0f}ms p99 {result['itl_p99_s'] * 1e3:.0f}ms; "
                f"prefix hit rate {result['prefix_hit_rate']:.0%}")
