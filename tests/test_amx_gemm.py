@@ -29,6 +29,10 @@ def test_the_kernel_is_built_exactly_where_the_cpu_has_amx():
     assert amx_gemm.available() == _has_amx()
 
 
+def _tiles(panels: panel_gemm.PanelWeight) -> amx_gemm.TileWeight:
+    return amx_gemm.TileWeight.from_panels(panels)
+
+
 def _bf16_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Σ bf16(x)·bf16(w) with every product and sum exact."""
     return x.bfloat16().double() @ w.bfloat16().double().T
@@ -39,11 +43,18 @@ def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
 
 
 @needs_amx
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
+def test_tiles_hold_the_loaders_weights_rounded_to_bf16(kind):
+    panels, weights = _panels(96, 576, seed=1) if kind == "Q4_1" else _q8_0(96, 576, seed=1)
+    assert torch.equal(_tiles(panels).dequantize(), weights.bfloat16())
+
+
+@needs_amx
 @pytest.mark.parametrize("rows", [1, 2, 15, 16, 17, 31, 32, 33, 64, 100, 257])
 def test_q4_1_matches_bf16_operands_multiplied_exactly(rows):
     panels, weights = _panels(160, 576, seed=rows)
     x = torch.randn(rows, 576, generator=torch.Generator().manual_seed(rows))
-    assert _close(amx_gemm.matmul(x, panels), _bf16_reference(x, weights))
+    assert _close(amx_gemm.matmul(x, _tiles(panels)), _bf16_reference(x, weights))
 
 
 @needs_amx
@@ -51,7 +62,7 @@ def test_q4_1_matches_bf16_operands_multiplied_exactly(rows):
 def test_q8_0_and_a_long_k(rows):
     panels, weights = _q8_0(96, 1536, seed=rows)
     x = torch.randn(rows, 1536, generator=torch.Generator().manual_seed(rows))
-    assert _close(amx_gemm.matmul(x, panels), _bf16_reference(x, weights))
+    assert _close(amx_gemm.matmul(x, _tiles(panels)), _bf16_reference(x, weights))
 
 
 @needs_amx
@@ -59,7 +70,7 @@ def test_the_products_are_not_the_fp32_ones():
     """bf16 rounding is really applied (an fp32 product would differ from the reference)."""
     panels, weights = _panels(64, 576, seed=3)
     x = torch.randn(8, 576, generator=torch.Generator().manual_seed(3))
-    got = amx_gemm.matmul(x, panels).double()
+    got = amx_gemm.matmul(x, _tiles(panels)).double()
     assert _close(got, _bf16_reference(x, weights))
     assert not _close(got, x.double() @ weights.double().T)
 
@@ -68,20 +79,21 @@ def test_the_products_are_not_the_fp32_ones():
 def test_a_rows_result_does_not_depend_on_the_rows_beside_it():
     """Bit for bit: what a request computes alone it computes in a busy batch."""
     panels, _ = _panels(96, 576, seed=5)
+    tiles = _tiles(panels)
     x = torch.randn(70, 576, generator=torch.Generator().manual_seed(5))
-    batch = amx_gemm.matmul(x, panels)
+    batch = amx_gemm.matmul(x, tiles)
     for r in (0, 17, 69):
-        assert torch.equal(amx_gemm.matmul(x[r:r + 1], panels)[0], batch[r])
-    assert torch.equal(amx_gemm.matmul(x[16:40], panels), batch[16:40])
+        assert torch.equal(amx_gemm.matmul(x[r:r + 1], tiles)[0], batch[r])
+    assert torch.equal(amx_gemm.matmul(x[16:40], tiles), batch[16:40])
 
 
 @needs_amx
 def test_refuses_the_wrong_input():
-    panels, _ = _panels(32, 64, seed=2)
+    tiles = _tiles(_panels(32, 64, seed=2)[0])
     with pytest.raises(ValueError, match="fp32"):
-        amx_gemm.matmul(torch.randn(4, 32), panels)
+        amx_gemm.matmul(torch.randn(4, 32), tiles)
     with pytest.raises(ValueError, match="fp32"):
-        amx_gemm.matmul(torch.randn(4, 64, dtype=torch.bfloat16), panels)
+        amx_gemm.matmul(torch.randn(4, 64, dtype=torch.bfloat16), tiles)
 
 
 @needs_amx
@@ -92,8 +104,8 @@ def test_a_bf16_model_serves_every_projection_from_amx(model_path, monkeypatch):
     assert model.bf16_products and model.dtype == torch.float32
     assert model.kv_dtype == torch.bfloat16
     for module, attr, _ in projections(model, model.config):
-        assert isinstance(module.packed[attr + "/bf16"], panel_gemm.PanelWeight)
-        assert getattr(module, attr).numel() == 0  # the fp32 copy is gone
+        assert set(module.packed) & {attr, attr + "/panels", attr + "/bf16"} == {attr + "/bf16"}
+        assert getattr(module, attr).numel() == 0  # and the fp32 copy is gone
     used = []
     real = amx_gemm.matmul
     monkeypatch.setattr(amx_gemm, "matmul", lambda x, w: used.append(x.shape[0]) or real(x, w))

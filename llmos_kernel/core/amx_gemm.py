@@ -1,13 +1,12 @@
-"""bf16 matrix products on Intel AMX, read from the same panels as panel_gemm.
+"""bf16 matrix products on Intel AMX tiles.
 
 With ``--dtype bf16`` the projections multiply bf16-rounded activations by
 bf16-rounded weights and sum in fp32: the precision GPUs serve in, and what
 CPUs with AMX tiles (Sapphire Rapids and later) run several times faster than
-fp32 FMAs. The weights stay in the file's Q4_1 / Q8_0 bytes, laid out in
-panels of 32 output columns (see panel_gemm); a product dequantizes one panel
-at a time to the loader's fp32 values, rounds them to bf16 (to nearest even,
-as ``Tensor.bfloat16()``) in the pair-interleaved layout the tiles read, and
-multiplies every row of the step against it from a core's cache:
+fp32 FMAs. At load each Q4_1 / Q8_0 panel (see panel_gemm) is dequantized once
+to the loader's fp32 values and rounded to nearest even bf16 (as
+``Tensor.bfloat16()``), laid out as the tiles read it; a product then
+multiplies every row of the step against each panel in turn:
 
     y[r, n] = Σ_k bf16(x[r, k]) · bf16(w[n, k])     (products exact, fp32 sums)
 
@@ -17,7 +16,7 @@ step, so a request's output is the same alone or in a busy batch.
 Tiles: 16 rows × 32 bf16 of ``x`` (A), 16 K-pairs × 16 columns of the panel (B),
 16 × 16 fp32 sums (C); a block of 32 rows × 32 columns keeps four C tiles.
 Linux hands AMX's tile state to a process only on request (``arch_prctl``),
-which ``available()`` makes once.
+which loading the kernel makes once.
 """
 
 from __future__ import annotations
@@ -27,7 +26,7 @@ import ctypes
 import torch
 
 from llmos_kernel.core import ckernel
-from llmos_kernel.core.panel_gemm import _KINDS, PanelWeight
+from llmos_kernel.core.panel_gemm import _KINDS, PANEL, PanelWeight
 from llmos_kernel.core.quant_matmul import operands
 
 _SOURCE = r"""
@@ -185,43 +184,52 @@ static void panel_rows(const uint16_t *xb, const uint16_t *buf, float *y, int64_
     }
 }
 
-/* y[M][N] = bf16(x)[M][K] · bf16(W)ᵀ, W in panels of kind 4 (Q4_1) or 8 (Q8_0). */
-void amx_matmul(int kind, const float *x, const uint8_t *panels, float *y, int64_t M,
-                int64_t N, int64_t K, int threads) {
-    const int64_t count = N / PW, bytes = (K / 32) * block_bytes(kind), Mp = (M + 15) / 16 * 16;
+/* The panels' weights as B tiles, once: tiles[p * K * 32 ...] is panel p (see dequant_*). */
+void amx_layout(int kind, const uint8_t *panels, uint16_t *tiles, int64_t N, int64_t K,
+                int threads) {
+    const int64_t bytes = (K / 32) * block_bytes(kind);
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t p = 0; p < N / PW; p++) {
+        if (kind == 4) dequant_q4_1(panels + p * bytes, tiles + p * K * PW, K);
+        else dequant_q8_0(panels + p * bytes, tiles + p * K * PW, K);
+    }
+}
+
+/* y[M][N] = bf16(x)[M][K] · Wᵀ, W as laid out by amx_layout. */
+void amx_matmul(const float *x, const uint16_t *tiles, float *y, int64_t M, int64_t N,
+                int64_t K, int threads) {
+    const int64_t Mp = (M + 15) / 16 * 16;
     uint16_t *xb = aligned_alloc(64, sizeof(uint16_t) * Mp * K);
     #pragma omp parallel num_threads(threads)
     {
         #pragma omp for schedule(static)
         for (int64_t r = 0; r < Mp; r++) row_to_bf16(x, xb, r, M, K);
-        uint16_t *buf = aligned_alloc(64, sizeof(uint16_t) * K * PW);
         float *scratch = aligned_alloc(64, sizeof(float) * 256);
         configure();
         #pragma omp for schedule(static)
-        for (int64_t p = 0; p < count; p++) {
-            if (kind == 4) dequant_q4_1(panels + p * bytes, buf, K);
-            else dequant_q8_0(panels + p * bytes, buf, K);
-            panel_rows(xb, buf, y + p * PW, M, Mp, N, K, scratch);
-        }
+        for (int64_t p = 0; p < N / PW; p++)
+            panel_rows(xb, tiles + p * K * PW, y + p * PW, M, Mp, N, K, scratch);
         _tile_release();
         free(scratch);
-        free(buf);
     }
     free(xb);
 }
 #else
 int amx_ok(void) { return 0; }
-void amx_matmul(int kind, const float *x, const uint8_t *panels, float *y, int64_t M,
-                int64_t N, int64_t K, int threads) { abort(); }
+void amx_layout(int kind, const uint8_t *panels, uint16_t *tiles, int64_t N, int64_t K,
+                int threads) { abort(); }
+void amx_matmul(const float *x, const uint16_t *tiles, float *y, int64_t M, int64_t N,
+                int64_t K, int threads) { abort(); }
 #endif
 """
 
 
 def _declare(lib: ctypes.CDLL) -> None:
     lib.amx_ok.restype = ctypes.c_int
-    lib.amx_matmul.restype = None
-    lib.amx_matmul.argtypes = ([ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3
+    lib.amx_layout.restype = lib.amx_matmul.restype = None
+    lib.amx_layout.argtypes = ([ctypes.c_int] + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
                                + [ctypes.c_int])
+    lib.amx_matmul.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
 
 
 _usable: ctypes.CDLL | None | bool = False  # False: not yet looked for
@@ -241,10 +249,34 @@ def available() -> bool:
     return _lib() is not None
 
 
-def matmul(x: torch.Tensor, w: PanelWeight) -> torch.Tensor:
-    """``bf16(x) [M, K] @ bf16(W)ᵀ`` summed in fp32 → ``[M, N]`` (fp32)."""
+class TileWeight:
+    """An ``[N, K]`` matrix as bf16 B tiles, per panel of 32 columns: for each 32-K chunk
+    and column half, 16 K pairs × 16 columns × (even k, odd k). Laid out once at load from
+    a Q4_1 or Q8_0 panel weight: 2 bytes a weight (the file's 0.6-1.1), and no dequantizing
+    in the step, which cost more than the tiles' own work below 256 rows."""
+
+    def __init__(self, tiles: torch.Tensor, shape: tuple[int, int]):
+        self.tiles, self.shape = tiles, shape
+
+    @classmethod
+    def from_panels(cls, w: PanelWeight) -> TileWeight:
+        n, k = w.shape
+        tiles = torch.empty(n * k, dtype=torch.int16)
+        _lib().amx_layout(_KINDS[w.kind], w.panels.data_ptr(), tiles.data_ptr(), n, k,
+                          torch.get_num_threads())
+        return cls(tiles, (n, k))
+
+    def dequantize(self) -> torch.Tensor:
+        """The bf16 weights ``[N, K]`` the tiles hold (for tests)."""
+        n, k = self.shape
+        t = self.tiles.view(n // PANEL, k // 32, 2, 16, 16, 2)  # panel, chunk, half, pair, col, k&1
+        return t.permute(0, 2, 4, 1, 3, 5).reshape(n, k).view(torch.bfloat16)
+
+
+def matmul(x: torch.Tensor, w: TileWeight) -> torch.Tensor:
+    """``bf16(x) [M, K] @ Wᵀ`` summed in fp32 → ``[M, N]`` (fp32)."""
     x, y = operands(x, w.shape, "AMX matmul")
     n, k = w.shape
-    _lib().amx_matmul(_KINDS[w.kind], x.data_ptr(), w.panels.data_ptr(), y.data_ptr(),
-                      x.shape[0], n, k, torch.get_num_threads())
+    _lib().amx_matmul(x.data_ptr(), w.tiles.data_ptr(), y.data_ptr(), x.shape[0], n, k,
+                      torch.get_num_threads())
     return y

@@ -113,13 +113,16 @@ def _attach_mkl_packed(model: Transformer, cfg: ModelConfig) -> None:
 
 
 def _attach_bf16_products(model: Transformer, cfg: ModelConfig) -> bool:
-    """Serve every projection from its panels on AMX tiles (see amx_gemm), and let the fp32
-    copies go; False (nothing changed) unless every projection has panels."""
+    """Serve every projection on AMX tiles (see amx_gemm), laid out from its panels, and let
+    the other copies go; False (nothing changed) unless every projection has panels."""
     served = [(module, attr) for module, attr, _ in projections(model, cfg)]
     if not all(attr + "/panels" in module.packed for module, attr in served):
         return False
     for module, attr in served:
-        module.packed[attr + "/bf16"] = module.packed[attr + "/panels"]
+        tiles = amx_gemm.TileWeight.from_panels(module.packed[attr + "/panels"])
+        for key in (attr, attr + "/panels"):
+            module.packed.pop(key, None)
+        module.packed[attr + "/bf16"] = tiles
         getattr(module, attr).data = torch.empty(0)
     model.bf16_products = True
     return True
