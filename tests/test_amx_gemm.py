@@ -107,10 +107,41 @@ def test_a_bf16_model_serves_every_projection_from_amx(model_path, monkeypatch):
         assert set(module.packed) & {attr, attr + "/panels", attr + "/bf16"} == {attr + "/bf16"}
         assert getattr(module, attr).numel() == 0  # and the fp32 copy is gone
     used = []
-    real = amx_gemm.matmul
-    monkeypatch.setattr(amx_gemm, "matmul", lambda x, w: used.append(x.shape[0]) or real(x, w))
+    for name in ("matmul", "matmul_silu"):
+        real = getattr(amx_gemm, name)
+        monkeypatch.setattr(amx_gemm, name, lambda x, w, *a, real=real, name=name, **k:
+                            used.append((name, x.shape[0])) or real(x, w, *a, **k))
     monkeypatch.setattr(quant_matmul, "matmul", lambda *a: pytest.fail("fp32 kernel used"))
     monkeypatch.setattr(panel_gemm, "matmul", lambda *a: pytest.fail("fp32 kernel used"))
+    d = model.config.d_model
     for rows in (1, 8, 300):
-        model.blocks[0].ffn(torch.randn(rows, model.config.d_model))
-    assert used == [1, 1, 8, 8, 300, 300]
+        residual = torch.randn(rows, d)
+        out = model.blocks[0].ffn(torch.randn(rows, d), residual=residual)
+        assert out is residual  # the down projection summed into it in place
+    assert used == [(name, rows) for rows in (1, 8, 300)
+                    for name in ("matmul_silu", "matmul")]
+
+
+@needs_amx
+@pytest.mark.parametrize("rows", [1, 17, 40])
+def test_out_adds_the_products_in_place(rows):
+    """The residual stream takes a projection's output without a separate add."""
+    panels, weights = _panels(96, 576, seed=rows)
+    x = torch.randn(rows, 576, generator=torch.Generator().manual_seed(rows))
+    base = torch.randn(rows, 96, generator=torch.Generator().manual_seed(rows + 1)) * 10
+    out = base.clone()
+    assert amx_gemm.matmul(x, _tiles(panels), out=out) is out
+    assert _close(out, base.double() + _bf16_reference(x, weights))
+    with pytest.raises(ValueError, match="adds into"):
+        amx_gemm.matmul(x, _tiles(panels), out=torch.zeros(rows, 95))
+
+
+@needs_amx
+@pytest.mark.parametrize("rows", [1, 16, 33, 64])
+def test_matmul_silu_is_silu_of_the_gate_times_up(rows):
+    panels, weights = _panels(128, 576, seed=rows)  # [gate 64; up 64]
+    x = torch.randn(rows, 576, generator=torch.Generator().manual_seed(rows))
+    ref = _bf16_reference(x, weights)
+    want = torch.nn.functional.silu(ref[:, :64]) * ref[:, 64:]
+    got = amx_gemm.matmul_silu(x, _tiles(panels))
+    assert got.shape == (rows, 64) and _close(got, want)

@@ -111,3 +111,19 @@ static inline __m512 exp_neg16(__m512 x) {
     return _mm512_scalef_ps(p, fi);
 }
 """
+
+
+SILU_MUL16 = r"""
+/* silu(g) * u on 16 lanes: silu(g) = g * s, s = 1 / (1 + e^-g), from e = e^-|g| (never
+   overflows): s = 1/(1+e) for g >= 0, e/(1+e) below; 1/(1+e), in [1/2, 1], by rcp14 and one
+   Newton step. Needs exp_neg16 (EXP_NEG16) before it. */
+static inline __m512 silu_mul16(__m512 g, __m512 u) {
+    const __m512 e = exp_neg16(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(g)));
+    const __m512 d = _mm512_add_ps(_mm512_set1_ps(1.f), e);
+    __m512 inv = _mm512_rcp14_ps(d);
+    inv = _mm512_mul_ps(inv, _mm512_fnmadd_ps(d, inv, _mm512_set1_ps(2.f)));
+    const __mmask16 neg = _mm512_cmp_ps_mask(g, _mm512_setzero_ps(), _CMP_LT_OQ);
+    const __m512 sig = _mm512_mask_mul_ps(inv, neg, inv, e);
+    return _mm512_mul_ps(_mm512_mul_ps(g, sig), u);
+}
+"""

@@ -57,28 +57,17 @@ void rope(float *x, const float *cos_t, const float *sin_t, int64_t T, int64_t r
 #ifdef __AVX512F__
 #include <immintrin.h>
 
-""" + ckernel.EXP_NEG16 + r"""
+""" + ckernel.EXP_NEG16 + ckernel.SILU_MUL16 + r"""
 
-/* out[t] = silu(g) * u for each row [g (F floats) | u (F floats)] of gu: silu(g) = g * s,
-   s = 1 / (1 + e^-g), from e = e^-|g| (never overflows): s = 1/(1+e) for g >= 0, e/(1+e)
-   below. Returns 0, or -1 where F is not a multiple of 16 (the caller keeps torch). */
+/* out[t] = silu(g) * u for each row [g (F floats) | u (F floats)] of gu (see silu_mul16).
+   Returns 0, or -1 where F is not a multiple of 16 (the caller keeps torch). */
 int silu_mul(const float *gu, float *out, int64_t T, int64_t F, int64_t threads) {
     if (F % 16) return -1;
-    const __m512 one = _mm512_set1_ps(1.f), two = _mm512_set1_ps(2.f);
     #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && T * F >= 65536)
     for (int64_t t = 0; t < T; t++) {
         const float *g = gu + t * 2 * F, *u = g + F; float *o = out + t * F;
-        for (int64_t i = 0; i < F; i += 16) {
-            const __m512 x = _mm512_loadu_ps(g + i);
-            const __m512 e = exp_neg16(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(x)));
-            const __m512 d = _mm512_add_ps(one, e);  /* in [1, 2]: 1/d by rcp14 + one Newton step */
-            __m512 inv = _mm512_rcp14_ps(d);
-            inv = _mm512_mul_ps(inv, _mm512_fnmadd_ps(d, inv, two));
-            const __mmask16 neg = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
-            const __m512 sig = _mm512_mask_mul_ps(inv, neg, inv, e);
-            _mm512_storeu_ps(o + i, _mm512_mul_ps(_mm512_mul_ps(x, sig),
-                                                  _mm512_loadu_ps(u + i)));
-        }
+        for (int64_t i = 0; i < F; i += 16)
+            _mm512_storeu_ps(o + i, silu_mul16(_mm512_loadu_ps(g + i), _mm512_loadu_ps(u + i)));
     }
     return 0;
 }

@@ -121,16 +121,23 @@ Packed = (quant_matmul.QuantWeight | panel_gemm.PanelWeight | packed_gemm.Packed
 
 
 def project(x: torch.Tensor, weight: torch.Tensor, packed: dict[str, Packed],
-            name: str) -> torch.Tensor:
-    """``x @ weight``, read from the file's quantized bytes where streaming fp32 weights
-    would set the pace: ``packed[name + "/panels"]`` for steps of two rows or more (see
-    panel_gemm), ``packed[name]`` for one row (see quant_matmul); else (other weight types,
-    no AVX-512) from MKL's packed copy of the fp32 weight, ``packed[name + "/fp32"]``.
-    A model loaded for bf16 products has ``packed[name + "/bf16"]`` and takes AMX tiles
-    for every step (see amx_gemm)."""
+            name: str, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight`` (plus ``residual``, whose memory may be reused), read from the file's
+    quantized bytes where streaming fp32 weights would set the pace:
+    ``packed[name + "/panels"]`` for steps of two rows or more (see panel_gemm),
+    ``packed[name]`` for one row (see quant_matmul); else (other weight types, no AVX-512)
+    from MKL's packed copy of the fp32 weight, ``packed[name + "/fp32"]``. A model loaded
+    for bf16 products has ``packed[name + "/bf16"]`` and takes AMX tiles for every step
+    (see amx_gemm), summing into the residual in place."""
     bf16 = packed.get(name + "/bf16")
     if bf16 is not None:
-        return amx_gemm.matmul(x, bf16)
+        return amx_gemm.matmul(x, bf16, out=residual)
+    y = _product(x, weight, packed, name)
+    return y if residual is None else residual + y
+
+
+def _product(x: torch.Tensor, weight: torch.Tensor, packed: dict[str, Packed],
+             name: str) -> torch.Tensor:
     rows = x.shape[0]
     panels = packed.get(name + "/panels")
     if panels is not None and panel_gemm.serves(rows):
@@ -155,7 +162,8 @@ class Attention(nn.Module):
         self.scale = cfg.head_dim ** -0.5
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                batch: StepBatch, kv: KVPool) -> torch.Tensor:
+                batch: StepBatch, kv: KVPool, residual: torch.Tensor) -> torch.Tensor:
+        """``residual`` plus the attention of ``x`` (the normed residual)."""
         T, H, KV = x.shape[0], self.n_heads, self.n_kv
         qkv = project(x, self.wqkv, self.packed, "wqkv")
         qk = qkv[:, :(H + KV) * self.hd].view(T, H + KV, self.hd)
@@ -199,7 +207,7 @@ class Attention(nn.Module):
                                                  enable_gqa=True)
             parts.append(out[0].transpose(0, 1).reshape(chunk.length, -1).to(x.dtype))
         attn = parts[0] if len(parts) == 1 else torch.cat(parts)
-        return project(attn, self.wo, self.packed, "wo")
+        return project(attn, self.wo, self.packed, "wo", residual)
 
 
 class FeedForward(nn.Module):
@@ -209,14 +217,19 @@ class FeedForward(nn.Module):
         self.w_down = nn.Parameter(torch.empty(cfg.d_ff, cfg.d_model), requires_grad=False)
         self.packed: dict[str, Packed] = {}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = project(x, self.w_gate_up, self.packed, "w_gate_up")
-        hidden = fused_ops.silu_mul(gate_up) if fused_ops.usable(gate_up) and \
-            fused_ops.available() else None
-        if hidden is None:
-            gate, up = gate_up.chunk(2, dim=-1)
-            hidden = F.silu(gate) * up
-        return project(hidden, self.w_down, self.packed, "w_down")
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """``residual`` plus the feed-forward of ``x`` (the normed residual)."""
+        tiles = self.packed.get("w_gate_up/bf16")
+        if tiles is not None:  # gate, up and silu(gate) * up in one pass over the tiles
+            hidden = amx_gemm.matmul_silu(x, tiles)
+        else:
+            gate_up = project(x, self.w_gate_up, self.packed, "w_gate_up")
+            hidden = fused_ops.silu_mul(gate_up) if fused_ops.usable(gate_up) and \
+                fused_ops.available() else None
+            if hidden is None:
+                gate, up = gate_up.chunk(2, dim=-1)
+                hidden = F.silu(gate) * up
+        return project(hidden, self.w_down, self.packed, "w_down", residual)
 
 
 class Block(nn.Module):
@@ -228,8 +241,8 @@ class Block(nn.Module):
         self.ffn = FeedForward(cfg)
 
     def forward(self, x, rope, batch: StepBatch, kv: KVPool) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), rope, batch, kv)
-        return x + self.ffn(self.ffn_norm(x))
+        x = self.attn(self.attn_norm(x), rope, batch, kv, residual=x)
+        return self.ffn(self.ffn_norm(x), residual=x)
 
 
 class Transformer(nn.Module):
