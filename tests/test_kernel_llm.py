@@ -128,3 +128,19 @@ def test_bench_serve_reports_every_figure(kernel):
     assert out["compute_bound_tok_s"] > 0 and 0 <= out["prefix_hit_rate"] < 1
     assert out["high_priority_steps_waited"] == 0  # the probe ran in the very next step
     assert 0 <= out["high_priority_queue_s"] < out["ttft_high_priority_busy_s"]
+
+
+def test_bench_serve_runs_the_baseline_in_fp32_and_beside_bf16_in_bf16(kernel, capsys):
+    """The reference runs in fp32 (as the issue measures it) and, when the kernel computes in
+    bf16, in transformers' own bf16 as well; the report prints each beside ours."""
+    from llmos_kernel.bench import serve
+    from llmos_kernel.cli.bench import serve_report
+
+    out = serve.run(kernel_name=kernel.name, concurrency=4, requests=4, max_tokens=4,
+                    max_words=12)
+    assert out["ref_agg_tok_s"] > 0 and out["ref_processed_tok_s"] > out["ref_agg_tok_s"]
+    assert ("ref_bf16_agg_tok_s" in out) == (out["dtype"] == "bf16")
+    serve_report(out)
+    text = capsys.readouterr().out
+    assert "baseline: transformers fp32" in text and f"llmos in {out['dtype']}" in text
+    assert text.count("aggregate tok/s") == (2 if out["dtype"] == "bf16" else 1)

@@ -137,7 +137,7 @@ def ipc(agents: int, messages: int, pairs: int, kernel_name: str | None, state_d
 @click.option("--no-baseline", is_flag=True, help="Skip the transformers baseline.")
 @click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16"]), default="auto",
               show_default=True, help="The kernel's, where it is started here; the baseline "
-              "runs in the kernel's dtype.")
+              "runs in fp32 and, beside a bf16 kernel, in bf16 too.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
 def serve(address, kernel_name, model, concurrency, requests, max_tokens, repeat, shared_prefix,
           max_words, no_baseline, dtype, as_json) -> None:
@@ -152,18 +152,28 @@ def serve(address, kernel_name, model, concurrency, requests, max_tokens, repeat
     if as_json:
         click.echo(json.dumps(result))
         return
+    serve_report(result)
+
+
+def serve_report(result: dict) -> None:
+    """``llmos bench serve``'s figures as text."""
+    refs = [(key, label) for key, label in (("ref", "fp32"), ("ref_bf16", "bf16"))
+            if f"{key}_agg_tok_s" in result]
     if result["repeat"] > 1:
         click.echo("runs, llmos: " + ", ".join(f"{v:.1f}" for v in result["runs_agg_tok_s"])
-                   + ("; transformers: " + ", ".join(f"{v:.1f}" for v in
-                                                     result["runs_ref_agg_tok_s"])
-                      if "runs_ref_agg_tok_s" in result else "") + " (best of each below)")
-    click.echo(f"both sides in {result['dtype']}" + (
-        " (llmos: bf16 products on AMX tiles, fp32 activations, bf16 KV; transformers: its "
-        "whole model in bf16)" if result["dtype"] == "bf16" else ""))
-    if "ref_agg_tok_s" in result:
-        _report(result, [("aggregate tok/s", "agg_tok_s", "ref_agg_tok_s"),
-                         ("processed tok/s", "processed_tok_s", "ref_processed_tok_s")], False)
-    else:
+                   + "".join(f"; transformers {label}: " + ", ".join(
+                       f"{v:.1f}" for v in result[f"runs_{key}_agg_tok_s"])
+                       for key, label in refs) + " (best of each below)")
+    click.echo(f"llmos in {result['dtype']}" + (
+        " (bf16 products on AMX tiles, fp32 activations, bf16 KV)"
+        if result["dtype"] == "bf16" else ""))
+    for key, label in refs:
+        click.echo(f"baseline: transformers {label}" + (
+            " (its whole model in bf16)" if label == "bf16" else ""))
+        _report(result, [("aggregate tok/s", "agg_tok_s", f"{key}_agg_tok_s"),
+                         ("processed tok/s", "processed_tok_s", f"{key}_processed_tok_s")],
+                False)
+    if not refs:
         click.echo(f"aggregate tok/s {result['agg_tok_s']:.1f}, processed (prompt + "
                    f"generated) tok/s {result['processed_tok_s']:.1f}")
     bound = result["compute_bound_tok_s"]
