@@ -145,3 +145,12 @@ def test_matmul_silu_is_silu_of_the_gate_times_up(rows):
     want = torch.nn.functional.silu(ref[:, :64]) * ref[:, 64:]
     got = amx_gemm.matmul_silu(x, _tiles(panels))
     assert got.shape == (rows, 64) and _close(got, want)
+
+
+@needs_amx
+def test_bench_gemm_times_the_tiles_beside_torchs_bf16(model_path):
+    from llmos_kernel.bench import gemm
+
+    out = gemm.run(str(model_path), rows=(1, 8), repeat=1, dtype="bf16")
+    assert out["rows"] == [1, 8] and out["dtype"] == "bf16"
+    assert all(ms > 0 for ms in out["ms"] + out["ref_ms"])

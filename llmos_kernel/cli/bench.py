@@ -58,21 +58,25 @@ def core(model: str, new_tokens: int, batch_size: int, repeat: int, dtype: str,
 @click.option("--model", default=store.DEFAULT_MODEL, show_default=True)
 @click.option("--repeat", type=click.IntRange(min=1), default=3, show_default=True,
               help="Runs per side and size, alternating; the best of each counts.")
+@click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+              help="fp32: our kernels vs MKL's packed fp32; bf16: our AMX tiles vs torch's "
+              "bf16 F.linear (oneDNN).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
-def gemm(model: str, repeat: int, as_json: bool) -> None:
-    """The model's projections per step size: llmos's kernels vs MKL's packed fp32 GEMM."""
+def gemm(model: str, repeat: int, dtype: str, as_json: bool) -> None:
+    """The model's projections per step size: llmos's kernels vs torch's GEMM."""
     from llmos_kernel.bench import gemm as gemm_bench
 
-    result = gemm_bench.run(str(store.resolve_model(model)), repeat=repeat,
+    result = gemm_bench.run(str(store.resolve_model(model)), repeat=repeat, dtype=dtype,
                             progress=lambda m: click.echo(f"[bench] {m}", err=True))
     if as_json:
         click.echo(json.dumps(result))
         return
-    click.echo(f"{'rows':>6s} {'llmos ms':>10s} {'MKL ms':>10s} {'GF/s':>7s} {'MKL GF/s':>9s} "
-               f"{'ratio':>7s}")
+    ref = "MKL" if dtype == "fp32" else "torch"
+    click.echo(f"{'rows':>6s} {'llmos ms':>10s} {ref + ' ms':>10s} {'GF/s':>7s} "
+               f"{ref + ' GF/s':>10s} {'ratio':>7s}")
     for i, m in enumerate(result["rows"]):
         click.echo(f"{m:6d} {result['ms'][i]:10.1f} {result['ref_ms'][i]:10.1f} "
-                   f"{result['gflops'][i]:7.0f} {result['ref_gflops'][i]:9.0f} "
+                   f"{result['gflops'][i]:7.0f} {result['ref_gflops'][i]:10.0f} "
                    f"{result['ref_ms'][i] / result['ms'][i]:6.2f}x")
 
 
