@@ -193,19 +193,19 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q[:nd].unsqueeze(2), kd, vd, attn_mask=mask,
                                                  scale=self.scale, enable_gqa=True)
             parts.append(out.reshape(nd, -1))
-        for chunk in batch.prefills:  # in the pool's dtype (a bf16 pool: AMX tiles, 2.5x)
+        for chunk in batch.prefills:  # fp32 over the pool's values: chunking cannot matter
             rows = slice(chunk.start, chunk.start + chunk.length)
-            qp = q[rows].transpose(0, 1)[None].to(k.dtype)  # [1, H, n, hd]: torch's fused kernel
+            qp = q[rows].transpose(0, 1)[None]  # [1, H, n, hd]: 4-D takes torch's fused CPU kernel
             if chunk.past == 0:
                 kp, vp, causal, mask = k[rows], v[rows], True, None
             else:  # later chunks see every earlier key: causal, offset by the past
                 kp, vp = k_cache[chunk.context_slots], v_cache[chunk.context_slots]
-                mask, causal = chunk.mask(k.dtype), False
-            out = F.scaled_dot_product_attention(qp, kp.transpose(0, 1)[None],
-                                                 vp.transpose(0, 1)[None], attn_mask=mask,
-                                                 is_causal=causal, scale=self.scale,
-                                                 enable_gqa=True)
-            parts.append(out[0].transpose(0, 1).reshape(chunk.length, -1).to(x.dtype))
+                mask, causal = chunk.mask(q.dtype), False
+            out = F.scaled_dot_product_attention(qp, kp.transpose(0, 1)[None].to(q.dtype),
+                                                 vp.transpose(0, 1)[None].to(q.dtype),
+                                                 attn_mask=mask, is_causal=causal,
+                                                 scale=self.scale, enable_gqa=True)
+            parts.append(out[0].transpose(0, 1).reshape(chunk.length, -1))
         attn = parts[0] if len(parts) == 1 else torch.cat(parts)
         return project(attn, self.wo, self.packed, "wo", residual)
 
