@@ -12,6 +12,7 @@ import torch
 
 from llmos_kernel.core.kv_cache import KVPool
 from llmos_kernel.core.model import PrefillChunk, StepBatch
+from llmos_kernel.core.sampling import SamplingParams
 from llmos_kernel.core.weights import load_model
 from llmos_kernel.engine.engine import Request
 from tests.test_amx_gemm import needs_amx
@@ -73,22 +74,30 @@ def test_bf16_greedy_continuations_mostly_follow_fp32(bf16_engine, prompt_ids, r
 @needs_amx
 def test_bf16_tokens_do_not_depend_on_the_batch(bf16_engine, prompt_ids):
     """Alone, then all at once with small steps (chunked prefill beside decodes): the same
-    tokens, exactly, as a request's rows never mix with another's."""
+    tokens and, bit for bit, the same logprobs, as a row's products never mix with another
+    row's and every row (prompt rows too) attends from the pool the same way."""
+    params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True, logprobs=True)
+
+    def collect(deltas) -> tuple[list[int], list[float]]:
+        return ([t for d in deltas for t in d.token_ids],
+                [p for d in deltas for p in (d.logprobs or [])])
+
     alone = {}
     for name, ids in prompt_ids.items():
-        bf16_engine.add_request(Request(f"solo-{name}", ids, _greedy()))
-        alone[name] = [t for d in bf16_engine.run_until_done()[f"solo-{name}"]
-                       for t in d.token_ids]
+        bf16_engine.add_request(Request(f"solo-{name}", ids, params))
+        alone[name] = collect(bf16_engine.run_until_done()[f"solo-{name}"])
     saved = bf16_engine.scheduler.cfg.max_batch_tokens
     bf16_engine.scheduler.cfg.max_batch_tokens = 96
     try:
         for name, ids in prompt_ids.items():
-            bf16_engine.add_request(Request(f"busy-{name}", ids, _greedy(), cache_salt="busy"))
+            bf16_engine.add_request(Request(f"busy-{name}", ids, params, cache_salt="busy"))
         done = bf16_engine.run_until_done()
     finally:
         bf16_engine.scheduler.cfg.max_batch_tokens = saved
     for name in prompt_ids:
-        assert [t for d in done[f"busy-{name}"] for t in d.token_ids] == alone[name], name
+        tokens, logprobs = collect(done[f"busy-{name}"])
+        assert tokens == alone[name][0], name
+        assert len(logprobs) == 32 and logprobs == alone[name][1], name
 
 
 def test_without_amx_bf16_is_the_whole_model_in_torch_bf16(model_path, hf_model, prompt_ids,

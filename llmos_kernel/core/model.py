@@ -53,15 +53,17 @@ class PrefillChunk:
 class StepBatch:
     """Tensors describing one engine step (built once, shared by every layer).
 
-    Rows ``[0, n_decode)`` are single-token decodes; prefill chunks follow.
+    Rows ``[0, n_decode)`` attend straight from the pool, each to its sequence's keys up to
+    its own position (single-token decodes; with bf16 products every row); prefill chunks
+    follow.
     """
 
     tokens: torch.Tensor  # [T] token ids
     positions: torch.Tensor  # [T]
     slot_mapping: torch.Tensor  # [T] where each new token's K/V is written
     n_decode: int = 0
-    decode_tables: torch.Tensor | None = None  # [Bd, max_blocks] block tables (int64)
-    decode_lens: torch.Tensor | None = None  # [Bd] keys each decode attends to (int64)
+    decode_tables: torch.Tensor | None = None  # [Bd, max_blocks] each row's block table (int64)
+    decode_lens: torch.Tensor | None = None  # [Bd] keys each of those rows attends to (int64)
     block_size: int = 16
     prefills: list[PrefillChunk] = field(default_factory=list)
     logits_rows: torch.Tensor | None = None  # [N] rows whose next-token logits are wanted

@@ -98,13 +98,18 @@ class ModelRunner:
         return out
 
     def build_batch(self, seqs: list[SeqStep]) -> tuple[StepBatch, list[SeqStep]]:
+        """The step's tensors. With bf16 products every row, prompt rows too, attends
+        straight from the pool like a decode (StepBatch.decode_*): one computation per token
+        whatever the chunking, where bf16 rounding would amplify a chunked prefill
+        attention's different sums into different tokens under load."""
         bs = self.block_size
+        pooled = self.model.bf16_products and self.kv.paged_kernel
         tokens: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         logits_rows: list[int] = []
         sampled: list[SeqStep] = []
-        decode: list[SeqStep] = []
+        pooled_rows: list[tuple[list[int], int, int]] = []  # (blocks, first position, rows)
         prefills: list[PrefillChunk] = []
         for s in seqs:
             row = len(tokens)
@@ -113,9 +118,9 @@ class ModelRunner:
             pos = range(s.start, s.start + n)
             positions.extend(pos)
             slots.extend(s.blocks[p // bs] * bs + p % bs for p in pos)
-            if n == 1:
-                assert not prefills, "single-token steps must come first"
-                decode.append(s)
+            if pooled or n == 1:
+                assert pooled or not prefills, "single-token steps must come first"
+                pooled_rows.append((s.blocks, s.start, n))
             else:
                 ctx = _context_slots(s.blocks, s.start + n, bs) if s.start else None
                 prefills.append(PrefillChunk(row, n, ctx, s.start))
@@ -126,14 +131,17 @@ class ModelRunner:
             self.kv.ensure_resident(max(slots) // bs + 1)
         batch = StepBatch(
             tokens=torch.tensor(tokens), positions=torch.tensor(positions),
-            slot_mapping=torch.tensor(slots), n_decode=len(decode), prefills=prefills,
+            slot_mapping=torch.tensor(slots), prefills=prefills,
+            n_decode=sum(n for _, _, n in pooled_rows),
             logits_rows=torch.tensor(logits_rows, dtype=torch.long))
-        if decode:
-            lens = [s.start + 1 for s in decode]
-            width = -(-max(lens) // bs)
-            batch.decode_tables = torch.tensor(
-                [(s.blocks + [s.blocks[0]] * width)[:width] for s in decode], dtype=torch.long)
-            batch.decode_lens = torch.tensor(lens, dtype=torch.long)
+        if pooled_rows:  # row i attends to keys [0, its position] of its sequence's blocks
+            width = -(-max(start + n for _, start, n in pooled_rows) // bs)
+            tables = torch.tensor([(blocks + [blocks[0]] * width)[:width]
+                                   for blocks, _, _ in pooled_rows], dtype=torch.long)
+            counts = torch.tensor([n for _, _, n in pooled_rows])
+            batch.decode_tables = tables.repeat_interleave(counts, dim=0)
+            batch.decode_lens = torch.cat([torch.arange(start + 1, start + n + 1)
+                                           for _, start, n in pooled_rows])
             batch.block_size = bs
         return batch, sampled
 
