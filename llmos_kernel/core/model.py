@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmos_kernel.core import (
+    amx_attention,
     amx_gemm,
     fused_ops,
     packed_gemm,
@@ -53,17 +54,18 @@ class PrefillChunk:
 class StepBatch:
     """Tensors describing one engine step (built once, shared by every layer).
 
-    Rows ``[0, n_decode)`` attend straight from the pool, each to its sequence's keys up to
-    its own position (single-token decodes; with bf16 products every row); prefill chunks
-    follow.
+    Rows ``[0, n_decode)`` are single-token decodes; prefill chunks follow. With bf16
+    products every row attends from the pool instead, by sequence (``groups``).
     """
 
     tokens: torch.Tensor  # [T] token ids
     positions: torch.Tensor  # [T]
     slot_mapping: torch.Tensor  # [T] where each new token's K/V is written
     n_decode: int = 0
-    decode_tables: torch.Tensor | None = None  # [Bd, max_blocks] each row's block table (int64)
-    decode_lens: torch.Tensor | None = None  # [Bd] keys each of those rows attends to (int64)
+    decode_tables: torch.Tensor | None = None  # [Bd, max_blocks] block tables (int64)
+    decode_lens: torch.Tensor | None = None  # [Bd] keys each decode attends to (int64)
+    groups: torch.Tensor | None = None  # [S, 3] each sequence's first row, rows, first position
+    group_tables: torch.Tensor | None = None  # [S, max_blocks] their block tables
     block_size: int = 16
     prefills: list[PrefillChunk] = field(default_factory=list)
     logits_rows: torch.Tensor | None = None  # [N] rows whose next-token logits are wanted
@@ -182,6 +184,10 @@ class Attention(nn.Module):
         k_cache.index_copy_(0, batch.slot_mapping, k)
         v_cache.index_copy_(0, batch.slot_mapping, v)
 
+        if batch.groups is not None:  # every row from the pool, one computation per token
+            out = amx_attention.attend(q, k_cache, v_cache, batch.groups, batch.group_tables,
+                                       batch.block_size, self.scale)
+            return project(out.reshape(T, -1), self.wo, self.packed, "wo", residual)
         parts = []
         nd = batch.n_decode
         if nd and kv.paged_kernel:

@@ -98,10 +98,10 @@ class ModelRunner:
         return out
 
     def build_batch(self, seqs: list[SeqStep]) -> tuple[StepBatch, list[SeqStep]]:
-        """The step's tensors. With bf16 products every row, prompt rows too, attends
-        straight from the pool like a decode (StepBatch.decode_*): one computation per token
-        whatever the chunking, where bf16 rounding would amplify a chunked prefill
-        attention's different sums into different tokens under load."""
+        """The step's tensors. With bf16 products every row, prompt rows too, attends from
+        the pool by one computation per token whatever the batch or chunking
+        (StepBatch.groups, see amx_attention): bf16 rounding of the activations would
+        amplify a chunked prefill attention's different sums into different tokens."""
         bs = self.block_size
         pooled = self.model.bf16_products and self.kv.paged_kernel
         tokens: list[int] = []
@@ -109,7 +109,8 @@ class ModelRunner:
         slots: list[int] = []
         logits_rows: list[int] = []
         sampled: list[SeqStep] = []
-        pooled_rows: list[tuple[list[int], int, int]] = []  # (blocks, first position, rows)
+        decode: list[SeqStep] = []
+        groups: list[tuple[int, int, int]] = []  # (first row, rows, first position)
         prefills: list[PrefillChunk] = []
         for s in seqs:
             row = len(tokens)
@@ -118,9 +119,11 @@ class ModelRunner:
             pos = range(s.start, s.start + n)
             positions.extend(pos)
             slots.extend(s.blocks[p // bs] * bs + p % bs for p in pos)
-            if pooled or n == 1:
-                assert pooled or not prefills, "single-token steps must come first"
-                pooled_rows.append((s.blocks, s.start, n))
+            if pooled:
+                groups.append((row, n, s.start))
+            elif n == 1:
+                assert not prefills, "single-token steps must come first"
+                decode.append(s)
             else:
                 ctx = _context_slots(s.blocks, s.start + n, bs) if s.start else None
                 prefills.append(PrefillChunk(row, n, ctx, s.start))
@@ -131,18 +134,15 @@ class ModelRunner:
             self.kv.ensure_resident(max(slots) // bs + 1)
         batch = StepBatch(
             tokens=torch.tensor(tokens), positions=torch.tensor(positions),
-            slot_mapping=torch.tensor(slots), prefills=prefills,
-            n_decode=sum(n for _, _, n in pooled_rows),
-            logits_rows=torch.tensor(logits_rows, dtype=torch.long))
-        if pooled_rows:  # row i attends to keys [0, its position] of its sequence's blocks
-            width = -(-max(start + n for _, start, n in pooled_rows) // bs)
-            tables = torch.tensor([(blocks + [blocks[0]] * width)[:width]
-                                   for blocks, _, _ in pooled_rows], dtype=torch.long)
-            counts = torch.tensor([n for _, _, n in pooled_rows])
-            batch.decode_tables = tables.repeat_interleave(counts, dim=0)
-            batch.decode_lens = torch.cat([torch.arange(start + 1, start + n + 1)
-                                           for _, start, n in pooled_rows])
-            batch.block_size = bs
+            slot_mapping=torch.tensor(slots), n_decode=len(decode), prefills=prefills,
+            logits_rows=torch.tensor(logits_rows, dtype=torch.long), block_size=bs)
+        if decode:
+            batch.decode_tables = _tables([s.blocks for s in decode], bs, [s.start + 1 for s in decode])
+            batch.decode_lens = torch.tensor([s.start + 1 for s in decode], dtype=torch.long)
+        if groups:
+            batch.groups = torch.tensor(groups, dtype=torch.long)
+            batch.group_tables = _tables([s.blocks for s in seqs], bs,
+                                         [start + n for _, n, start in groups])
         return batch, sampled
 
     def _sample(self, logits: torch.Tensor, sampled: list[SeqStep], out: StepOutput) -> None:
@@ -172,6 +172,13 @@ class ModelRunner:
                 out.logprobs[sid] = res.logprobs[j]
             if res.top_logprobs is not None and res.top_logprobs[j]:
                 out.top_logprobs[sid] = res.top_logprobs[j]
+
+
+def _tables(tables: list[list[int]], bs: int, lengths: list[int]) -> torch.Tensor:
+    """Block tables padded to one width (the longest of ``lengths`` tokens), int64."""
+    width = -(-max(lengths) // bs)
+    return torch.tensor([(blocks + [blocks[0]] * width)[:width] for blocks in tables],
+                        dtype=torch.long)
 
 
 def _context_slots(blocks: list[int], length: int, bs: int) -> torch.Tensor:
