@@ -5,6 +5,8 @@ Speed (not asserted here): ``llmos bench gemm --dtype bf16`` prints it beside MK
 
 from __future__ import annotations
 
+import ctypes
+
 import pytest
 import torch
 
@@ -13,12 +15,17 @@ from tests.test_panel_gemm import _panels, _q8_0
 
 
 def _has_amx() -> bool:
+    """The CPU has AMX bf16 tiles and Linux grants them to this process (5.16 and later)."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = f.read()
     except OSError:
         return False
-    return all(f in flags for f in ("amx_tile", "amx_bf16", "avx512_bf16"))
+    if not all(f in flags for f in ("amx_tile", "amx_bf16", "avx512_bf16")):
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    sys_arch_prctl, req_xcomp_perm, xtiledata = 158, 0x1023, 18  # x86-64
+    return libc.syscall(sys_arch_prctl, req_xcomp_perm, xtiledata) == 0
 
 
 # AMX tiles are Sapphire Rapids and later; elsewhere bf16 runs the whole model in torch's bf16.

@@ -51,13 +51,6 @@ int amx_ok(void) { return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_
 
 static inline int64_t block_bytes(int kind) { return kind == 4 ? Q4_1_BYTES : Q8_0_BYTES; }
 
-/* fp32 bits rounded to nearest even bf16, left in the upper half of each lane. */
-static inline __m512i rne_hi(__m512 v) {
-    const __m512i u = _mm512_castps_si512(v);
-    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    return _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
-}
-
 /* Lane j: bf16(even[j]) in the low half, bf16(odd[j]) in the high half: a tile pair.
    (vcvtne2ps2bf16 rounds to nearest even; the permute interleaves the two halves.) */
 static inline __m512i pair(__m512 even, __m512 odd) {
