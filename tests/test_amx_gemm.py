@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from llmos_kernel.core import amx_gemm, panel_gemm, quant_matmul
-from tests.test_panel_gemm import _panels, _q8_0
+from tests.test_panel_gemm import _panels, _q8_0  # random Q4_1 / Q8_0 and their weights
 
 
 def _has_amx() -> bool:
@@ -36,8 +36,9 @@ def test_the_kernel_is_built_exactly_where_the_cpu_has_amx():
     assert amx_gemm.available() == _has_amx()
 
 
-def _tiles(panels: panel_gemm.PanelWeight) -> amx_gemm.TileWeight:
-    return amx_gemm.TileWeight.from_panels(panels)
+def _tiles(weights: torch.Tensor) -> amx_gemm.TileWeight:
+    """The tiles of an ``[N, K]`` matrix (the loader keeps weights input-major)."""
+    return amx_gemm.TileWeight.from_weight(weights.t().contiguous())
 
 
 def _bf16_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -52,32 +53,33 @@ def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
 @needs_amx
 @pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
 def test_tiles_hold_the_loaders_weights_rounded_to_bf16(kind):
-    panels, weights = _panels(96, 576, seed=1) if kind == "Q4_1" else _q8_0(96, 576, seed=1)
-    assert torch.equal(_tiles(panels).dequantize(), weights.bfloat16())
+    _, weights = _panels(96, 576, seed=1) if kind == "Q4_1" else _q8_0(96, 576, seed=1)
+    assert torch.equal(_tiles(weights).dequantize(), weights.bfloat16())
+    assert amx_gemm.TileWeight.from_weight(torch.zeros(576, 80)) is None  # N not in panels
 
 
 @needs_amx
 @pytest.mark.parametrize("rows", [1, 2, 15, 16, 17, 31, 32, 33, 64, 100, 257])
-def test_q4_1_matches_bf16_operands_multiplied_exactly(rows):
-    panels, weights = _panels(160, 576, seed=rows)
+def test_matches_bf16_operands_multiplied_exactly(rows):
+    _, weights = _panels(160, 576, seed=rows)
     x = torch.randn(rows, 576, generator=torch.Generator().manual_seed(rows))
-    assert _close(amx_gemm.matmul(x, _tiles(panels)), _bf16_reference(x, weights))
+    assert _close(amx_gemm.matmul(x, _tiles(weights)), _bf16_reference(x, weights))
 
 
 @needs_amx
 @pytest.mark.parametrize("rows", [1, 13, 48])
-def test_q8_0_and_a_long_k(rows):
-    panels, weights = _q8_0(96, 1536, seed=rows)
+def test_a_long_k(rows):
+    _, weights = _q8_0(96, 1536, seed=rows)
     x = torch.randn(rows, 1536, generator=torch.Generator().manual_seed(rows))
-    assert _close(amx_gemm.matmul(x, _tiles(panels)), _bf16_reference(x, weights))
+    assert _close(amx_gemm.matmul(x, _tiles(weights)), _bf16_reference(x, weights))
 
 
 @needs_amx
 def test_the_products_are_not_the_fp32_ones():
     """bf16 rounding is really applied (an fp32 product would differ from the reference)."""
-    panels, weights = _panels(64, 576, seed=3)
+    _, weights = _panels(64, 576, seed=3)
     x = torch.randn(8, 576, generator=torch.Generator().manual_seed(3))
-    got = amx_gemm.matmul(x, _tiles(panels)).double()
+    got = amx_gemm.matmul(x, _tiles(weights)).double()
     assert _close(got, _bf16_reference(x, weights))
     assert not _close(got, x.double() @ weights.double().T)
 
@@ -85,8 +87,7 @@ def test_the_products_are_not_the_fp32_ones():
 @needs_amx
 def test_a_rows_result_does_not_depend_on_the_rows_beside_it():
     """Bit for bit: what a request computes alone it computes in a busy batch."""
-    panels, _ = _panels(96, 576, seed=5)
-    tiles = _tiles(panels)
+    tiles = _tiles(_panels(96, 576, seed=5)[1])
     x = torch.randn(70, 576, generator=torch.Generator().manual_seed(5))
     batch = amx_gemm.matmul(x, tiles)
     for r in (0, 17, 69):
@@ -96,7 +97,7 @@ def test_a_rows_result_does_not_depend_on_the_rows_beside_it():
 
 @needs_amx
 def test_refuses_the_wrong_input():
-    tiles = _tiles(_panels(32, 64, seed=2)[0])
+    tiles = _tiles(_panels(32, 64, seed=2)[1])
     with pytest.raises(ValueError, match="fp32"):
         amx_gemm.matmul(torch.randn(4, 32), tiles)
     with pytest.raises(ValueError, match="fp32"):
@@ -133,24 +134,24 @@ def test_a_bf16_model_serves_every_projection_from_amx(model_path, monkeypatch):
 @pytest.mark.parametrize("rows", [1, 17, 40])
 def test_out_adds_the_products_in_place(rows):
     """The residual stream takes a projection's output without a separate add."""
-    panels, weights = _panels(96, 576, seed=rows)
+    _, weights = _panels(96, 576, seed=rows)
     x = torch.randn(rows, 576, generator=torch.Generator().manual_seed(rows))
     base = torch.randn(rows, 96, generator=torch.Generator().manual_seed(rows + 1)) * 10
     out = base.clone()
-    assert amx_gemm.matmul(x, _tiles(panels), out=out) is out
+    assert amx_gemm.matmul(x, _tiles(weights), out=out) is out
     assert _close(out, base.double() + _bf16_reference(x, weights))
     with pytest.raises(ValueError, match="adds into"):
-        amx_gemm.matmul(x, _tiles(panels), out=torch.zeros(rows, 95))
+        amx_gemm.matmul(x, _tiles(weights), out=torch.zeros(rows, 95))
 
 
 @needs_amx
 @pytest.mark.parametrize("rows", [1, 16, 33, 64])
 def test_matmul_silu_is_silu_of_the_gate_times_up(rows):
-    panels, weights = _panels(128, 576, seed=rows)  # [gate 64; up 64]
+    _, weights = _panels(128, 576, seed=rows)  # [gate 64; up 64]
     x = torch.randn(rows, 576, generator=torch.Generator().manual_seed(rows))
     ref = _bf16_reference(x, weights)
     want = torch.nn.functional.silu(ref[:, :64]) * ref[:, 64:]
-    got = amx_gemm.matmul_silu(x, _tiles(panels))
+    got = amx_gemm.matmul_silu(x, _tiles(weights))
     assert got.shape == (rows, 64) and _close(got, want)
 
 

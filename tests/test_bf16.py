@@ -102,9 +102,9 @@ def test_bf16_tokens_do_not_depend_on_the_batch(bf16_engine, prompt_ids):
 
 def test_without_amx_bf16_is_the_whole_model_in_torch_bf16(model_path, hf_model, prompt_ids,
                                                            monkeypatch):
-    """The path CPUs without AMX (and models without panels) take: slower, and further from
-    fp32, but close enough that the next token is the same."""
-    monkeypatch.setenv("LLMOS_NO_PANELS", "1")
+    """The path CPUs without AMX take (``LLMOS_NO_AMX=1`` forces it): slower, and further
+    from fp32, but close enough that the next token is the same."""
+    monkeypatch.setenv("LLMOS_NO_AMX", "1")
     model, _ = load_model(model_path, dtype="bf16")
     assert not model.bf16_products and model.dtype == torch.bfloat16
     assert model.kv_dtype == torch.bfloat16

@@ -3,10 +3,10 @@
 With ``--dtype bf16`` the projections multiply bf16-rounded activations by
 bf16-rounded weights and sum in fp32: the precision GPUs serve in, and what
 CPUs with AMX tiles (Sapphire Rapids and later) run several times faster than
-fp32 FMAs. At load each Q4_1 / Q8_0 panel (see panel_gemm) is dequantized once
-to the loader's fp32 values and rounded to nearest even bf16 (as
-``Tensor.bfloat16()``), laid out as the tiles read it; a product then
-multiplies every row of the step against each panel in turn:
+fp32 FMAs. At load each projection's fp32 weights (the loader's values) are
+rounded to nearest even bf16 and laid out as the tiles read them, in panels of
+32 output columns; a product then multiplies every row of the step against
+each panel in turn:
 
     y[r, n] = Σ_k bf16(x[r, k]) · bf16(w[n, k])     (products exact, fp32 sums)
 
@@ -26,8 +26,9 @@ import ctypes
 import torch
 
 from llmos_kernel.core import ckernel
-from llmos_kernel.core.panel_gemm import _KINDS, PANEL, PanelWeight
 from llmos_kernel.core.quant_matmul import operands
+
+PANEL = 32  # output columns per tile layout panel
 
 _SOURCE = r"""
 #include <stdint.h>
@@ -42,68 +43,10 @@ _SOURCE = r"""
 """ + ckernel.EXP_NEG16 + ckernel.SILU_MUL16 + r"""
 
 #define PW 32
-#define Q4_1_BYTES 640
-#define Q8_0_BYTES 1088
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
 
 int amx_ok(void) { return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0; }
-
-static inline int64_t block_bytes(int kind) { return kind == 4 ? Q4_1_BYTES : Q8_0_BYTES; }
-
-/* Lane j: bf16(even[j]) in the low half, bf16(odd[j]) in the high half: a tile pair.
-   (vcvtne2ps2bf16 rounds to nearest even; the permute interleaves the two halves.) */
-static inline __m512i pair(__m512 even, __m512 odd) {
-    const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9,
-                                         24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1,
-                                         16, 0);
-    return _mm512_permutexvar_epi16(idx, (__m512i)_mm512_cvtne2ps_pbh(odd, even));
-}
-
-/* One panel into B tiles: for each 32-K chunk c and column half h, 16 rows (K pairs) ×
-   16 columns × (k even, k odd): buf[((c * 2 + h) * 16 + p) * 32 + 2 * j + (k & 1)]. */
-__attribute__((optimize("fp-contract=off")))
-static void dequant_q4_1(const uint8_t *p, uint16_t *buf, int64_t K) {
-    const __m512i low = _mm512_set1_epi32(15);
-    for (int64_t b = 0; b < K / 32; b++, p += Q4_1_BYTES) {
-        const __m512 d0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
-        const __m512 d1 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + 32)));
-        const __m512 m0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + 64)));
-        const __m512 m1 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + 96)));
-        const uint8_t *q = p + 128;
-        uint16_t *o0 = buf + b * 2 * 16 * 32, *o1 = o0 + 16 * 32;
-        for (int pr = 0; pr < 16; pr++, q += 32) {
-            const __m512i a = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)q));
-            const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + 16)));
-            const __m512 ae = _mm512_add_ps(_mm512_mul_ps(
-                _mm512_cvtepi32_ps(_mm512_and_si512(a, low)), d0), m0);
-            const __m512 ao = _mm512_add_ps(_mm512_mul_ps(
-                _mm512_cvtepi32_ps(_mm512_srli_epi32(a, 4)), d0), m0);
-            const __m512 ce = _mm512_add_ps(_mm512_mul_ps(
-                _mm512_cvtepi32_ps(_mm512_and_si512(c, low)), d1), m1);
-            const __m512 co = _mm512_add_ps(_mm512_mul_ps(
-                _mm512_cvtepi32_ps(_mm512_srli_epi32(c, 4)), d1), m1);
-            _mm512_store_si512((__m512i *)(o0 + pr * 32), pair(ae, ao));
-            _mm512_store_si512((__m512i *)(o1 + pr * 32), pair(ce, co));
-        }
-    }
-}
-
-static void dequant_q8_0(const uint8_t *p, uint16_t *buf, int64_t K) {
-    for (int64_t b = 0; b < K / 32; b++, p += Q8_0_BYTES) {
-        const __m512 d0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
-        const __m512 d1 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + 32)));
-        const uint8_t *q = p + 64;
-        uint16_t *o0 = buf + b * 2 * 16 * 32, *o1 = o0 + 16 * 32;
-        for (int pr = 0; pr < 16; pr++, q += 64) {
-            #define Q8(off, d) _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32( \
-                _mm_loadu_si128((const __m128i *)(q + (off))))), d)
-            _mm512_store_si512((__m512i *)(o0 + pr * 32), pair(Q8(0, d0), Q8(32, d0)));
-            _mm512_store_si512((__m512i *)(o1 + pr * 32), pair(Q8(16, d1), Q8(48, d1)));
-            #undef Q8
-        }
-    }
-}
 
 /* Row r of x [M][K] fp32 into xb [Mp][K] bf16 (rows M..Mp are zero). */
 static inline void row_to_bf16(const float *x, uint16_t *xb, int64_t r, int64_t M, int64_t K) {
@@ -208,18 +151,7 @@ static void silu_panel_rows(const uint16_t *xb, const uint16_t *gate, const uint
     }
 }
 
-/* The panels' weights as B tiles, once: tiles[p * K * 32 ...] is panel p (see dequant_*). */
-void amx_layout(int kind, const uint8_t *panels, uint16_t *tiles, int64_t N, int64_t K,
-                int threads) {
-    const int64_t bytes = (K / 32) * block_bytes(kind);
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t p = 0; p < N / PW; p++) {
-        if (kind == 4) dequant_q4_1(panels + p * bytes, tiles + p * K * PW, K);
-        else dequant_q8_0(panels + p * bytes, tiles + p * K * PW, K);
-    }
-}
-
-/* y[M][N] = bf16(x)[M][K] · Wᵀ (W as laid out by amx_layout; op 1: y += that instead), or
+/* y[M][N] = bf16(x)[M][K] · Wᵀ (W as TileWeight lays it out; op 1: y += that instead), or
    with op 2 y[M][N/2] = silu(x·Wgᵀ) · (x·Wuᵀ) for W = [Wg; Wu] (the gate's N/2 rows first). */
 void amx_matmul(const float *x, const uint16_t *tiles, float *y, int64_t M, int64_t N,
                 int64_t K, int op, int threads) {
@@ -248,8 +180,6 @@ void amx_matmul(const float *x, const uint16_t *tiles, float *y, int64_t M, int6
 }
 #else
 int amx_ok(void) { return 0; }
-void amx_layout(int kind, const uint8_t *panels, uint16_t *tiles, int64_t N, int64_t K,
-                int threads) { abort(); }
 void amx_matmul(const float *x, const uint16_t *tiles, float *y, int64_t M, int64_t N,
                 int64_t K, int op, int threads) { abort(); }
 #endif
@@ -258,9 +188,7 @@ void amx_matmul(const float *x, const uint16_t *tiles, float *y, int64_t M, int6
 
 def _declare(lib: ctypes.CDLL) -> None:
     lib.amx_ok.restype = ctypes.c_int
-    lib.amx_layout.restype = lib.amx_matmul.restype = None
-    lib.amx_layout.argtypes = ([ctypes.c_int] + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
-                               + [ctypes.c_int])
+    lib.amx_matmul.restype = None
     lib.amx_matmul.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 2
 
 
@@ -284,18 +212,20 @@ def available() -> bool:
 class TileWeight:
     """An ``[N, K]`` matrix as bf16 B tiles, per panel of 32 columns: for each 32-K chunk
     and column half, 16 K pairs × 16 columns × (even k, odd k). Laid out once at load from
-    a Q4_1 or Q8_0 panel weight: 2 bytes a weight (the file's 0.6-1.1), and no dequantizing
-    in the step, which cost more than the tiles' own work below 256 rows."""
+    the loader's fp32 weights (2 bytes a weight)."""
 
     def __init__(self, tiles: torch.Tensor, shape: tuple[int, int]):
         self.tiles, self.shape = tiles, shape
 
     @classmethod
-    def from_panels(cls, w: PanelWeight) -> TileWeight:
-        n, k = w.shape
-        tiles = torch.empty(n * k, dtype=torch.int16)
-        _lib().amx_layout(_KINDS[w.kind], w.panels.data_ptr(), tiles.data_ptr(), n, k,
-                          torch.get_num_threads())
+    def from_weight(cls, weight: torch.Tensor) -> TileWeight | None:
+        """The tiles of an input-major ``[K, N]`` fp32 weight, rounded to nearest even bf16
+        (``Tensor.bfloat16()``); None where N or K is not a multiple of 32."""
+        k, n = weight.shape
+        if n % PANEL or k % 32:
+            return None
+        w = weight.t().bfloat16().view(n // PANEL, 2, 16, k // 32, 16, 2)  # [p, h, j, c, pr, e]
+        tiles = w.permute(0, 3, 1, 4, 2, 5).contiguous().view(torch.int16).reshape(-1)
         return cls(tiles, (n, k))
 
     def dequantize(self) -> torch.Tensor:

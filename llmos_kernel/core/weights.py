@@ -113,16 +113,14 @@ def _attach_mkl_packed(model: Transformer, cfg: ModelConfig) -> None:
 
 
 def _attach_bf16_products(model: Transformer, cfg: ModelConfig) -> bool:
-    """Serve every projection on AMX tiles (see amx_gemm), laid out from its panels, and let
-    the other copies go; False (nothing changed) unless every projection has panels."""
+    """Serve every projection on AMX tiles (see amx_gemm), laid out from its fp32 weights,
+    and let those go; False (nothing changed) unless every projection's shape fits."""
     served = [(module, attr) for module, attr, _ in projections(model, cfg)]
-    if not all(attr + "/panels" in module.packed for module, attr in served):
+    tiles = [amx_gemm.TileWeight.from_weight(getattr(module, attr)) for module, attr in served]
+    if any(t is None for t in tiles):
         return False
-    for module, attr in served:
-        tiles = amx_gemm.TileWeight.from_panels(module.packed[attr + "/panels"])
-        for key in (attr, attr + "/panels"):
-            module.packed.pop(key, None)
-        module.packed[attr + "/bf16"] = tiles
+    for (module, attr), t in zip(served, tiles):
+        module.packed[attr + "/bf16"] = t
         getattr(module, attr).data = torch.empty(0)
     model.bf16_products = True
     return True
@@ -130,9 +128,8 @@ def _attach_bf16_products(model: Transformer, cfg: ModelConfig) -> bool:
 
 def bf16_products_available() -> bool:
     """Whether ``dtype="bf16"`` on this CPU means bf16 products on AMX tiles under fp32
-    activations (else the whole model runs in torch's bf16)."""
-    return (quant_matmul.available() and panel_gemm.available() and amx_gemm.available()
-            and not os.environ.get("LLMOS_NO_PANELS"))
+    activations (else the whole model runs in torch's bf16; ``LLMOS_NO_AMX=1`` forces that)."""
+    return amx_gemm.available() and os.environ.get("LLMOS_NO_AMX") != "1"
 
 
 def load_model(path: str | Path, dtype: str | torch.dtype = "fp32",
@@ -158,16 +155,13 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "fp32",
     for p in model.parameters():
         p.requires_grad_(False)
     model.rotary.to(device)
-    if values == torch.float32 and on_cpu:
+    if amx and not _attach_bf16_products(model, cfg):  # a shape the tiles do not take:
+        for p in model.parameters():  # the whole model in torch's bf16, then
+            p.data = p.data.to(dtype)
+    elif values == torch.float32 and on_cpu and not amx:
         if quant_matmul.available():
             _attach_quantized(model, gguf, cfg)
-        if not amx:
-            _attach_mkl_packed(model, cfg)
-        elif not _attach_bf16_products(model, cfg):  # not every projection has panels
-            for module, _, _ in projections(model, cfg):
-                module.packed.clear()
-            for p in model.parameters():  # the whole model in torch's bf16, then
-                p.data = p.data.to(dtype)
+        _attach_mkl_packed(model, cfg)
     model.eval()
     model.load_seconds = time.perf_counter() - started
     return model, gguf
