@@ -12,6 +12,7 @@ import os
 
 import ray
 
+from llmos_kernel.core import bf16_gemm
 from llmos_kernel.core.kv_cache import KVPool
 from llmos_kernel.core.weights import load_model
 from llmos_kernel.engine.runner import ModelRunner, StepOutput, StepPlan
@@ -40,6 +41,8 @@ class ModelShard:
                 "device": self.device, "threads": torch.get_num_threads(),
                 "load_seconds": self.model.load_seconds,
                 "bf16_products": self.model.bf16_products, "kv_dtype": str(self.model.kv_dtype),
+                "bf16_kernel": bf16_gemm.NAMES[bf16_gemm.kernel()] if self.model.bf16_products
+                else None,
                 "devices": [d.__dict__ for d in devices()]}
 
     def allocate_kv(self, num_blocks: int, block_size: int) -> int:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from llmos_kernel.core import amx_attention, paged_attention
-from tests.test_amx_gemm import needs_amx
+from tests.test_bf16_gemm import needs_amx
 
 H, KV, D, BS = 9, 3, 64, 16
 

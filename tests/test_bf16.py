@@ -15,15 +15,19 @@ from llmos_kernel.core.model import PrefillChunk, StepBatch
 from llmos_kernel.core.sampling import SamplingParams
 from llmos_kernel.core.weights import load_model
 from llmos_kernel.engine.engine import Request
-from tests.test_amx_gemm import needs_amx
+from tests.test_bf16_gemm import HERE, needs_bf16_products, use_kernel
 from tests.test_model import _greedy, _hf_last_logits
 
 
-@pytest.fixture(scope="module")
-def bf16_engine(model_path):
+@pytest.fixture(scope="module", params=HERE or [pytest.param("none", marks=needs_bf16_products)])
+def bf16_engine(request, model_path):
+    """An engine with bf16 products on each kernel this CPU has (AMX tiles, AVX512-BF16)."""
     from llmos_kernel.engine.local import load_engine
 
-    return load_engine(str(model_path), dtype="bf16", kv_budget="256MiB", swap_budget="64MiB")
+    with pytest.MonkeyPatch.context() as mp:
+        use_kernel(mp, request.param)
+        yield load_engine(str(model_path), dtype="bf16", kv_budget="256MiB",
+                          swap_budget="64MiB")
 
 
 def _last_logits(model, ids: list[int]) -> torch.Tensor:
@@ -39,7 +43,6 @@ def _relative_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
     return ((ours - ref).abs().max() / ref.abs().max()).item()
 
 
-@needs_amx
 def test_bf16_products_keep_logits_within_a_percent_of_fp32(bf16_engine, hf_model, prompt_ids):
     model = bf16_engine.runner.model
     assert model.bf16_products and bf16_engine.runner.kv.data.dtype == torch.bfloat16
@@ -57,7 +60,6 @@ def _agreement(ours: list[int], ref: list[int]) -> int:
     return next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), len(ref))
 
 
-@needs_amx
 def test_bf16_greedy_continuations_mostly_follow_fp32(bf16_engine, prompt_ids, reference_greedy):
     agreed = {}
     for name, ids in prompt_ids.items():
@@ -71,7 +73,6 @@ def test_bf16_greedy_continuations_mostly_follow_fp32(bf16_engine, prompt_ids, r
     assert sum(agreed.values()) >= 0.75 * 32 * len(agreed)
 
 
-@needs_amx
 def test_bf16_tokens_do_not_depend_on_the_batch(bf16_engine, prompt_ids):
     """Alone, then all at once with small steps (chunked prefill beside decodes): the same
     tokens and, bit for bit, the same logprobs, as a row's products never mix with another
@@ -100,11 +101,11 @@ def test_bf16_tokens_do_not_depend_on_the_batch(bf16_engine, prompt_ids):
         assert len(logprobs) == 32 and logprobs == alone[name][1], name
 
 
-def test_without_amx_bf16_is_the_whole_model_in_torch_bf16(model_path, hf_model, prompt_ids,
-                                                           monkeypatch):
-    """The path CPUs without AMX take (``LLMOS_NO_AMX=1`` forces it): slower, and further
-    from fp32, but close enough that the next token is the same."""
-    monkeypatch.setenv("LLMOS_NO_AMX", "1")
+def test_without_bf16_products_bf16_is_the_whole_model_in_torch_bf16(model_path, hf_model,
+                                                                     prompt_ids, monkeypatch):
+    """The path CPUs without bf16 instructions take (``LLMOS_BF16_KERNEL=torch`` forces it):
+    slower, and further from fp32, but close enough that the next token is the same."""
+    use_kernel(monkeypatch, "torch")
     model, _ = load_model(model_path, dtype="bf16")
     assert not model.bf16_products and model.dtype == torch.bfloat16
     assert model.kv_dtype == torch.bfloat16

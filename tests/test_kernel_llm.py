@@ -126,6 +126,9 @@ def test_bench_serve_reports_every_figure(kernel):
     assert out["tokens"] == 6 * 4 and out["max_words"] == 30
     assert out["processed_tok_s"] > out["agg_tok_s"] > 0
     assert out["compute_bound_tok_s"] > 0 and 0 <= out["prefix_hit_rate"] < 1
+    # The fp32 peak is the best of torch's GEMM and ours, each reported.
+    rates = [out[k] for k in ("gemm_peak_torch_gflops", "gemm_peak_llmos_gflops") if k in out]
+    assert out["gemm_peak_torch_gflops"] > 0 and out["gemm_peak_gflops"] == max(rates)
     assert out["high_priority_steps_waited"] == 0  # the probe ran in the very next step
     assert 0 <= out["high_priority_queue_s"] < out["ttft_high_priority_busy_s"]
 

@@ -4,7 +4,7 @@ For each row count, every projection of every layer (and the output head) runs
 once through the kernel ``model.project`` picks for that many rows, and once
 through the baseline, alternating, best of ``repeat``. In fp32 the baseline is
 MKL's packed fp32 GEMM (the path every step took before the quantized kernels);
-with ``dtype="bf16"`` ours are the AMX tiles (see amx_gemm) and the baseline is
+with ``dtype="bf16"`` ours are the AMX tiles (see bf16_gemm) and the baseline is
 torch's own bf16 ``F.linear`` (oneDNN, on AMX where the CPU has it) on the same
 bf16 weights, its input and output converted as a caller must. A step of the
 model costs about this much matrix time at that batch size.

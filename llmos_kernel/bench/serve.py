@@ -12,7 +12,8 @@ with ``repeat``, the sides alternate and the best run of each is compared
 (every run is reported; transformers' bf16 builds its oneDNN kernels for each
 new shape during its first run, so its later runs are faster). Also this machine's fp32
 GEMM peak, to state our throughput as a fraction of the compute bound
-``peak / (2 * params)``.
+``peak / (2 * params)``: the best of torch's GEMM and llmos's own fp32 kernel on the
+same shape (both reported), as MKL on AMD CPUs runs well below what the FMA units do.
 
 ``agg_tok_s`` counts generated tokens only. The compute bound is a rate of
 tokens *processed* (every token, prompt or generated, costs about
@@ -36,21 +37,42 @@ from llmos_kernel.bench.core import load_reference
 from llmos_kernel.bench.prompts import chat_prompts, shared_system_prompt
 
 
-def gemm_peak_flops(seconds: float = 1.0, dtype: torch.dtype = torch.float32) -> float:
-    """Best GEMM rate in ``dtype`` (torch's own kernels: MKL for fp32, oneDNN, on AMX tiles
-    where the CPU has them, for bf16) over shapes the engine runs (576 → 1536, 64..256
-    rows)."""
+def _best_rate(product, seconds: float) -> float:
+    """Best FLOP rate of ``product(x)`` (a 576 → 1536 projection) at 64, 128, 256 rows."""
     best = 0.0
     for rows in (64, 128, 256):
-        x, w = torch.randn(rows, 576, dtype=dtype), torch.randn(576, 1536, dtype=dtype)
+        x = torch.randn(rows, 576)
         for _ in range(3):
-            x @ w
+            product(x)
         n, started = 0, time.perf_counter()
         while time.perf_counter() - started < seconds / 3:
-            x @ w
+            product(x)
             n += 1
         best = max(best, 2 * rows * 576 * 1536 * n / (time.perf_counter() - started))
     return best
+
+
+def gemm_peak_flops(seconds: float = 1.0, dtype: torch.dtype = torch.float32) -> dict:
+    """This machine's best GEMM rate in ``dtype`` over a shape the engine runs (576 → 1536,
+    64..256 rows), by torch's kernels (MKL for fp32; oneDNN, on AMX tiles where the CPU has
+    them, for bf16) and by llmos's own (fp32: the Q8_0 panels, dequantizing as they go;
+    bf16: bf16_gemm), where it has them: ``{"torch": flops, "llmos": flops}``. The peak is
+    the higher: on CPUs where MKL runs well below the FMA units' rate (AMD's), ours is."""
+    from llmos_kernel.core import bf16_gemm, panel_gemm
+    from llmos_kernel.core.quant_matmul import QuantWeight
+
+    w = torch.randn(576, 1536)
+    wt = w.to(dtype)
+    rates = {"torch": _best_rate(lambda x: x.to(dtype) @ wt, seconds)}
+    if dtype == torch.float32 and panel_gemm.available():
+        q = QuantWeight("Q8_0", torch.randint(-127, 128, (1536, 18, 32), dtype=torch.int8),
+                        torch.rand(1536, 18) * 0.01, None)
+        panels = panel_gemm.PanelWeight.from_quant(q)
+        rates["llmos"] = _best_rate(lambda x: panel_gemm.matmul(x, panels), seconds)
+    elif dtype == torch.bfloat16 and bf16_gemm.available():
+        tiles = bf16_gemm.TileWeight.from_weight(w)
+        rates["llmos"] = _best_rate(lambda x: bf16_gemm.matmul(x, tiles), seconds)
+    return rates
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -245,15 +267,19 @@ def run(*, kernel_name: str = "kernel", address: str | None = None, concurrency:
         result["ttft_p50_nocache_s"] = nocache["ttft_p50_s"]
         result["agg_tok_s_nocache"] = nocache["agg_tok_s"]
     progress("measuring this machine's fp32 GEMM peak")
-    peak = gemm_peak_flops()
     result["dtype"] = dtype
-    result["gemm_peak_gflops"] = peak / 1e9
-    result["compute_bound_tok_s"] = peak / (2 * st["model"]["params"])
-    if dtype == "bf16":  # the bound of bf16 products, beside the fp32 one
-        progress("measuring this machine's bf16 GEMM peak")
-        peak16 = gemm_peak_flops(dtype=torch.bfloat16)
-        result["gemm_peak_bf16_gflops"] = peak16 / 1e9
-        result["compute_bound_bf16_tok_s"] = peak16 / (2 * st["model"]["params"])
+    result["bf16_kernel"] = st["shard"].get("bf16_kernel")
+    params = st["model"]["params"]
+    # The bound of bf16 products too, beside the fp32 one.
+    for key, peak_dtype in [("", torch.float32)] + ([("_bf16", torch.bfloat16)]
+                                                    if dtype == "bf16" else []):
+        progress(f"measuring this machine's {'bf16' if key else 'fp32'} GEMM peak")
+        rates = gemm_peak_flops(dtype=peak_dtype)
+        peak = max(rates.values())
+        result[f"gemm_peak{key}_gflops"] = peak / 1e9
+        result[f"compute_bound{key}_tok_s"] = peak / (2 * params)
+        for who, rate in rates.items():
+            result[f"gemm_peak{key}_{who}_gflops"] = rate / 1e9
     for ref_dtype, got in refs.items():  # ref_*: fp32; ref_bf16_*: transformers' bf16
         key = "ref" if ref_dtype == "fp32" else f"ref_{ref_dtype}"
         result[f"{key}_agg_tok_s"], result[f"{key}_processed_tok_s"] = max(got)

@@ -159,6 +159,13 @@ def serve(address, kernel_name, model, concurrency, requests, max_tokens, repeat
     serve_report(result)
 
 
+def _peak_parts(result: dict, key: str) -> str:
+    """``"; torch 131, llmos 353"``: who reached the peak, where both were measured."""
+    parts = [f"{who} {result[f'gemm_peak{key}_{who}_gflops']:.0f}" for who in ("torch", "llmos")
+             if f"gemm_peak{key}_{who}_gflops" in result]
+    return "; " + ", ".join(parts) if parts else ""
+
+
 def serve_report(result: dict) -> None:
     """``llmos bench serve``'s figures as text."""
     refs = [(key, label) for key, label in (("ref", "fp32"), ("ref_bf16", "bf16"))
@@ -168,9 +175,10 @@ def serve_report(result: dict) -> None:
                    + "".join(f"; transformers {label}: " + ", ".join(
                        f"{v:.1f}" for v in result[f"runs_{key}_agg_tok_s"])
                        for key, label in refs) + " (best of each below)")
+    kernel = result.get("bf16_kernel")
     click.echo(f"llmos in {result['dtype']}" + (
-        " (bf16 products on AMX tiles, fp32 activations, bf16 KV)"
-        if result["dtype"] == "bf16" else ""))
+        f" (bf16 products on {kernel}, fp32 activations, bf16 KV)" if kernel else
+        " (the whole model in torch's bf16)" if result["dtype"] == "bf16" else ""))
     for key, label in refs:
         click.echo(f"baseline: transformers {label}" + (
             " (its whole model in bf16)" if label == "bf16" else ""))
@@ -181,13 +189,15 @@ def serve_report(result: dict) -> None:
         click.echo(f"aggregate tok/s {result['agg_tok_s']:.1f}, processed (prompt + "
                    f"generated) tok/s {result['processed_tok_s']:.1f}")
     bound = result["compute_bound_tok_s"]
-    click.echo(f"compute bound {bound:.0f} tok/s (GEMM peak {result['gemm_peak_gflops']:.0f} "
-               f"GFLOP/s): generated tokens reach {result['agg_tok_s'] / bound:.0%} of it, "
+    click.echo(f"compute bound {bound:.0f} tok/s (fp32 GEMM peak {result['gemm_peak_gflops']:.0f} "
+               f"GFLOP/s{_peak_parts(result, '')}): generated tokens reach "
+               f"{result['agg_tok_s'] / bound:.0%} of it, "
                f"processed tokens {result['processed_tok_s'] / bound:.0%}")
     if "compute_bound_bf16_tok_s" in result:
         bound16 = result["compute_bound_bf16_tok_s"]
         click.echo(f"bf16 compute bound {bound16:.0f} tok/s (bf16 GEMM peak "
-                   f"{result['gemm_peak_bf16_gflops']:.0f} GFLOP/s): generated "
+                   f"{result['gemm_peak_bf16_gflops']:.0f} GFLOP/s"
+                   f"{_peak_parts(result, '_bf16')}): generated "
                    f"{result['agg_tok_s'] / bound16:.0%}, processed "
                    f"{result['processed_tok_s'] / bound16:.0%}")
     click.echo(f"TTFT p50 {result['ttft_p50_s']:.2f}s p99 {result['ttft_p99_s']:.2f}s; "

@@ -85,7 +85,8 @@ def status(as_json: bool, name: str, state_dir: Path | None) -> None:
     gib = 1 << 30
     click.echo(f"kernel {st['name']}  up {st['uptime_s']:.0f}s  state {st['state_dir']}")
     shard = st["shard"]
-    products = ("bf16 products on AMX tiles, " if shard.get("bf16_products") else "")
+    products = (f"bf16 products on {shard.get('bf16_kernel')}, "
+                if shard.get("bf16_products") else "")
     click.echo(f"model   {st['model']['path']}  ({st['model']['params'] / 1e6:.0f}M params, "
                f"{st['model']['dtype']} on {st['model']['device']}: {products}"
                f"KV {shard.get('kv_dtype', '?').removeprefix('torch.')})")

@@ -1,6 +1,6 @@
 """Attention from a bf16 KV pool on AMX tiles, one computation per token whatever the batch.
 
-With bf16 products (see amx_gemm) every new token of a step, prompt or decode,
+With bf16 products (see bf16_gemm) every new token of a step, prompt or decode,
 attends from the pool to its sequence's keys up to its own position, and the
 arithmetic a token gets depends only on that token: the same alone, in a busy
 batch, in any chunking of its prompt, or recomputed after a preemption. (bf16
@@ -24,10 +24,11 @@ same per-row contract on the decode kernel (fp32 arithmetic, slower).
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable
 
 import torch
 
-from llmos_kernel.core import amx_gemm, ckernel, paged_attention
+from llmos_kernel.core import bf16_gemm, ckernel, paged_attention
 
 _SOURCE = r"""
 #include <math.h>
@@ -263,7 +264,7 @@ def _declare(lib: ctypes.CDLL) -> None:
 
 
 def _lib() -> ctypes.CDLL | None:
-    if not amx_gemm.available():  # also asks Linux for the tile state
+    if not bf16_gemm.amx_available():  # also asks Linux for the tile state
         return None
     return ckernel.load("amx_attention", _SOURCE, _declare, openmp=True)
 
@@ -273,11 +274,14 @@ def available() -> bool:
 
 
 def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-           groups: torch.Tensor, tables: torch.Tensor, block_size: int,
-           scale: float) -> torch.Tensor:
+           groups: torch.Tensor, tables: torch.Tensor, block_size: int, scale: float,
+           row_tables: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
+           ) -> torch.Tensor:
     """Every row of ``q`` ``[T, H, D]`` (fp32) attends to its sequence's keys up to its own
     position in the bf16 pool. ``groups`` ``[n, 3]`` (int64): each sequence's first row,
-    number of rows and first row's position; ``tables`` ``[n, width]`` its block table."""
+    number of rows and first row's position; ``tables`` ``[n, width]`` its block table.
+    Off AMX each row attends on the decode kernel, with ``row_tables()`` (each row's table
+    and key count, as StepBatch.row_tables builds them once per step) where given."""
     _, H, D = q.shape
     n_kv = k_cache.shape[1]
     if k_cache.dtype != torch.bfloat16 or v_cache.dtype != torch.bfloat16:
@@ -293,7 +297,10 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         if rc != 0:
             raise RuntimeError(f"amx_attend failed ({rc})")
         return out
-    counts = groups[:, 1]  # the same contract, one row at a time on the decode kernel
-    lens = torch.cat([torch.arange(int(p) + 1, int(p) + int(c) + 1) for _, c, p in groups])
-    return paged_attention.decode(q, k_cache, v_cache, tables.repeat_interleave(counts, dim=0),
-                                  lens, block_size, scale)
+    if row_tables is None:  # the same contract, one row at a time on the decode kernel
+        counts = groups[:, 1]
+        lens = torch.cat([torch.arange(int(p) + 1, int(p) + int(c) + 1) for _, c, p in groups])
+        rows = tables.repeat_interleave(counts, dim=0), lens
+    else:
+        rows = row_tables()
+    return paged_attention.decode(q, k_cache, v_cache, *rows, block_size, scale)

@@ -19,7 +19,7 @@ from torch import nn
 
 from llmos_kernel.core import (
     amx_attention,
-    amx_gemm,
+    bf16_gemm,
     fused_ops,
     packed_gemm,
     paged_attention,
@@ -70,6 +70,18 @@ class StepBatch:
     prefills: list[PrefillChunk] = field(default_factory=list)
     logits_rows: torch.Tensor | None = None  # [N] rows whose next-token logits are wanted
     _gather: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+    _rows: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+
+    def row_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's block table ``[T, max_blocks]`` and key count ``[T]`` (its position
+        + 1), from ``groups``: every row attending on its own (built once per step)."""
+        if self._rows is None:
+            counts, firsts = self.groups[:, 1], self.groups[:, 0]
+            rows = torch.arange(int(counts.sum()))
+            within = rows - torch.repeat_interleave(firsts - firsts[0], counts)
+            lens = torch.repeat_interleave(self.groups[:, 2], counts) + within + 1
+            self._rows = self.group_tables.repeat_interleave(counts, dim=0), lens
+        return self._rows
 
     def decode_gather(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Padded slot indices ``[Bd, max_ctx]`` and key mask (for the non-kernel path)."""
@@ -121,7 +133,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 Packed = (quant_matmul.QuantWeight | panel_gemm.PanelWeight | packed_gemm.PackedWeight
-          | amx_gemm.TileWeight)
+          | bf16_gemm.TileWeight)
 
 
 def project(x: torch.Tensor, weight: torch.Tensor, packed: dict[str, Packed],
@@ -132,10 +144,10 @@ def project(x: torch.Tensor, weight: torch.Tensor, packed: dict[str, Packed],
     ``packed[name]`` for one row (see quant_matmul); else (other weight types, no AVX-512)
     from MKL's packed copy of the fp32 weight, ``packed[name + "/fp32"]``. A model loaded
     for bf16 products has ``packed[name + "/bf16"]`` and takes AMX tiles for every step
-    (see amx_gemm), summing into the residual in place."""
+    (see bf16_gemm), summing into the residual in place."""
     bf16 = packed.get(name + "/bf16")
     if bf16 is not None:
-        return amx_gemm.matmul(x, bf16, out=residual)
+        return bf16_gemm.matmul(x, bf16, out=residual)
     y = _product(x, weight, packed, name)
     return y if residual is None else residual + y
 
@@ -186,7 +198,7 @@ class Attention(nn.Module):
 
         if batch.groups is not None:  # every row from the pool, one computation per token
             out = amx_attention.attend(q, k_cache, v_cache, batch.groups, batch.group_tables,
-                                       batch.block_size, self.scale)
+                                       batch.block_size, self.scale, batch.row_tables)
             return project(out.reshape(T, -1), self.wo, self.packed, "wo", residual)
         parts = []
         nd = batch.n_decode
@@ -229,7 +241,7 @@ class FeedForward(nn.Module):
         """``residual`` plus the feed-forward of ``x`` (the normed residual)."""
         tiles = self.packed.get("w_gate_up/bf16")
         if tiles is not None:  # gate, up and silu(gate) * up in one pass over the tiles
-            hidden = amx_gemm.matmul_silu(x, tiles)
+            hidden = bf16_gemm.matmul_silu(x, tiles)
         else:
             gate_up = project(x, self.w_gate_up, self.packed, "w_gate_up")
             hidden = fused_ops.silu_mul(gate_up) if fused_ops.usable(gate_up) and \

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llmos_kernel.core import amx_gemm, packed_gemm, panel_gemm, quant_matmul
+from llmos_kernel.core import bf16_gemm, packed_gemm, panel_gemm, quant_matmul
 from llmos_kernel.core.gguf_file import GGUFFile, ModelConfig
 from llmos_kernel.core.model import Transformer
 from llmos_kernel.errors import InvalidArgument
@@ -28,8 +28,9 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
 
 
 def resolve_dtype(name: str, device: str = "cpu") -> str:
-    """``auto``: bf16 where it is the fast path (a CPU with AMX tiles, a CUDA device with
-    bf16), else fp32; any other name is checked and returned."""
+    """``auto``: bf16 where it is the fast path (a CPU with bf16 products, on AMX tiles or
+    AVX512-BF16; a CUDA device with bf16), else fp32; any other name is checked and
+    returned."""
     if name != "auto":
         parse_dtype(name)
         return name
@@ -113,10 +114,10 @@ def _attach_mkl_packed(model: Transformer, cfg: ModelConfig) -> None:
 
 
 def _attach_bf16_products(model: Transformer, cfg: ModelConfig) -> bool:
-    """Serve every projection on AMX tiles (see amx_gemm), laid out from its fp32 weights,
+    """Serve every projection with bf16 products (see bf16_gemm), laid out from its fp32 weights,
     and let those go; False (nothing changed) unless every projection's shape fits."""
     served = [(module, attr) for module, attr, _ in projections(model, cfg)]
-    tiles = [amx_gemm.TileWeight.from_weight(getattr(module, attr)) for module, attr in served]
+    tiles = [bf16_gemm.TileWeight.from_weight(getattr(module, attr)) for module, attr in served]
     if any(t is None for t in tiles):
         return False
     for (module, attr), t in zip(served, tiles):
@@ -127,16 +128,17 @@ def _attach_bf16_products(model: Transformer, cfg: ModelConfig) -> bool:
 
 
 def bf16_products_available() -> bool:
-    """Whether ``dtype="bf16"`` on this CPU means bf16 products on AMX tiles under fp32
-    activations (else the whole model runs in torch's bf16; ``LLMOS_NO_AMX=1`` forces that)."""
-    return amx_gemm.available() and os.environ.get("LLMOS_NO_AMX") != "1"
+    """Whether ``dtype="bf16"`` on this CPU means bf16 products (AMX tiles or AVX512-BF16)
+    under fp32 activations (else the whole model runs in torch's bf16;
+    ``LLMOS_BF16_KERNEL=torch`` forces that)."""
+    return bf16_gemm.available()
 
 
 def load_model(path: str | Path, dtype: str | torch.dtype = "fp32",
                device: str | torch.device = "cpu") -> tuple[Transformer, GGUFFile]:
     """Open a GGUF file and build its Transformer with dequantized weights.
 
-    ``bf16`` on a CPU with AMX keeps fp32 activations (norms, residuals, attention) and
+    ``bf16`` on a CPU with bf16 instructions (AMX or AVX512-BF16) keeps fp32 activations (norms, residuals, attention) and
     multiplies bf16-rounded operands in every projection, summed in fp32, with a bf16 KV
     pool (``model.kv_dtype``); elsewhere it is the whole model in torch's bf16."""
     started = time.perf_counter()
@@ -147,18 +149,18 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "fp32",
     sd = _state_dict(gguf, cfg)
     model = Transformer(cfg)
     on_cpu = torch.device(device).type == "cpu"
-    amx = dtype == torch.bfloat16 and on_cpu and bf16_products_available()
-    values = torch.float32 if amx else dtype
+    products = dtype == torch.bfloat16 and on_cpu and bf16_products_available()
+    values = torch.float32 if products else dtype
     tensors = {k: torch.from_numpy(np.array(v, order="C", copy=True)).to(device=device, dtype=values)
                for k, v in sd.items()}
     model.load_state_dict(tensors, assign=True, strict=True)
     for p in model.parameters():
         p.requires_grad_(False)
     model.rotary.to(device)
-    if amx and not _attach_bf16_products(model, cfg):  # a shape the tiles do not take:
+    if products and not _attach_bf16_products(model, cfg):  # a shape the panels do not take:
         for p in model.parameters():  # the whole model in torch's bf16, then
             p.data = p.data.to(dtype)
-    elif values == torch.float32 and on_cpu and not amx:
+    elif values == torch.float32 and on_cpu and not products:
         if quant_matmul.available():
             _attach_quantized(model, gguf, cfg)
         _attach_mkl_packed(model, cfg)

@@ -1,6 +1,7 @@
-"""The AMX bf16 kernel against bf16-rounded operands multiplied exactly (in float64).
+"""The bf16 product kernels (AMX tiles, AVX512-BF16) against bf16-rounded operands
+multiplied exactly (in float64). Each test runs on every kernel this CPU has.
 
-Speed (not asserted here): ``llmos bench gemm --dtype bf16`` prints it beside MKL's fp32.
+Speed (not asserted here): ``llmos bench gemm --dtype bf16`` prints it beside torch's bf16.
 """
 
 from __future__ import annotations
@@ -10,35 +11,72 @@ import ctypes
 import pytest
 import torch
 
-from llmos_kernel.core import amx_gemm, panel_gemm, quant_matmul
+from llmos_kernel.core import bf16_gemm, panel_gemm, quant_matmul
 from tests.test_panel_gemm import _panels, _q8_0  # random Q4_1 / Q8_0 and their weights
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
 
 
 def _has_amx() -> bool:
     """The CPU has AMX bf16 tiles and Linux grants them to this process (5.16 and later)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    if not all(f in flags for f in ("amx_tile", "amx_bf16", "avx512_bf16")):
+    if not {"amx_tile", "amx_bf16", "avx512_bf16"} <= _cpu_flags():
         return False
     libc = ctypes.CDLL(None, use_errno=True)
     sys_arch_prctl, req_xcomp_perm, xtiledata = 158, 0x1023, 18  # x86-64
     return libc.syscall(sys_arch_prctl, req_xcomp_perm, xtiledata) == 0
 
 
-# AMX tiles are Sapphire Rapids and later; elsewhere bf16 runs the whole model in torch's bf16.
+def _has_avx512_bf16() -> bool:
+    return {"avx512bw", "avx512_bf16"} <= _cpu_flags()
+
+
+# AMX tiles are Sapphire Rapids and later, AVX512-BF16 Cooper Lake and Zen 4 and later;
+# elsewhere bf16 runs the whole model in torch's bf16.
+HERE = (["amx"] if _has_amx() else []) + (["avx512"] if _has_avx512_bf16() else [])
 needs_amx = pytest.mark.skipif(not _has_amx(), reason="this CPU has no AMX bf16 tiles")
+needs_bf16_products = pytest.mark.skipif(not HERE, reason="this CPU has no bf16 instructions")
 
 
-def test_the_kernel_is_built_exactly_where_the_cpu_has_amx():
-    assert amx_gemm.available() == _has_amx()
+def use_kernel(monkeypatch, name: str) -> None:
+    """Make bf16_gemm choose ``name`` for the rest of the test."""
+    monkeypatch.setenv("LLMOS_BF16_KERNEL", name)
+    monkeypatch.setattr(bf16_gemm, "_chosen", None)
+    assert bf16_gemm.kernel() == name
 
 
-def _tiles(weights: torch.Tensor) -> amx_gemm.TileWeight:
+@pytest.fixture(params=HERE or [pytest.param("none", marks=needs_bf16_products)])
+def kernel(request, monkeypatch):
+    """Each bf16 product kernel this CPU has, chosen for the test."""
+    use_kernel(monkeypatch, request.param)
+    return request.param
+
+
+def test_the_kernels_are_built_exactly_where_the_cpu_has_them(monkeypatch):
+    monkeypatch.delenv("LLMOS_BF16_KERNEL", raising=False)
+    monkeypatch.setattr(bf16_gemm, "_chosen", None)
+    assert bf16_gemm.amx_available() == _has_amx()
+    assert bf16_gemm.available() == bool(HERE)
+    assert bf16_gemm.kernel() == (HERE[0] if HERE else "torch")
+
+
+def test_a_kernel_can_be_turned_off_or_named_wrongly(monkeypatch):
+    use_kernel(monkeypatch, "torch")
+    assert not bf16_gemm.available() and not bf16_gemm.amx_available()
+    monkeypatch.setenv("LLMOS_BF16_KERNEL", "tiles")
+    monkeypatch.setattr(bf16_gemm, "_chosen", None)
+    with pytest.raises(ValueError, match="amx, avx512, torch"):
+        bf16_gemm.available()
+
+
+def _tiles(weights: torch.Tensor) -> bf16_gemm.TileWeight:
     """The tiles of an ``[N, K]`` matrix (the loader keeps weights input-major)."""
-    return amx_gemm.TileWeight.from_weight(weights.t().contiguous())
+    return bf16_gemm.TileWeight.from_weight(weights.t().contiguous())
 
 
 def _bf16_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -50,62 +88,56 @@ def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
     return (got.double() - want).abs().max().item() <= 1e-5 * max(1.0, want.abs().max().item())
 
 
-@needs_amx
 @pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
 def test_tiles_hold_the_loaders_weights_rounded_to_bf16(kind):
     _, weights = _panels(96, 576, seed=1) if kind == "Q4_1" else _q8_0(96, 576, seed=1)
     assert torch.equal(_tiles(weights).dequantize(), weights.bfloat16())
-    assert amx_gemm.TileWeight.from_weight(torch.zeros(576, 80)) is None  # N not in panels
+    assert bf16_gemm.TileWeight.from_weight(torch.zeros(576, 80)) is None  # N not in panels
 
 
-@needs_amx
 @pytest.mark.parametrize("rows", [1, 2, 15, 16, 17, 31, 32, 33, 64, 100, 257])
-def test_matches_bf16_operands_multiplied_exactly(rows):
+def test_matches_bf16_operands_multiplied_exactly(rows, kernel):
     _, weights = _panels(160, 576, seed=rows)
     x = torch.randn(rows, 576, generator=torch.Generator().manual_seed(rows))
-    assert _close(amx_gemm.matmul(x, _tiles(weights)), _bf16_reference(x, weights))
+    assert _close(bf16_gemm.matmul(x, _tiles(weights)), _bf16_reference(x, weights))
 
 
-@needs_amx
 @pytest.mark.parametrize("rows", [1, 13, 48])
-def test_a_long_k(rows):
+def test_a_long_k(rows, kernel):
     _, weights = _q8_0(96, 1536, seed=rows)
     x = torch.randn(rows, 1536, generator=torch.Generator().manual_seed(rows))
-    assert _close(amx_gemm.matmul(x, _tiles(weights)), _bf16_reference(x, weights))
+    assert _close(bf16_gemm.matmul(x, _tiles(weights)), _bf16_reference(x, weights))
 
 
-@needs_amx
-def test_the_products_are_not_the_fp32_ones():
+def test_the_products_are_not_the_fp32_ones(kernel):
     """bf16 rounding is really applied (an fp32 product would differ from the reference)."""
     _, weights = _panels(64, 576, seed=3)
     x = torch.randn(8, 576, generator=torch.Generator().manual_seed(3))
-    got = amx_gemm.matmul(x, _tiles(weights)).double()
+    got = bf16_gemm.matmul(x, _tiles(weights)).double()
     assert _close(got, _bf16_reference(x, weights))
     assert not _close(got, x.double() @ weights.double().T)
 
 
-@needs_amx
-def test_a_rows_result_does_not_depend_on_the_rows_beside_it():
+def test_a_rows_result_does_not_depend_on_the_rows_beside_it(kernel):
     """Bit for bit: what a request computes alone it computes in a busy batch."""
     tiles = _tiles(_panels(96, 576, seed=5)[1])
     x = torch.randn(70, 576, generator=torch.Generator().manual_seed(5))
-    batch = amx_gemm.matmul(x, tiles)
+    batch = bf16_gemm.matmul(x, tiles)
     for r in (0, 17, 69):
-        assert torch.equal(amx_gemm.matmul(x[r:r + 1], tiles)[0], batch[r])
-    assert torch.equal(amx_gemm.matmul(x[16:40], tiles), batch[16:40])
+        assert torch.equal(bf16_gemm.matmul(x[r:r + 1], tiles)[0], batch[r])
+    assert torch.equal(bf16_gemm.matmul(x[16:40], tiles), batch[16:40])
 
 
-@needs_amx
-def test_refuses_the_wrong_input():
+def test_refuses_the_wrong_input(kernel):
     tiles = _tiles(_panels(32, 64, seed=2)[1])
     with pytest.raises(ValueError, match="fp32"):
-        amx_gemm.matmul(torch.randn(4, 32), tiles)
+        bf16_gemm.matmul(torch.randn(4, 32), tiles)
     with pytest.raises(ValueError, match="fp32"):
-        amx_gemm.matmul(torch.randn(4, 64, dtype=torch.bfloat16), tiles)
+        bf16_gemm.matmul(torch.randn(4, 64, dtype=torch.bfloat16), tiles)
 
 
-@needs_amx
-def test_a_bf16_model_serves_every_projection_from_amx(model_path, monkeypatch):
+@needs_bf16_products
+def test_a_bf16_model_serves_every_projection_with_bf16_products(model_path, monkeypatch):
     from llmos_kernel.core.weights import load_model, projections
 
     model, _ = load_model(model_path, dtype="bf16")
@@ -116,8 +148,8 @@ def test_a_bf16_model_serves_every_projection_from_amx(model_path, monkeypatch):
         assert getattr(module, attr).numel() == 0  # and the fp32 copy is gone
     used = []
     for name in ("matmul", "matmul_silu"):
-        real = getattr(amx_gemm, name)
-        monkeypatch.setattr(amx_gemm, name, lambda x, w, *a, real=real, name=name, **k:
+        real = getattr(bf16_gemm, name)
+        monkeypatch.setattr(bf16_gemm, name, lambda x, w, *a, real=real, name=name, **k:
                             used.append((name, x.shape[0])) or real(x, w, *a, **k))
     monkeypatch.setattr(quant_matmul, "matmul", lambda *a: pytest.fail("fp32 kernel used"))
     monkeypatch.setattr(panel_gemm, "matmul", lambda *a: pytest.fail("fp32 kernel used"))
@@ -130,33 +162,31 @@ def test_a_bf16_model_serves_every_projection_from_amx(model_path, monkeypatch):
                     for name in ("matmul_silu", "matmul")]
 
 
-@needs_amx
 @pytest.mark.parametrize("rows", [1, 17, 40])
-def test_out_adds_the_products_in_place(rows):
+def test_out_adds_the_products_in_place(rows, kernel):
     """The residual stream takes a projection's output without a separate add."""
     _, weights = _panels(96, 576, seed=rows)
     x = torch.randn(rows, 576, generator=torch.Generator().manual_seed(rows))
     base = torch.randn(rows, 96, generator=torch.Generator().manual_seed(rows + 1)) * 10
     out = base.clone()
-    assert amx_gemm.matmul(x, _tiles(weights), out=out) is out
+    assert bf16_gemm.matmul(x, _tiles(weights), out=out) is out
     assert _close(out, base.double() + _bf16_reference(x, weights))
     with pytest.raises(ValueError, match="adds into"):
-        amx_gemm.matmul(x, _tiles(weights), out=torch.zeros(rows, 95))
+        bf16_gemm.matmul(x, _tiles(weights), out=torch.zeros(rows, 95))
 
 
-@needs_amx
 @pytest.mark.parametrize("rows", [1, 16, 33, 64])
-def test_matmul_silu_is_silu_of_the_gate_times_up(rows):
+def test_matmul_silu_is_silu_of_the_gate_times_up(rows, kernel):
     _, weights = _panels(128, 576, seed=rows)  # [gate 64; up 64]
     x = torch.randn(rows, 576, generator=torch.Generator().manual_seed(rows))
     ref = _bf16_reference(x, weights)
     want = torch.nn.functional.silu(ref[:, :64]) * ref[:, 64:]
-    got = amx_gemm.matmul_silu(x, _tiles(weights))
+    got = bf16_gemm.matmul_silu(x, _tiles(weights))
     assert got.shape == (rows, 64) and _close(got, want)
 
 
-@needs_amx
-def test_bench_gemm_times_the_tiles_beside_torchs_bf16(model_path):
+@needs_bf16_products
+def test_bench_gemm_times_our_bf16_products_beside_torchs(model_path):
     from llmos_kernel.bench import gemm
 
     out = gemm.run(str(model_path), rows=(1, 8), repeat=1, dtype="bf16")
