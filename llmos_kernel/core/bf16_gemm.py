@@ -359,7 +359,7 @@ def available() -> bool:
 
 
 def amx_available() -> bool:
-    """Whether bf16 products run on AMX tiles (which amx_attention needs too)."""
+    """Whether bf16 products run on AMX tiles (which bf16_attention needs too)."""
     return kernel() == "amx"
 
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmos_kernel.core import (
-    amx_attention,
+    bf16_attention,
     bf16_gemm,
     fused_ops,
     packed_gemm,
@@ -197,7 +197,7 @@ class Attention(nn.Module):
         v_cache.index_copy_(0, batch.slot_mapping, v)
 
         if batch.groups is not None:  # every row from the pool, one computation per token
-            out = amx_attention.attend(q, k_cache, v_cache, batch.groups, batch.group_tables,
+            out = bf16_attention.attend(q, k_cache, v_cache, batch.groups, batch.group_tables,
                                        batch.block_size, self.scale, batch.row_tables)
             return project(out.reshape(T, -1), self.wo, self.packed, "wo", residual)
         parts = []

@@ -100,7 +100,7 @@ class ModelRunner:
     def build_batch(self, seqs: list[SeqStep]) -> tuple[StepBatch, list[SeqStep]]:
         """The step's tensors. With bf16 products every row, prompt rows too, attends from
         the pool by one computation per token whatever the batch or chunking
-        (StepBatch.groups, see amx_attention): bf16 rounding of the activations would
+        (StepBatch.groups, see bf16_attention): bf16 rounding of the activations would
         amplify a chunked prefill attention's different sums into different tokens."""
         bs = self.block_size
         pooled = self.model.bf16_products and self.kv.paged_kernel

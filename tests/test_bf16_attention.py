@@ -1,13 +1,15 @@
-"""Attention on AMX tiles from a bf16 pool: close to fp32 attention, and bit for bit the same
-for a token however its sequence's rows are grouped."""
+"""Attention from a bf16 pool, on AMX tiles or AVX512-BF16 (each this CPU has): close to
+fp32 attention, and bit for bit the same for a token however its sequence's rows are
+grouped."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from llmos_kernel.core import amx_attention, paged_attention
-from tests.test_bf16_gemm import needs_amx
+from llmos_kernel.core import bf16_attention, paged_attention
+from llmos_kernel.core.model import StepBatch
+from tests.test_bf16_gemm import kernel  # noqa: F401 - the fixture: each bf16 kernel here
 
 H, KV, D, BS = 9, 3, 64, 16
 
@@ -51,27 +53,25 @@ def _reference(q, k, v, groups, tables) -> torch.Tensor:
 SPEC = [(1, 40), (37, 0), (5, 100), (1, 0), (50, 300), (3, 15), (16, 16)]
 
 
-@needs_amx
-def test_close_to_fp32_attention_for_decodes_and_chunks():
+def test_close_to_fp32_attention_for_decodes_and_chunks(kernel):  # noqa: F811
     q, k, v, groups, tables = _case(SPEC)
-    got = amx_attention.attend(q, k, v, groups, tables, BS, D ** -0.5)
+    got = bf16_attention.attend(q, k, v, groups, tables, BS, D ** -0.5)
     want = _reference(q, k, v, groups, tables)
     # queries and probabilities are rounded to bf16 (2^-9): errors of that order, not more
     assert (got.double() - want).abs().max().item() <= 4e-3 * want.abs().max().item()
 
 
-@needs_amx
-def test_a_tokens_result_does_not_depend_on_how_its_rows_are_grouped():
+def test_a_tokens_result_does_not_depend_on_how_its_rows_are_grouped(kernel):  # noqa: F811
     """A 37-row prompt chunk computed whole, as 10 + 27, or row by row as decodes: the same
     bits for every row; so are the other sequences' rows beside it."""
     q, k, v, groups, tables = _case(SPEC, seed=1)
-    whole = amx_attention.attend(q, k, v, groups, tables, BS, D ** -0.5)
+    whole = bf16_attention.attend(q, k, v, groups, tables, BS, D ** -0.5)
     r0, n, p = groups[1].tolist()
     split = torch.tensor([[0, 10, p], [10, 27, p + 10]])
-    parts = amx_attention.attend(q[r0:r0 + n], k, v, split, tables[[1, 1]], BS, D ** -0.5)
+    parts = bf16_attention.attend(q[r0:r0 + n], k, v, split, tables[[1, 1]], BS, D ** -0.5)
     assert torch.equal(parts, whole[r0:r0 + n])
     for i in (0, 15, 16, 36):
-        alone = amx_attention.attend(q[r0 + i:r0 + i + 1], k, v, torch.tensor([[0, 1, p + i]]),
+        alone = bf16_attention.attend(q[r0 + i:r0 + i + 1], k, v, torch.tensor([[0, 1, p + i]]),
                                      tables[[1]], BS, D ** -0.5)
         assert torch.equal(alone[0], whole[r0 + i]), i
 
@@ -82,15 +82,20 @@ def test_other_block_sizes_keep_the_contract_on_the_decode_kernel():
     groups = torch.tensor([[0, 6, 10], [6, 1, 30]])
     tables = torch.stack([torch.randperm(64, generator=gen)[:8] for _ in range(2)]).long()
     q = torch.randn(7, H, D, generator=gen)
-    got = amx_attention.attend(q, k, v, groups, tables, 8, D ** -0.5)
+    got = bf16_attention.attend(q, k, v, groups, tables, 8, D ** -0.5)
     lens = torch.tensor([11, 12, 13, 14, 15, 16, 31])
     want = paged_attention.decode(q, k, v, tables.repeat_interleave(torch.tensor([6, 1]), 0),
                                   lens, 8, D ** -0.5)
     assert torch.equal(got, want)
+    # and so do the per-row tables a step builds once for all its layers
+    batch = StepBatch(tokens=torch.zeros(7), positions=torch.zeros(7),
+                      slot_mapping=torch.zeros(7), groups=groups, group_tables=tables)
+    assert torch.equal(bf16_attention.attend(q, k, v, groups, tables, 8, D ** -0.5,
+                                             batch.row_tables), want)
 
 
 def test_refuses_an_fp32_pool():
     k, v = torch.zeros(16, KV, D), torch.zeros(16, KV, D)
     with pytest.raises(ValueError, match="bf16"):
-        amx_attention.attend(torch.zeros(1, H, D), k, v, torch.tensor([[0, 1, 0]]),
+        bf16_attention.attend(torch.zeros(1, H, D), k, v, torch.tensor([[0, 1, 0]]),
                              torch.zeros(1, 1, dtype=torch.long), BS, 0.125)

@@ -36,7 +36,7 @@ _SOURCE = r"""
 #include <stdlib.h>
 #include <string.h>
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#if defined(__AVX512BW__) && defined(__AVX512BF16__)
 #include <immintrin.h>
 
 """ + ckernel.EXP_NEG16 + r"""
@@ -45,6 +45,7 @@ _SOURCE = r"""
 #define BS 16
 #define SEG 8  /* tiles of 16 pairs per work item */
 
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
 typedef struct { uint8_t palette, start_row, reserved[14]; uint16_t colsb[16];
                  uint8_t rows[16]; } tilecfg;
 
@@ -59,6 +60,77 @@ static void configure(void) {
     cfg.colsb[5] = 32;
     cfg.rows[6] = 8;
     _tile_loadconfig(&cfg);
+}
+
+/* scores[16 pairs][16 keys] = Q·Kᵀ of one tile of pairs (qb: 16 × 64 bf16) on AMX. */
+static inline void amx_scores(const uint16_t *qb, const uint32_t *kt, float *scores, int n) {
+    _tile_loadd(3, kt, 64);
+    _tile_loadd(4, kt + 256, 64);
+    _tile_loadd(1, qb, 2 * D);
+    _tile_loadd(2, qb + 32, 2 * D);
+    _tile_zero(0);
+    _tile_dpbf16ps(0, 1, 3);
+    _tile_dpbf16ps(0, 2, 4);
+    _tile_stored(0, scores, 64);
+}
+
+/* pv[16 pairs][16 dims] = P·V for dims 16d .. 16d + 15 (pb: 16 × 16 bf16) on AMX. */
+static inline void amx_pv(const uint16_t *pb, const uint16_t *vt, int d, float *pv, int n) {
+    _tile_loadd(5, pb, 32);
+    _tile_loadd(6, vt + d * 8 * 32, 64);
+    _tile_zero(7);
+    _tile_dpbf16ps(7, 5, 6);
+    _tile_stored(7, pv, 64);
+}
+#define HAVE_AMX 1
+#else
+static inline void configure(void) {}
+static inline void amx_scores(const uint16_t *qb, const uint32_t *kt, float *scores, int n) {}
+static inline void amx_pv(const uint16_t *pb, const uint16_t *vt, int d, float *pv, int n) {}
+#define _tile_release() do {} while (0)
+#define HAVE_AMX 0
+#endif
+
+/* The same two products in AVX512-BF16 registers, for the tile's first n pairs only (a
+   decode's 3 pairs do not pay for 16): per dim pair (keys) or key pair (values), one
+   vdpbf16ps per pair, summed from zero as the tiles do. */
+static inline __attribute__((always_inline)) void dp_scores_n(const int N, const uint16_t *qb,
+        const uint32_t *kt, float *scores) {
+    __m512 acc[N];
+    for (int p = 0; p < N; p++) acc[p] = _mm512_setzero_ps();
+    for (int c = 0; c < D / 2; c++) {
+        const __m512bh k = (__m512bh)_mm512_load_si512(kt + 16 * c);
+        for (int p = 0; p < N; p++)
+            acc[p] = _mm512_dpbf16_ps(acc[p], (__m512bh)_mm512_set1_epi32(
+                *(const int32_t *)(qb + p * D + 2 * c)), k);
+    }
+    for (int p = 0; p < N; p++) _mm512_store_ps(scores + 16 * p, acc[p]);
+}
+
+static inline __attribute__((always_inline)) void dp_pv_n(const int N, const uint16_t *pb,
+        const uint16_t *vt, int d, float *pv) {
+    __m512 acc[N];
+    for (int p = 0; p < N; p++) acc[p] = _mm512_setzero_ps();
+    for (int kk = 0; kk < BS / 2; kk++) {
+        const __m512bh v = (__m512bh)_mm512_load_si512(vt + (d * 8 + kk) * 32);
+        for (int p = 0; p < N; p++)
+            acc[p] = _mm512_dpbf16_ps(acc[p], (__m512bh)_mm512_set1_epi32(
+                *(const int32_t *)(pb + 16 * p + 2 * kk)), v);
+    }
+    for (int p = 0; p < N; p++) _mm512_store_ps(pv + 16 * p, acc[p]);
+}
+
+#define CASES(F, ...) switch (n) { case 1: F(1, __VA_ARGS__); break; case 2: F(2, __VA_ARGS__); break; \
+    case 3: F(3, __VA_ARGS__); break; case 4: F(4, __VA_ARGS__); break; case 5: F(5, __VA_ARGS__); break; \
+    case 6: F(6, __VA_ARGS__); break; case 7: F(7, __VA_ARGS__); break; case 8: F(8, __VA_ARGS__); break; \
+    case 9: F(9, __VA_ARGS__); break; case 10: F(10, __VA_ARGS__); break; case 11: F(11, __VA_ARGS__); break; \
+    case 12: F(12, __VA_ARGS__); break; case 13: F(13, __VA_ARGS__); break; case 14: F(14, __VA_ARGS__); break; \
+    case 15: F(15, __VA_ARGS__); break; default: F(16, __VA_ARGS__); }
+static void dp_scores(const uint16_t *qb, const uint32_t *kt, float *scores, int n) {
+    CASES(dp_scores_n, qb, kt, scores)
+}
+static void dp_pv(const uint16_t *pb, const uint16_t *vt, int d, float *pv, int n) {
+    CASES(dp_pv_n, pb, vt, d, pv)
 }
 
 /* The 16 keys of one block, one head, as two B tiles: kt[c][i][j] holds key j's dims
@@ -122,7 +194,8 @@ typedef struct {
 
 /* Pairs [p0, p1) of sequence group g against KV head h. Pair p = (row p / G, query head
    h·G + p % G) of the group's rows; row r is at position first + r. */
-static void attend_pairs(const job_t *j, int64_t g, int64_t h, int64_t p0, int64_t p1) {
+static void attend_pairs(const job_t *j, int64_t g, int64_t h, int64_t p0, int64_t p1,
+                         int amx) {
     const int64_t G = j->group, KV = j->n_kv, H = KV * G, stride = KV * D;
     const int64_t row0 = j->groups[3 * g], first = j->groups[3 * g + 2];
     const int64_t *table = j->tables + g * j->width;
@@ -161,19 +234,14 @@ static void attend_pairs(const job_t *j, int64_t g, int64_t h, int64_t p0, int64
         }
         keys_as_b(j->k + base, stride, kt);
         values_as_b(j->v + base, stride, vt);
-        _tile_loadd(3, kt, 64);
-        _tile_loadd(4, kt + 256, 64);
         for (int64_t b = 0; b < ntiles; b++) {
             const int64_t top = 16 * b + 15 < npairs ? 16 * b + 15 : npairs - 1;
+            const int n = (int)(top - 16 * b + 1);  /* the tile's pairs that are not padding */
             if (pos[top] < t * BS) continue;  /* every pair of this tile ends before */
-            _tile_loadd(1, qb + 16 * b * D, 2 * D);
-            _tile_loadd(2, qb + 16 * b * D + 32, 2 * D);
-            _tile_zero(0);
-            _tile_dpbf16ps(0, 1, 3);
-            _tile_dpbf16ps(0, 2, 4);
-            _tile_stored(0, scores, 64);
+            if (amx) amx_scores(qb + 16 * b * D, kt, scores, n);
+            else dp_scores(qb + 16 * b * D, kt, scores, n);
             float corr[16];
-            for (int i = 0; i < 16; i++) {
+            for (int i = 0; i < n; i++) {
                 const int64_t p = 16 * b + i;
                 if (pos[p] < t * BS) {  /* padding, or a pair whose keys end before */
                     corr[i] = 1.f;
@@ -194,13 +262,12 @@ static void attend_pairs(const job_t *j, int64_t g, int64_t h, int64_t p0, int64
                 lsum[p] = _mm512_add_ps(_mm512_mul_ps(lsum[p], _mm512_set1_ps(corr[i])), e);
                 _mm256_storeu_si256((__m256i *)(pb + 16 * i), (__m256i)_mm512_cvtneps_pbh(e));
             }
-            _tile_loadd(5, pb, 32);
+            for (int i = n; i < 16; i++)  /* padding: zero probabilities for the tile */
+                _mm256_storeu_si256((__m256i *)(pb + 16 * i), _mm256_setzero_si256());
             for (int d = 0; d < 4; d++) {
-                _tile_loadd(6, vt + d * 8 * 32, 64);
-                _tile_zero(7);
-                _tile_dpbf16ps(7, 5, 6);
-                _tile_stored(7, pv + 0, 64);
-                for (int i = 0; i < 16; i++) {
+                if (amx) amx_pv(pb, vt, d, pv, n);
+                else dp_pv(pb, vt, d, pv, n);
+                for (int i = 0; i < n; i++) {
                     const int64_t p = 16 * b + i;
                     if (pos[p] < t * BS) continue;
                     float *o = acc + p * D + 16 * d;
@@ -221,9 +288,10 @@ static void attend_pairs(const job_t *j, int64_t g, int64_t h, int64_t p0, int64
 
 /* q, out: [T, KV·G, 64] fp32; k, v: [slots, KV, 64] bf16 in blocks of 16; groups: [n, 3]
    (first row, rows, first position) of each sequence's rows; tables: [n, width]. */
-int amx_attend(const float *q, const uint16_t *k, const uint16_t *v, float *out,
-               const int64_t *groups, int64_t n, const int64_t *tables, int64_t width,
-               int64_t n_kv, int64_t group, float scale, int threads) {
+int bf16_attend(const float *q, const uint16_t *k, const uint16_t *v, float *out,
+                const int64_t *groups, int64_t n, const int64_t *tables, int64_t width,
+                int64_t n_kv, int64_t group, float scale, int amx, int threads) {
+    if (amx && !HAVE_AMX) return -2;
     int64_t items = 0;  /* work items: (group, KV head, segment of SEG·16 pairs) */
     for (int64_t g = 0; g < n; g++) items += n_kv * ((groups[3 * g + 1] * group + SEG * 16 - 1) / (SEG * 16));
     int64_t *work = malloc(sizeof(int64_t) * 3 * (items ? items : 1)), w = 0;
@@ -237,36 +305,38 @@ int amx_attend(const float *q, const uint16_t *k, const uint16_t *v, float *out,
     const job_t j = {q, k, v, out, groups, tables, width, n_kv, group, scale};
     #pragma omp parallel num_threads(threads)
     {
-        configure();
+        if (amx) configure();
         #pragma omp for schedule(dynamic, 1)
         for (int64_t i = 0; i < items; i++) {
             const int64_t g = work[3 * i], h = work[3 * i + 1], s = work[3 * i + 2];
             const int64_t pairs = groups[3 * g + 1] * group;
-            attend_pairs(&j, g, h, s, s + SEG * 16 < pairs ? s + SEG * 16 : pairs);
+            attend_pairs(&j, g, h, s, s + SEG * 16 < pairs ? s + SEG * 16 : pairs, amx);
         }
-        _tile_release();
+        if (amx) _tile_release();
     }
     free(work);
     return 0;
 }
 #else
-int amx_attend(const float *q, const uint16_t *k, const uint16_t *v, float *out,
-               const int64_t *groups, int64_t n, const int64_t *tables, int64_t width,
-               int64_t n_kv, int64_t group, float scale, int threads) { return -2; }
+int bf16_attend(const float *q, const uint16_t *k, const uint16_t *v, float *out,
+                const int64_t *groups, int64_t n, const int64_t *tables, int64_t width,
+                int64_t n_kv, int64_t group, float scale, int amx, int threads) { return -2; }
 #endif
 """
 
 
 def _declare(lib: ctypes.CDLL) -> None:
-    lib.amx_attend.restype = ctypes.c_int
-    lib.amx_attend.argtypes = ([ctypes.c_void_p] * 5 + [ctypes.c_int64] + [ctypes.c_void_p]
-                               + [ctypes.c_int64] * 3 + [ctypes.c_float, ctypes.c_int])
+    lib.bf16_attend.restype = ctypes.c_int
+    lib.bf16_attend.argtypes = ([ctypes.c_void_p] * 5 + [ctypes.c_int64] + [ctypes.c_void_p]
+                                + [ctypes.c_int64] * 3 + [ctypes.c_float] + [ctypes.c_int] * 2)
 
 
 def _lib() -> ctypes.CDLL | None:
-    if not bf16_gemm.amx_available():  # also asks Linux for the tile state
+    """The kernel where bf16 products have one (bf16_gemm chooses AMX tiles or AVX512-BF16,
+    and asks Linux for the tile state)."""
+    if not bf16_gemm.available():
         return None
-    return ckernel.load("amx_attention", _SOURCE, _declare, openmp=True)
+    return ckernel.load("bf16_attention", _SOURCE, _declare, openmp=True)
 
 
 def available() -> bool:
@@ -290,12 +360,12 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     lib = _lib()
     if lib is not None and D == 64 and block_size == 16:
         out = torch.empty_like(q)
-        rc = lib.amx_attend(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
-                            out.data_ptr(), groups.data_ptr(), groups.shape[0],
-                            tables.data_ptr(), tables.shape[1], n_kv, H // n_kv, scale,
-                            torch.get_num_threads())
+        rc = lib.bf16_attend(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+                             out.data_ptr(), groups.data_ptr(), groups.shape[0],
+                             tables.data_ptr(), tables.shape[1], n_kv, H // n_kv, scale,
+                             int(bf16_gemm.amx_available()), torch.get_num_threads())
         if rc != 0:
-            raise RuntimeError(f"amx_attend failed ({rc})")
+            raise RuntimeError(f"bf16_attend failed ({rc})")
         return out
     if row_tables is None:  # the same contract, one row at a time on the decode kernel
         counts = groups[:, 1]
