@@ -4,7 +4,7 @@ For each row count, every projection of every layer (and the output head) runs
 once through the kernel ``model.project`` picks for that many rows, and once
 through the baseline, alternating, best of ``repeat``. In fp32 the baseline is
 MKL's packed fp32 GEMM (the path every step took before the quantized kernels);
-with ``dtype="bf16"`` ours are the AMX tiles (see bf16_gemm) and the baseline is
+with ``dtype="bf16"`` ours is the bf16 kernel (AMX tiles or AVX512-BF16, see bf16_gemm) and the baseline is
 torch's own bf16 ``F.linear`` (oneDNN, on AMX where the CPU has it) on the same
 bf16 weights, its input and output converted as a caller must. A step of the
 model costs about this much matrix time at that batch size.
@@ -31,7 +31,8 @@ def run(model_path: str, rows: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 2
     # (what the model reads, the attribute, [N, K], the baseline's copy of the weight)
     if dtype == "bf16":
         if not model.bf16_products:
-            raise Unavailable("bf16 products need a CPU with AMX tiles (and a Q4_1/Q8_0 model)")
+            raise Unavailable("bf16 products need a CPU with AMX tiles or AVX512-BF16 (and "
+                              "projections in whole panels of 32 columns)")
         weights = []
         for module, attr, _ in projections(model, model.config):
             tiles = module.packed[attr + "/bf16"]

@@ -59,8 +59,8 @@ def core(model: str, new_tokens: int, batch_size: int, repeat: int, dtype: str,
 @click.option("--repeat", type=click.IntRange(min=1), default=3, show_default=True,
               help="Runs per side and size, alternating; the best of each counts.")
 @click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
-              help="fp32: our kernels vs MKL's packed fp32; bf16: our AMX tiles vs torch's "
-              "bf16 F.linear (oneDNN).")
+              help="fp32: our kernels vs MKL's packed fp32; bf16: our bf16 kernel (AMX "
+              "tiles or AVX512-BF16) vs torch's bf16 F.linear (oneDNN).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
 def gemm(model: str, repeat: int, dtype: str, as_json: bool) -> None:
     """The model's projections per step size: llmos's kernels vs torch's GEMM."""

@@ -28,8 +28,9 @@ from llmos_kernel import store
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @click.option("--stream", is_flag=True, help="Print text as it is generated.")
 @click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16"]), default="auto",
-              show_default=True, help="bf16: bf16 matrix products (AMX tiles on CPUs that have "
-              "them) and KV; auto: bf16 where that is the fast path, else fp32.")
+              show_default=True, help="bf16: bf16 matrix products (AMX tiles or AVX512-BF16 "
+              "where the CPU has them) and KV; auto: bf16 where that is the fast path, else "
+              "fp32.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, or cuda when present.")
 @click.option("-v", "--verbose", is_flag=True, help="Timings and token counts on stderr.")
 def generate(prompt: str, model: str, raw: bool, system: str | None, temperature: float,

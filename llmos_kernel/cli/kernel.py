@@ -38,8 +38,9 @@ def kernel() -> None:
 @click.option("--max-batch-tokens", type=int, default=256, show_default=True)
 @click.option("--max-seqs", type=int, default=64, show_default=True)
 @click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16"]), default="auto",
-              show_default=True, help="bf16: bf16 matrix products (AMX tiles on CPUs that have "
-              "them) and KV; auto: bf16 where that is the fast path, else fp32.")
+              show_default=True, help="bf16: bf16 matrix products (AMX tiles or AVX512-BF16 "
+              "where the CPU has them) and KV; auto: bf16 where that is the fast path, else "
+              "fp32.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--no-prefix-cache", is_flag=True)
 @name_option

@@ -143,7 +143,7 @@ def project(x: torch.Tensor, weight: torch.Tensor, packed: dict[str, Packed],
     ``packed[name + "/panels"]`` for steps of two rows or more (see panel_gemm),
     ``packed[name]`` for one row (see quant_matmul); else (other weight types, no AVX-512)
     from MKL's packed copy of the fp32 weight, ``packed[name + "/fp32"]``. A model loaded
-    for bf16 products has ``packed[name + "/bf16"]`` and takes AMX tiles for every step
+    for bf16 products has ``packed[name + "/bf16"]`` and takes bf16_gemm for every step
     (see bf16_gemm), summing into the residual in place."""
     bf16 = packed.get(name + "/bf16")
     if bf16 is not None:
@@ -279,7 +279,7 @@ class Transformer(nn.Module):
         self.output = nn.Parameter(torch.empty(cfg.d_model, cfg.vocab_size), requires_grad=False)
         self.rotary = Rotary(cfg.head_dim, cfg.rope_base, cfg.context_length)
         self.packed: dict[str, Packed] = {}
-        self.bf16_products = False  # set by the loader with every projection on AMX tiles
+        self.bf16_products = False  # set by the loader with every projection on bf16_gemm
 
     @property
     def dtype(self) -> torch.dtype:

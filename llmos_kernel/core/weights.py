@@ -138,9 +138,10 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "fp32",
                device: str | torch.device = "cpu") -> tuple[Transformer, GGUFFile]:
     """Open a GGUF file and build its Transformer with dequantized weights.
 
-    ``bf16`` on a CPU with bf16 instructions (AMX or AVX512-BF16) keeps fp32 activations (norms, residuals, attention) and
-    multiplies bf16-rounded operands in every projection, summed in fp32, with a bf16 KV
-    pool (``model.kv_dtype``); elsewhere it is the whole model in torch's bf16."""
+    ``bf16`` on a CPU with bf16 instructions (AMX or AVX512-BF16) keeps fp32 activations
+    (norms, residuals, attention) and multiplies bf16-rounded operands in every projection,
+    summed in fp32, with a bf16 KV pool (``model.kv_dtype``); elsewhere it is the whole
+    model in torch's bf16."""
     started = time.perf_counter()
     dtype = parse_dtype(dtype)
     gguf = GGUFFile.open(path)
