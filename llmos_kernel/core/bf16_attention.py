@@ -1,4 +1,5 @@
-"""Attention from a bf16 KV pool on AMX tiles, one computation per token whatever the batch.
+"""Attention from a bf16 KV pool, one computation per token whatever the batch, on AMX tiles
+or AVX512-BF16 (the kernel bf16_gemm chose).
 
 With bf16 products (see bf16_gemm) every new token of a step, prompt or decode,
 attends from the pool to its sequence's keys up to its own position, and the
@@ -15,7 +16,10 @@ fp32 (keys past the pair's position masked), rounds the probabilities to bf16
 and adds P·V (four tile products) into the pair's fp32 output. A tile's rows
 never mix, and a block wholly past a pair's position changes nothing of it, so
 which pairs share a tile cannot change a pair's result. Queries and
-probabilities are rounded to bf16, as flash attention does on GPUs.
+probabilities are rounded to bf16, as flash attention does on GPUs. Without
+AMX the two products are ``vdpbf16ps`` per dim pair (keys) or key pair
+(values) for only the tile's real pairs, from the same transposed blocks; the
+softmax and the rest are the same code.
 
 Pool blocks must hold 16 keys and heads 64 dims; otherwise ``attend`` runs the
 same per-row contract on the decode kernel (fp32 arithmetic, slower).
