@@ -37,11 +37,12 @@ from llmos_kernel.bench.core import load_reference
 from llmos_kernel.bench.prompts import chat_prompts, shared_system_prompt
 
 
-def _best_rate(product, seconds: float) -> float:
-    """Best FLOP rate of ``product(x)`` (a 576 → 1536 projection) at 64, 128, 256 rows."""
+def _best_rate(product, seconds: float, dtype: torch.dtype = torch.float32) -> float:
+    """Best FLOP rate of ``product(x)`` (a 576 → 1536 projection of ``x`` in ``dtype``) at
+    64, 128, 256 rows."""
     best = 0.0
     for rows in (64, 128, 256):
-        x = torch.randn(rows, 576)
+        x = torch.randn(rows, 576, dtype=dtype)
         for _ in range(3):
             product(x)
         n, started = 0, time.perf_counter()
@@ -63,7 +64,7 @@ def gemm_peak_flops(seconds: float = 1.0, dtype: torch.dtype = torch.float32) ->
 
     w = torch.randn(576, 1536)
     wt = w.to(dtype)
-    rates = {"torch": _best_rate(lambda x: x.to(dtype) @ wt, seconds)}
+    rates = {"torch": _best_rate(lambda x: x @ wt, seconds, dtype)}  # torch in its own dtype
     if dtype == torch.float32 and panel_gemm.available():
         q = QuantWeight("Q8_0", torch.randint(-127, 128, (1536, 18, 32), dtype=torch.int8),
                         torch.rand(1536, 18) * 0.01, None)
@@ -266,7 +267,6 @@ def run(*, kernel_name: str = "kernel", address: str | None = None, concurrency:
                 client.token, {"prefix_caching": True})))
         result["ttft_p50_nocache_s"] = nocache["ttft_p50_s"]
         result["agg_tok_s_nocache"] = nocache["agg_tok_s"]
-    progress("measuring this machine's fp32 GEMM peak")
     result["dtype"] = dtype
     result["bf16_kernel"] = st["shard"].get("bf16_kernel")
     params = st["model"]["params"]

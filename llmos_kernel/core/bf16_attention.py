@@ -67,7 +67,7 @@ static void configure(void) {
 }
 
 /* scores[16 pairs][16 keys] = Q·Kᵀ of one tile of pairs (qb: 16 × 64 bf16) on AMX. */
-static inline void amx_scores(const uint16_t *qb, const uint32_t *kt, float *scores, int n) {
+static inline void amx_scores(const uint16_t *qb, const uint32_t *kt, float *scores) {
     _tile_loadd(3, kt, 64);
     _tile_loadd(4, kt + 256, 64);
     _tile_loadd(1, qb, 2 * D);
@@ -79,7 +79,7 @@ static inline void amx_scores(const uint16_t *qb, const uint32_t *kt, float *sco
 }
 
 /* pv[16 pairs][16 dims] = P·V for dims 16d .. 16d + 15 (pb: 16 × 16 bf16) on AMX. */
-static inline void amx_pv(const uint16_t *pb, const uint16_t *vt, int d, float *pv, int n) {
+static inline void amx_pv(const uint16_t *pb, const uint16_t *vt, int d, float *pv) {
     _tile_loadd(5, pb, 32);
     _tile_loadd(6, vt + d * 8 * 32, 64);
     _tile_zero(7);
@@ -89,8 +89,8 @@ static inline void amx_pv(const uint16_t *pb, const uint16_t *vt, int d, float *
 #define HAVE_AMX 1
 #else
 static inline void configure(void) {}
-static inline void amx_scores(const uint16_t *qb, const uint32_t *kt, float *scores, int n) {}
-static inline void amx_pv(const uint16_t *pb, const uint16_t *vt, int d, float *pv, int n) {}
+static inline void amx_scores(const uint16_t *qb, const uint32_t *kt, float *scores) {}
+static inline void amx_pv(const uint16_t *pb, const uint16_t *vt, int d, float *pv) {}
 #define _tile_release() do {} while (0)
 #define HAVE_AMX 0
 #endif
@@ -242,7 +242,7 @@ static void attend_pairs(const job_t *j, int64_t g, int64_t h, int64_t p0, int64
             const int64_t top = 16 * b + 15 < npairs ? 16 * b + 15 : npairs - 1;
             const int n = (int)(top - 16 * b + 1);  /* the tile's pairs that are not padding */
             if (pos[top] < t * BS) continue;  /* every pair of this tile ends before */
-            if (amx) amx_scores(qb + 16 * b * D, kt, scores, n);
+            if (amx) amx_scores(qb + 16 * b * D, kt, scores);
             else dp_scores(qb + 16 * b * D, kt, scores, n);
             float corr[16];
             for (int i = 0; i < n; i++) {
@@ -269,7 +269,7 @@ static void attend_pairs(const job_t *j, int64_t g, int64_t h, int64_t p0, int64
             for (int i = n; i < 16; i++)  /* padding: zero probabilities for the tile */
                 _mm256_storeu_si256((__m256i *)(pb + 16 * i), _mm256_setzero_si256());
             for (int d = 0; d < 4; d++) {
-                if (amx) amx_pv(pb, vt, d, pv, n);
+                if (amx) amx_pv(pb, vt, d, pv);
                 else dp_pv(pb, vt, d, pv, n);
                 for (int i = 0; i < n; i++) {
                     const int64_t p = 16 * b + i;
@@ -347,19 +347,29 @@ def available() -> bool:
     return _lib() is not None
 
 
+def row_tables(groups: torch.Tensor, tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's block table ``[T, width]`` and key count ``[T]`` (its position + 1), from
+    the sequences' ``groups`` and ``tables``: the decode kernel's view of the same rows."""
+    counts, firsts = groups[:, 1], groups[:, 0]
+    within = torch.arange(int(counts.sum())) - torch.repeat_interleave(firsts - firsts[0], counts)
+    lens = torch.repeat_interleave(groups[:, 2], counts) + within + 1
+    return tables.repeat_interleave(counts, dim=0), lens
+
+
 def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
            groups: torch.Tensor, tables: torch.Tensor, block_size: int, scale: float,
-           row_tables: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
+           per_row: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
            ) -> torch.Tensor:
     """Every row of ``q`` ``[T, H, D]`` (fp32) attends to its sequence's keys up to its own
     position in the bf16 pool. ``groups`` ``[n, 3]`` (int64): each sequence's first row,
     number of rows and first row's position; ``tables`` ``[n, width]`` its block table.
-    Off AMX each row attends on the decode kernel, with ``row_tables()`` (each row's table
-    and key count, as StepBatch.row_tables builds them once per step) where given."""
+    Where the kernel does not serve (no bf16 instructions, other block sizes or head dims)
+    each row attends on the decode kernel, with ``per_row()`` (``row_tables`` of these
+    groups, as StepBatch caches it once per step) where given."""
     _, H, D = q.shape
     n_kv = k_cache.shape[1]
     if k_cache.dtype != torch.bfloat16 or v_cache.dtype != torch.bfloat16:
-        raise ValueError(f"AMX attention reads a bf16 pool, got {k_cache.dtype}")
+        raise ValueError(f"bf16 attention reads a bf16 pool, got {k_cache.dtype}")
     q = q.float().contiguous()
     lib = _lib()
     if lib is not None and D == 64 and block_size == 16:
@@ -371,10 +381,5 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         if rc != 0:
             raise RuntimeError(f"bf16_attend failed ({rc})")
         return out
-    if row_tables is None:  # the same contract, one row at a time on the decode kernel
-        counts = groups[:, 1]
-        lens = torch.cat([torch.arange(int(p) + 1, int(p) + int(c) + 1) for _, c, p in groups])
-        rows = tables.repeat_interleave(counts, dim=0), lens
-    else:
-        rows = row_tables()
+    rows = row_tables(groups, tables) if per_row is None else per_row()
     return paged_attention.decode(q, k_cache, v_cache, *rows, block_size, scale)

@@ -73,14 +73,9 @@ class StepBatch:
     _rows: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     def row_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each row's block table ``[T, max_blocks]`` and key count ``[T]`` (its position
-        + 1), from ``groups``: every row attending on its own (built once per step)."""
+        """``bf16_attention.row_tables`` of ``groups``, built once per step for every layer."""
         if self._rows is None:
-            counts, firsts = self.groups[:, 1], self.groups[:, 0]
-            rows = torch.arange(int(counts.sum()))
-            within = rows - torch.repeat_interleave(firsts - firsts[0], counts)
-            lens = torch.repeat_interleave(self.groups[:, 2], counts) + within + 1
-            self._rows = self.group_tables.repeat_interleave(counts, dim=0), lens
+            self._rows = bf16_attention.row_tables(self.groups, self.group_tables)
         return self._rows
 
     def decode_gather(self) -> tuple[torch.Tensor, torch.Tensor]:
