@@ -16,17 +16,13 @@ from typing import Any
 
 import ray
 
+from llmos_kernel import wire
 from llmos_kernel.deltas import fold_delta
 from llmos_kernel.errors import LlmosError, Unavailable
-from llmos_kernel.kernel import DEFAULT_NAME, NAMESPACE, ROOT_TOKEN_FILE
-from llmos_kernel.paths import default_state_dir
+from llmos_kernel.paths import DEFAULT_NAME, NAMESPACE, ROOT_TOKEN_FILE, default_state_dir
+from llmos_kernel.wire import unwrap
 
-
-def unwrap(reply: dict) -> Any:
-    """A kernel reply ``{"ok": v}`` → v; ``{"error": ...}`` → the typed error raised."""
-    if "error" in reply:
-        raise LlmosError.from_wire(reply["error"])
-    return reply["ok"]
+__all__ = ["Completion", "KernelClient", "unwrap"]
 
 
 @dataclass
@@ -92,16 +88,16 @@ class KernelClient:
             self._queues.pop(request_id, None)
             raise
 
-    async def stream(self, request_id: str) -> AsyncIterator[dict]:
+    async def stream(self, request_id: str) -> AsyncIterator[wire.TokenDelta]:
         """Deltas of a submitted request until it finishes (the last one has ``finished``)."""
         queue = self._queues[request_id]
         try:
             while True:
                 delta = await queue.get()
-                if delta.get("error"):
-                    raise LlmosError.from_wire(delta["error"])
+                if delta.error is not None:
+                    raise delta.error.exception()
                 yield delta
-                if delta["finished"]:
+                if delta.finished:
                     return
         finally:
             self._queues.pop(request_id, None)
@@ -125,13 +121,13 @@ class KernelClient:
             try:
                 batch = await self.call("poll", self.client_id, 5.0)
             except (ray.exceptions.RayActorError, LlmosError) as e:
-                for queue in self._queues.values():
-                    queue.put_nowait({"error": Unavailable(f"kernel unreachable: {e}").to_wire(),
-                                      "finished": True})
+                error = wire.failure(Unavailable(f"kernel unreachable: {e}")).error
+                for request_id, queue in self._queues.items():
+                    queue.put_nowait(wire.TokenDelta(0, request_id, [], "", finished=True,
+                                                     error=error))
                 return
-            for item in batch:
-                delta = item["delta"]
-                queue = self._queues.get(delta["request_id"])
+            for delta in batch:
+                queue = self._queues.get(delta.request_id)
                 if queue is not None:
                     queue.put_nowait(delta)
 

@@ -12,13 +12,15 @@ from __future__ import annotations
 from typing import Any
 
 
-def fold_delta(out: Any, delta: dict) -> None:
-    """Add one delta to ``out`` (anything with text, token_ids, logprobs, finish_reason,
-    usage and context_id fields)."""
-    out.text += delta["text"]
-    out.token_ids += delta["token_ids"]
-    if delta.get("logprobs"):
-        out.logprobs = (out.logprobs or []) + delta["logprobs"]
-    if delta["finished"]:
-        out.finish_reason, out.usage = delta["finish_reason"], delta["usage"]
-        out.context_id = delta.get("context_id")
+def fold_delta(out: Any, delta: Any) -> None:
+    """Add one ``wire.TokenDelta`` to ``out`` (anything with text, token_ids, logprobs,
+    finish_reason, usage and context_id fields; usage arrives as a plain dict)."""
+    out.text += delta.text
+    out.token_ids += delta.token_ids
+    if delta.logprobs:
+        out.logprobs = (out.logprobs or []) + delta.logprobs
+    if delta.finished:
+        out.finish_reason = delta.finish_reason
+        out.usage = None if delta.usage is None else {
+            f: getattr(delta.usage, f) for f in delta.usage.__struct_fields__}
+        out.context_id = delta.context_id

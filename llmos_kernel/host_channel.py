@@ -1,6 +1,7 @@
 """The host channel, kernel side: how agent hosts and the kernel talk.
 
-A host makes two kinds of calls (see actors.agent_host for the other side):
+A host makes two kinds of calls (actors.host_transport is the other side; every
+message is a declared ``llmos_kernel.wire`` struct):
 
 - ``batch``: the syscalls its agents made since its previous batch, plus exit
   reports and output, answered per call. A host may have two batches in flight;
@@ -15,8 +16,9 @@ applies them in order. Who calls is settled per call: a host by its secret (a
 driver script's host by the root token), an agent by the capability it was
 issued, checked against the host it runs on.
 
-This is a plain object the kernel actor owns: Ray wraps every method of an
-actor class (for tracing), which would tax each message several times over.
+This is a plain object the kernel actor owns and hands its ``Services`` (never the
+actor itself): Ray wraps every method of an actor class (for tracing), which would tax
+each message several times over.
 """
 
 from __future__ import annotations
@@ -29,132 +31,129 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from llmos_kernel import syscall_table
+from llmos_kernel import syscall_table, wire
 from llmos_kernel.errors import InvalidArgument, LlmosError, PermissionDenied, Unavailable
-from llmos_kernel.processes import HostInfo
 from llmos_kernel.proctable import Process
+from llmos_kernel.services.registry import Services
 
 if TYPE_CHECKING:
-    from llmos_kernel.kernel import Kernel
+    from llmos_kernel.processes import HostInfo
 
 log = logging.getLogger("llmos.kernel")
 
 MAX_LOG_BYTES = 8 << 20  # per process; later output is dropped with a note
 BATCH_ORDER_WAIT_S = 10.0  # how long a host's batch waits for the one numbered before it
 POLL_MAX_S = 60.0
-_STAGING = ("ipc.send", "ipc.publish", "ipc.ack", "ipc.adopt")  # effects the commit persists
-_HOST_CALLS = ("tools.result", "ipc.adopt")  # a host's own calls, never a program's
-
-
-def internal_error(where: str, e: Exception) -> dict:
-    """A bug, reported to the caller as data (it is logged with its traceback)."""
-    return {"type": "LlmosError", "message": f"internal error in {where}: {type(e).__name__}: {e}"}
+_STAGING = frozenset({"ipc.send", "ipc.publish", "ipc.ack", "ipc.adopt"})  # the commit persists
+_HOST_CALLS = frozenset({"tools.result", "ipc.adopt"})  # a host's own calls, never a program's
 
 
 class HostChannel:
-    def __init__(self, kernel: Kernel):
-        self.kernel = kernel
+    def __init__(self, services: Services, root_token: str):
+        self.services = services
+        self.root_token = root_token
         self.epoch = secrets.token_hex(8)
         self.stats = {"batches": 0, "ops": 0, "chunks": 0, "items": 0}
         self._order: dict[str, _BatchOrder] = {}
         self._handed_out: dict[str, int] = {}  # host id -> items sent to it so far
         self._log_bytes: dict[int, int] = {}
 
-    async def batch(self, host_id: str, epoch: str, seq: int, ops: Any, exits: Any, logs: Any,
-                    secret: str) -> dict:
+    async def batch(self, host_id: str, data: Any, secret: str) -> bytes:
+        """Serve an encoded ``wire.HostBatch``; returns an encoded ``wire.Answer``."""
         try:
             host = self._host(host_id, secret)
+            batch = wire.decode_batch(data)
         except LlmosError as e:
-            return {"error": e.to_wire()}
+            return wire.encode(wire.Answer(error=wire.failure(e).error))
         order = self._order.setdefault(host_id, _BatchOrder())
-        if epoch != self.epoch or not await order.turn(seq):
+        if batch.epoch != self.epoch or not await order.turn(batch.seq):
             order.reset()
-            return {"ok": {"resync": self.epoch}}
+            return wire.encode(wire.Answer(resync=self.epoch))
         try:
-            results = self._run(host, ops, exits, logs)
+            results = self._run(host, batch)
         finally:
             order.done()
         self.stats["batches"] += 1
-        self.stats["ops"] += len(ops) if isinstance(ops, list) else 0
-        return {"ok": {"results": results, "out": await self._chunk(host_id, 0.0)}}
+        self.stats["ops"] += len(batch.ops)
+        return wire.encode(wire.Answer(results, await self._chunk(host_id, 0.0)))
 
-    async def poll(self, host_id: str, timeout: Any, secret: str) -> dict:
+    async def poll(self, host_id: str, timeout: Any, secret: str) -> bytes:
+        """Wait up to ``timeout`` s for items for this host; an encoded ``wire.Answer``."""
         try:
             host = self._host(host_id, secret)
             wait = min(max(float(timeout), 0.0), POLL_MAX_S)
         except (LlmosError, TypeError, ValueError) as e:
             error = e if isinstance(e, LlmosError) else InvalidArgument(f"bad timeout: {e}")
-            return {"error": error.to_wire()}
+            return wire.encode(wire.Answer(error=wire.failure(error).error))
         host.polling += 1
         try:
-            return {"ok": await self._chunk(host_id, wait)}
+            return wire.encode(wire.Answer(out=await self._chunk(host_id, wait)))
         finally:
             host.polling -= 1
             host.seen = time.monotonic()
 
     def log_path(self, pid: int) -> Path:
-        return self.kernel.state_dir / "logs" / f"{pid}.log"
+        return self.services.log_dir / f"{pid}.log"
 
     def _host(self, host_id: Any, secret: Any) -> HostInfo:
-        procs = self.kernel.procs
-        if isinstance(secret, str) and hmac.compare_digest(secret, self.kernel.root_token):
+        procs = self.services.procs
+        if isinstance(secret, str) and hmac.compare_digest(secret, self.root_token):
             procs.register_driver_host(host_id, secret)
         return procs.check_host(host_id, secret)
 
-    def _run(self, host: HostInfo, ops: Any, exits: Any, logs: Any) -> dict[str, dict]:
+    def _run(self, host: HostInfo, batch: wire.HostBatch) -> dict[str, Any]:
         """Serve each call in order, then commit what they staged in one transaction."""
-        self._write_logs(host.host_id, logs)
-        results: dict[str, dict] = {}
+        self._write_logs(host.host_id, batch.logs)
+        results: dict[str, wire.Result] = {}
         staged: list[str] = []
-        for op in ops if isinstance(ops, list) else []:
-            call_id = op[0] if isinstance(op, list) and op else None
-            if not isinstance(call_id, str):
+        for raw in batch.ops:
+            try:
+                op = wire.decode_syscall(raw)
+            except InvalidArgument as e:
+                call = wire.call_id_of(raw)
+                if call:
+                    results[call] = wire.failure(e)
                 continue
             result = self._op(host.host_id, op)
-            if call_id:  # "" marks a call nobody waits for (a plain ack)
-                results[call_id] = result
-                if len(op) > 2 and op[2] in _STAGING:
-                    staged.append(call_id)
-        for report in exits if isinstance(exits, list) else []:
+            if op.call:  # "" marks a call nobody waits for (a plain ack)
+                results[op.call] = result
+                if op.name in _STAGING:
+                    staged.append(op.call)
+        for report in batch.exits:
             self._exit_report(host, report)
         try:
-            self.kernel.ipc.commit()
+            self.services.ipc.commit()
         except Exception as e:
             log.exception("mailbox commit failed")
-            for call_id in staged:
-                results[call_id] = {"error": Unavailable(f"could not persist: {e}").to_wire()}
-        return results
+            for call in staged:
+                results[call] = wire.failure(Unavailable(f"could not persist: {e}"))
+        return {call: wire.encode_result(r) for call, r in results.items()}
 
-    def _op(self, host_id: str, op: list) -> dict:
+    def _op(self, host_id: str, op: wire.Syscall) -> wire.Result:
         try:
-            if len(op) != 5:
-                raise InvalidArgument("a syscall is [call id, capability, name, args, handling]")
-            call_id, capability, name, args, handling = op
-            if name in _HOST_CALLS:  # the host's own calls, never an agent's
-                if capability != "":
-                    raise PermissionDenied(f"{name} is for agent hosts, not programs")
-                if name == "tools.result":
-                    return self.kernel._tool_result(host_id, args)
-                return {"ok": self.kernel.ipc.adopt(host_id, args.get("envelopes")
-                                                    if isinstance(args, dict) else None)}
-            proc = self._caller(host_id, capability)
-            args = syscall_table.check_args(name, args)
-            spec = syscall_table.TABLE[name]
-            if handling is not None and not isinstance(handling, str):
-                raise InvalidArgument("handling must be a message id or None")
+            args = wire.decode_args(op.args)
+            if op.name in _HOST_CALLS:  # the host's own calls, never an agent's
+                if op.capability != "":
+                    raise PermissionDenied(f"{op.name} is for agent hosts, not programs")
+                if op.name == "tools.result":
+                    return wire.ok(self.services.agent_tools.result(host_id, args))
+                return wire.ok(self.services.ipc.adopt(host_id, args.get("envelopes")))
+            proc = self._caller(host_id, op.capability)
+            args = syscall_table.check_args(op.name, args)
+            spec = syscall_table.TABLE[op.name]
             if spec.slow:
                 asyncio.get_running_loop().create_task(
-                    self._slow(host_id, call_id, spec.fn(self.kernel, proc, args, handling)))
-                return {"pending": True}
-            return {"ok": spec.fn(self.kernel, proc, args, handling)}
+                    self._slow(host_id, op.call, spec.fn(self.services, proc, args, op.handling)))
+                return wire.PENDING
+            return wire.ok(spec.fn(self.services, proc, args, op.handling))
         except LlmosError as e:
-            return {"error": e.to_wire()}
+            return wire.failure(e)
         except Exception as e:
-            log.exception("syscall %r failed", op[2] if len(op) > 2 else op)
-            return {"error": internal_error("syscall", e)}
+            log.exception("syscall %r failed", op.name)
+            return wire.internal_error("syscall", e)
 
-    def _caller(self, host_id: str, capability: Any) -> Process:
-        proc = self.kernel.table.by_capability(capability)
+    def _caller(self, host_id: str, capability: str) -> Process:
+        proc = self.services.table.by_capability(capability)
         if proc is None or not proc.alive:
             raise PermissionDenied("this capability is not valid (its process exited or was "
                                    "restarted with a new one)")
@@ -162,36 +161,35 @@ class HostChannel:
             raise PermissionDenied(f"process {proc.pid} does not run on host {host_id}")
         return proc
 
-    async def _slow(self, host_id: str, call_id: str, coro) -> None:
+    async def _slow(self, host_id: str, call: str, coro) -> None:
         try:
-            reply = {"ok": await coro}
+            result = wire.ok(await coro)
         except LlmosError as e:
-            reply = {"error": e.to_wire()}
+            result = wire.failure(e)
         except Exception as e:
             log.exception("slow syscall failed")
-            reply = {"error": internal_error("syscall", e)}
-        self.kernel.ipc.commit()
-        self.kernel.outboxes.put(host_id, {"kind": "reply", "call": call_id, "reply": reply})
+            result = wire.internal_error("syscall", e)
+        self.services.ipc.commit()
+        if call:
+            self.services.outboxes.put(host_id, wire.Reply(call, wire.encode_result(result)))
 
-    def _exit_report(self, host: HostInfo, report: Any) -> None:
-        if not isinstance(report, dict) or not isinstance(report.get("pid"), int):
-            return
-        proc = self.kernel.table.procs.get(report["pid"])
+    def _exit_report(self, host: HostInfo, report: wire.ExitReport) -> None:
+        proc = self.services.table.procs.get(report.pid)
         if proc is None or proc.host != host.host_id:
             return  # a host may only report its own agents
-        if report.get("reason") == "error":
-            self.kernel.ipc.commit()  # what the host handed over with this report, first
-            error = report.get("error") if isinstance(report.get("error"), dict) else {}
-            self.kernel.ipc.reject(proc.pid, report.get("handling"),
-                                   f"the handler of process {proc.pid} raised "
-                                   f"{error.get('type')}: {error.get('message')}")
-        self.kernel.procs.exited(proc.pid,
-                                 {k: report.get(k) for k in ("reason", "result", "error")})
+        if report.reason == "error":
+            self.services.ipc.commit()  # what the host handed over with this report, first
+            error = report.error or {}
+            self.services.ipc.reject(proc.pid, report.handling,
+                                     f"the handler of process {proc.pid} raised "
+                                     f"{error.get('type')}: {error.get('message')}")
+        self.services.procs.exited(proc.pid, {"reason": report.reason, "result": report.result,
+                                              "error": report.error})
 
-    async def _chunk(self, host_id: str, timeout: float) -> list:
-        """``[epoch, start, items]``: the host's next items, numbered so that a host applies
-        the chunks it gets from its two channels in order, whichever answers first."""
-        outboxes = self.kernel.outboxes
+    async def _chunk(self, host_id: str, timeout: float) -> wire.Chunk:
+        """The host's next items, numbered so that a host applies the chunks it gets from
+        its two channels in order, whichever answers first."""
+        outboxes = self.services.outboxes
         deadline = time.monotonic() + timeout
         items: list = []
         while outboxes.items.get(host_id) or timeout > 0:
@@ -202,14 +200,12 @@ class HostChannel:
         self._handed_out[host_id] = start + len(items)
         self.stats["chunks"] += 1
         self.stats["items"] += len(items)
-        return [self.epoch, start, items]
+        return wire.Chunk(self.epoch, start, items)
 
-    def _write_logs(self, host_id: str, logs: Any) -> None:
-        if not isinstance(logs, dict):
-            return
+    def _write_logs(self, host_id: str, logs: dict[int, str]) -> None:
         for pid, text in logs.items():
-            proc = self.kernel.table.procs.get(pid) if isinstance(pid, int) else None
-            if proc is None or proc.host != host_id or not isinstance(text, str):
+            proc = self.services.table.procs.get(pid)
+            if proc is None or proc.host != host_id:
                 continue
             used = self._log_bytes.get(pid) or _size(self.log_path(pid))
             if used >= MAX_LOG_BYTES:

@@ -20,6 +20,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+from llmos_kernel import wire
 from llmos_kernel.errors import InvalidArgument, MessageError, NoSuchProcess, QuotaExceeded
 from llmos_kernel.mailbox import MailboxStore
 from llmos_kernel.messages import (
@@ -267,7 +268,7 @@ class IPCService:
         self.inflight[env.id] = proc.pid
         self.window[proc.pid] += 1
         self.stats["delivered"] += 1
-        self.outboxes.put(proc.host, {"kind": "msg", "pid": proc.pid, "env": env.to_wire()})
+        self.outboxes.put(proc.host, wire.Deliver(proc.pid, env.to_wire()))
 
     def pump(self, pid: int) -> None:
         """Deliver pending messages from the store to a running receiver, up to its window."""

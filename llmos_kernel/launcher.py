@@ -15,8 +15,10 @@ from pathlib import Path
 
 import ray
 
+from llmos_kernel import wire
 from llmos_kernel.errors import AlreadyExists, Unavailable
-from llmos_kernel.kernel import NAMESPACE, KernelConfig, RemoteKernel
+from llmos_kernel.kernel import KernelConfig, RemoteKernel
+from llmos_kernel.paths import NAMESPACE
 
 HEAD_FILE = "ray_head.json"
 
@@ -75,11 +77,9 @@ def start_kernel(cfg: KernelConfig, *, detached: bool = True) -> ray.actor.Actor
         num_cpus=0, max_concurrency=10_000, max_restarts=-1,  # back from its state dir
     ).remote(cfg)
     reply = ray.get(handle.ready.remote())
-    if "error" in reply:
+    if reply.error is not None:
         ray.kill(handle)
-        from llmos_kernel.client import unwrap
-
-        unwrap(reply)
+        wire.unwrap(reply)
     return handle
 
 

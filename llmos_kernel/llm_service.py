@@ -16,19 +16,16 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import ray
 
-from actors.model_shard import RemoteModelShard
-from llmos_kernel import store
-from llmos_kernel.core.gguf_file import GGUFFile
+from llmos_kernel import spawn_actors, wire
 from llmos_kernel.core.sampling import SamplingParams
-from llmos_kernel.core.tokenizer import Tokenizer, validate_messages
-from llmos_kernel.core.weights import parse_dtype, resolve_dtype
-from llmos_kernel.engine.engine import Delta, EngineConfig, LLMEngine, Request
+from llmos_kernel.core.tokenizer import validate_messages
+from llmos_kernel.engine.assembly import LLMConfig, assemble
+from llmos_kernel.engine.engine import Delta, Request
 from llmos_kernel.errors import (
     AlreadyExists,
     InvalidArgument,
@@ -36,7 +33,6 @@ from llmos_kernel.errors import (
     QuotaExceeded,
     Unavailable,
 )
-from llmos_kernel.memory import plan_memory
 from llmos_kernel.outbox import Outboxes
 
 log = logging.getLogger("llmos.llm")
@@ -46,24 +42,9 @@ MAX_SHARD_RESTARTS = 5  # within SHARD_RESTART_WINDOW_S, then the service gives 
 SHARD_RESTART_WINDOW_S = 60.0
 
 
-@dataclass
-class LLMConfig:
-    model: str = store.DEFAULT_MODEL
-    dtype: str = "auto"  # resolved at start (weights.resolve_dtype)
-    device: str = "cpu"
-    kv_budget: str | int = "auto"
-    swap_budget: str | int = "auto"
-    block_size: int = 16
-    max_batch_tokens: int = 256
-    max_seqs: int = 64
-    prefix_caching: bool = True
-    preemption: str = "auto"
-    shard_threads: int | None = None
-
-
 class LLMService:
     def __init__(self, cfg: LLMConfig, name: str, outboxes: Outboxes,
-                 on_usage: Callable[[int, dict], None] | None = None):
+                 on_usage: Callable[[int, Any], None] | None = None):
         self.cfg, self.name, self.outboxes = cfg, name, outboxes
         self.on_usage = on_usage or (lambda owner, usage: None)
         self.client_of: dict[str, tuple[str, int]] = {}  # request id -> (client, owner pid)
@@ -79,32 +60,22 @@ class LLMService:
 
     # -- lifecycle ------------------------------------------------------------
     async def start(self) -> None:
-        self.model_path = str(store.resolve_model(self.cfg.model))
-        gguf = GGUFFile.open(self.model_path)
-        self.model_config = gguf.config()
-        gguf.check_tensor_types()
-        self.tokenizer = Tokenizer.from_gguf(gguf.metadata)
-        self.cfg.dtype = resolve_dtype(self.cfg.dtype, self.cfg.device)
-        self.plan = plan_memory(self.model_config, parse_dtype(self.cfg.dtype), self.cfg.device,
-                                self.cfg.kv_budget, self.cfg.block_size, self.cfg.swap_budget)
-        self.engine = LLMEngine(
-            self.tokenizer, runner=None, context_length=self.model_config.context_length,
-            cfg=EngineConfig(block_size=self.cfg.block_size, num_blocks=self.plan.num_blocks,
-                             swap_blocks=self.plan.swap_blocks,
-                             max_batch_tokens=self.cfg.max_batch_tokens,
-                             max_seqs=self.cfg.max_seqs, prefix_caching=self.cfg.prefix_caching,
-                             preemption=self.cfg.preemption))
+        built = assemble(self.cfg)  # the steps run in the shard, not through engine.runner
+        self.engine, self.tokenizer, self.plan = built.engine, built.tokenizer, built.plan
+        self.model_path, self.model_config, self.dtype = str(built.model_path), \
+            built.model_config, built.dtype
         await self._start_shard()
         self._loop_task = asyncio.get_running_loop().create_task(self._loop())
 
     async def _start_shard(self) -> None:
         shard_name = f"{self.name}-shard-0"
         threads = self.cfg.shard_threads
-        self.shard = RemoteModelShard.options(
-            name=shard_name, namespace="llmos", num_cpus=0, max_restarts=0,
-            num_gpus=1 if self.cfg.device.startswith("cuda") else 0,
-            runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads or 2)}},
-        ).remote(self.model_path, self.cfg.dtype, self.cfg.device, None, threads)
+        self.shard = spawn_actors.model_shard(
+            {"name": shard_name, "namespace": "llmos", "num_cpus": 0, "max_restarts": 0,
+             "num_gpus": 1 if self.cfg.device.startswith("cuda") else 0,
+             "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(threads or 2)}}},
+            self.model_path, self.dtype, self.cfg.device, None, threads,
+            self.cfg.kernels.to_dict())
         self.shard_info = await self.shard.info.remote()
         await self.shard.allocate_kv.remote(self.plan.num_blocks, self.plan.block_size)
         self._kv_cold = True  # a new pool: faulted in while the kernel is idle (see _loop)
@@ -219,6 +190,7 @@ class LLMService:
         if parked is None or (owner is not None and parked.owner != owner):
             raise NotFound(f"no kept context {context_id!r} of yours")
         self.engine.release_context(context_id)
+        self._wake.set()  # its swapped bytes are dropped by the next plan
 
     def tokenize(self, text: Any) -> list[int]:
         if not isinstance(text, str):
@@ -252,7 +224,8 @@ class LLMService:
                 await self._wake.wait()
                 continue
             sched, plan = self.engine.schedule()
-            if not plan.seqs and not (plan.swap_out or plan.swap_in or plan.copies):
+            if not plan.seqs and not (plan.swap_out or plan.swap_in or plan.copies
+                                      or plan.drop_swap):
                 await asyncio.sleep(0.005)  # everything waits on memory held by parked work
                 continue
             started = time.perf_counter()
@@ -292,12 +265,9 @@ class LLMService:
             if delta.finished:
                 self.client_of.pop(delta.request_id, None)
                 if target is not None and delta.usage is not None:
-                    self.on_usage(target[1], delta.usage.to_dict())
+                    self.on_usage(target[1], delta.usage)
             if target is not None:
-                item = delta.to_dict()
-                if error:
-                    item["error"] = Unavailable(error).to_wire()
-                self.outboxes.put(target[0], {"kind": "delta", "pid": target[1], "delta": item})
+                self.outboxes.put(target[0], token_delta(target[1], delta, error))
 
     def configure(self, options: Any) -> dict:
         if not isinstance(options, dict):
@@ -325,7 +295,7 @@ class LLMService:
         sched, blocks, stats = self.engine.scheduler, self.engine.blocks, self.engine.stats
         used = blocks.num_blocks - blocks.num_free
         return {
-            "model": {"path": self.model_path, "dtype": self.cfg.dtype, "device": self.cfg.device,
+            "model": {"path": self.model_path, "dtype": self.dtype, "device": self.cfg.device,
                       "params": self.model_config.n_params,
                       "context_length": self.model_config.context_length},
             "memory": {**self.plan.to_dict(), "devices": self.shard_info["devices"],
@@ -344,6 +314,15 @@ class LLMService:
             "shard": {"restarts": self.total_shard_restarts, "failed": self.failed,
                       **{k: v for k, v in self.shard_info.items() if k != "devices"}},
         }
+
+
+def token_delta(pid: int, delta: Delta, error: str | None = None) -> wire.TokenDelta:
+    """The engine's delta as it crosses to the client that asked."""
+    failed = wire.failure(Unavailable(error)).error if error else \
+        wire.ErrorInfo(**delta.error) if delta.error else None
+    return wire.TokenDelta(pid, delta.request_id, delta.token_ids, delta.text, delta.finished,
+                           delta.finish_reason, delta.usage, delta.logprobs, delta.context_id,
+                           failed)
 
 
 REQUEST_FIELDS = {"request_id", "prompt", "messages", "prompt_ids", "params", "keep_context",

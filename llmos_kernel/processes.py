@@ -19,8 +19,7 @@ from typing import Any
 
 import ray
 
-from actors.agent_host import RemoteAgentHost
-from llmos_kernel import journal
+from llmos_kernel import journal, spawn_actors, wire
 from llmos_kernel.errors import (
     AlreadyExists,
     InvalidArgument,
@@ -39,6 +38,7 @@ log = logging.getLogger("llmos.proc")
 
 APPROVAL_POLICIES = ("ask", "auto", "deny")
 PROGRAM_KINDS = ("module", "source", "pickle")
+ATTACHED_PLACEHOLDER = wire.to_builtins(wire.Program("module", ref="<attached>"))
 MAX_NAME = 128
 
 
@@ -93,8 +93,7 @@ class ProcessManager:
         for key in ("num_cpus", "num_gpus", "memory"):
             if resources and key in resources:
                 options[key] = resources[key]
-        handle = RemoteAgentHost.options(**options).remote(self.kernel_name, host_id,
-                                                          token=secret)
+        handle = spawn_actors.agent_host(options, self.kernel_name, host_id, secret)
         info = HostInfo(host_id, handle, secret, isolated)
         self.hosts[host_id] = info
         path = None if self.journal_dir is None else \
@@ -135,7 +134,7 @@ class ProcessManager:
         crashed without a word): their processes exit with reason "gone"."""
         now = time.monotonic()
         for proc in self.table.live():
-            if proc.program.get("kind") != "attached":
+            if not proc.attached:
                 continue
             host = self.hosts.get(proc.host)
             if host is not None and host.polling:
@@ -212,7 +211,11 @@ class ProcessManager:
         if unknown:
             raise InvalidArgument(f"unknown spawn option(s): {', '.join(sorted(unknown))}")
         program = spec.get("program")
-        if not isinstance(program, dict) or program.get("kind") not in PROGRAM_KINDS:
+        try:
+            program = wire.to_builtins(wire.convert(program, wire.Program))
+        except InvalidArgument:
+            program = None
+        if program is None or program["kind"] not in PROGRAM_KINDS:
             raise InvalidArgument("program must be a module reference ('pkg.mod:main'), a .py "
                                   "file, a function or a class")
         args = spec.get("args") or {}
@@ -273,17 +276,16 @@ class ProcessManager:
         host.pids.add(proc.pid)
         proc.host, proc.status = host.host_id, "running"
         self.table.save(proc)
-        self.outboxes.put(host.host_id, {
-            "kind": "spawn", "pid": proc.pid, "capability": capability, "name": proc.name,
-            "program": proc.program, "args": proc.args, "mailbox": proc.quotas.mailbox,
-            "backlog": self.ipc.backlog(proc.pid)})
+        self.outboxes.put(host.host_id, wire.Spawn(
+            proc.pid, capability, proc.name, wire.convert(proc.program, wire.Program),
+            proc.args, proc.quotas.mailbox, self.ipc.backlog(proc.pid)))
         self.ipc.pump(proc.pid)
 
     def attach(self, name: str | None, priority: int, host_id: str) -> tuple[Process, str]:
         """A driver script becomes a process (it runs its own code; nothing is spawned)."""
-        fields_ = self.validate_spawn(None, {"program": {"kind": "module", "ref": "<attached>"},
-                                             "name": name, "priority": priority})
-        fields_["program"] = {"kind": "attached", "label": name or "driver"}
+        fields_ = self.validate_spawn(None, {"name": name, "priority": priority,
+                                             "program": ATTACHED_PLACEHOLDER})
+        fields_["program"] = wire.to_builtins(wire.Program("attached", label=name or "driver"))
         proc, capability = self.table.create(fields_)
         proc.host, proc.status = host_id, "running"
         self.hosts[host_id].pids.add(proc.pid)
@@ -294,7 +296,7 @@ class ProcessManager:
         """After a kernel restart: every agent that was alive died with its host; drivers'
         processes live on in their scripts, which call again."""
         for proc in sorted(self.table.live(), key=lambda p: p.pid):
-            if proc.program.get("kind") != "attached":
+            if not proc.attached:
                 self.exited(proc.pid, {"reason": "kernel_restart"})
 
     # -- signals --------------------------------------------------------------
@@ -326,8 +328,8 @@ class ProcessManager:
     def _stop(self, proc: Process, status: str, grace_s: float = 5.0) -> None:
         """Ask its host to end a process; its exit report finishes the job."""
         proc.status = status
-        if proc.host is not None and proc.program.get("kind") != "attached":
-            self.outboxes.put(proc.host, {"kind": "kill", "pid": proc.pid, "grace_s": grace_s})
+        if proc.host is not None and not proc.attached:
+            self.outboxes.put(proc.host, wire.Kill(proc.pid, grace_s))
         else:
             self.exited(proc.pid, {"reason": KILLED})
 
@@ -414,7 +416,7 @@ class ProcessManager:
             if supervisor is not None and supervisor.alive:
                 log.warning("process %d exceeded its restart intensity; escalating",
                             plan.escalate)
-                if supervisor.program.get("kind") != "attached":
+                if not supervisor.attached:
                     self._stop(supervisor, "stopping-escalated")
         if proc.status == "exited" and pid not in plan.restart:
             self._finalize(proc)

@@ -74,7 +74,7 @@ class Quotas:
 @dataclass
 class Process:
     pid: int
-    program: dict  # {"kind": "module"|"source"|"pickle"|"attached", ...}
+    program: dict  # a wire.Program's plain form
     args: dict = field(default_factory=dict)
     name: str | None = None
     parent: int = KERNEL_PID
@@ -99,6 +99,11 @@ class Process:
     links: list[int] = field(default_factory=list)
     monitors: list[int] = field(default_factory=list)  # pids watching this one
     grants: list[int] = field(default_factory=list)  # pids allowed to signal this one
+
+    @property
+    def attached(self) -> bool:
+        """A driver script's process: it runs its own code, nobody spawned it."""
+        return self.program.get("kind") == "attached"
 
     @property
     def alive(self) -> bool:

@@ -21,7 +21,7 @@ from llmos_kernel.errors import InvalidArgument, NotFound, QuotaExceeded
 from llmos_kernel.proctable import Process
 
 if TYPE_CHECKING:
-    from llmos_kernel.kernel import Kernel
+    from llmos_kernel.services.registry import Services
 
 caller: contextvars.ContextVar[Process | None] = contextvars.ContextVar("llmos_caller",
                                                                        default=None)
@@ -74,84 +74,84 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _pid_of(k: Kernel, who: Any) -> int | None:
-    return None if who is None else k.table.find(who).pid
+def _pid_of(s: Services, who: Any) -> int | None:
+    return None if who is None else s.table.find(who).pid
 
 
 # -- ipc ---------------------------------------------------------------------------
 @syscall("ipc.send", ("to", "type", "payload"),
          ("id", "correlation_id", "reply_to", "deadline", "schema"))
-def ipc_send(k: Kernel, proc: Process, args: dict, handling: str | None) -> dict:
-    return k.ipc.send(proc, args, handling)
+def ipc_send(s: Services, proc: Process, args: dict, handling: str | None) -> dict:
+    return s.ipc.send(proc, args, handling)
 
 
 @syscall("ipc.publish", ("topic", "type", "payload"), ("id", "schema"))
-def ipc_publish(k: Kernel, proc: Process, args: dict, handling: str | None) -> dict:
-    return k.ipc.publish(proc, args, handling)
+def ipc_publish(s: Services, proc: Process, args: dict, handling: str | None) -> dict:
+    return s.ipc.publish(proc, args, handling)
 
 
 @syscall("ipc.subscribe", ("topic",))
-def ipc_subscribe(k: Kernel, proc: Process, args: dict, handling: str | None) -> None:
-    k.ipc.subscribe(proc, args["topic"], on=True)
+def ipc_subscribe(s: Services, proc: Process, args: dict, handling: str | None) -> None:
+    s.ipc.subscribe(proc, args["topic"], on=True)
 
 
 @syscall("ipc.unsubscribe", ("topic",))
-def ipc_unsubscribe(k: Kernel, proc: Process, args: dict, handling: str | None) -> None:
-    k.ipc.subscribe(proc, args["topic"], on=False)
+def ipc_unsubscribe(s: Services, proc: Process, args: dict, handling: str | None) -> None:
+    s.ipc.subscribe(proc, args["topic"], on=False)
 
 
 @syscall("ipc.ack", ("id",), ("reply",))
-def ipc_ack(k: Kernel, proc: Process, args: dict, handling: str | None) -> dict | None:
-    return k.ipc.ack(proc, args["id"], args.get("reply"))
+def ipc_ack(s: Services, proc: Process, args: dict, handling: str | None) -> dict | None:
+    return s.ipc.ack(proc, args["id"], args.get("reply"))
 
 
 # -- proc --------------------------------------------------------------------------
 @syscall("proc.spawn", ("spec",), slow=True)
-async def proc_spawn(k: Kernel, proc: Process, args: dict, handling: str | None) -> int:
-    child = await k.procs.spawn(proc, args["spec"])
-    k.on_spawned(child)
+async def proc_spawn(s: Services, proc: Process, args: dict, handling: str | None) -> int:
+    child = await s.procs.spawn(proc, args["spec"])
+    s.spawned(child)
     return child.pid
 
 
 @syscall("proc.kill", ("pid",), ("signal",))
-def proc_kill(k: Kernel, proc: Process, args: dict, handling: str | None) -> None:
-    k.procs.kill(proc, _pid_of(k, args["pid"]), args.get("signal", "term"))
+def proc_kill(s: Services, proc: Process, args: dict, handling: str | None) -> None:
+    s.procs.kill(proc, _pid_of(s, args["pid"]), args.get("signal", "term"))
 
 
 @syscall("proc.wait", ("pid",), ("timeout",), slow=True)
-async def proc_wait(k: Kernel, proc: Process, args: dict, handling: str | None) -> dict:
-    return await k.procs.wait(proc, _pid_of(k, args["pid"]), args.get("timeout"))
+async def proc_wait(s: Services, proc: Process, args: dict, handling: str | None) -> dict:
+    return await s.procs.wait(proc, _pid_of(s, args["pid"]), args.get("timeout"))
 
 
 @syscall("proc.ps", (), ("all",))
-def proc_ps(k: Kernel, proc: Process, args: dict, handling: str | None) -> list:
-    return k.procs.ps(include_exited=bool(args.get("all", False)))
+def proc_ps(s: Services, proc: Process, args: dict, handling: str | None) -> list:
+    return s.procs.ps(include_exited=bool(args.get("all", False)))
 
 
 @syscall("proc.self")
-def proc_self(k: Kernel, proc: Process, args: dict, handling: str | None) -> dict:
+def proc_self(s: Services, proc: Process, args: dict, handling: str | None) -> dict:
     return {**proc.summary(), "quotas": dataclasses.asdict(proc.quotas), "tools": proc.tools,
             "restart": dataclasses.asdict(proc.restart), "args": proc.args}
 
 
 @syscall("proc.children")
-def proc_children(k: Kernel, proc: Process, args: dict, handling: str | None) -> list:
-    return [c.summary() for c in k.table.children(proc.pid)]
+def proc_children(s: Services, proc: Process, args: dict, handling: str | None) -> list:
+    return [c.summary() for c in s.table.children(proc.pid)]
 
 
 @syscall("proc.link", ("pid",), ("on",))
-def proc_link(k: Kernel, proc: Process, args: dict, handling: str | None) -> None:
-    k.procs.link(proc, args["pid"], on=bool(args.get("on", True)))
+def proc_link(s: Services, proc: Process, args: dict, handling: str | None) -> None:
+    s.procs.link(proc, args["pid"], on=bool(args.get("on", True)))
 
 
 @syscall("proc.monitor", ("pid",), ("on",))
-def proc_monitor(k: Kernel, proc: Process, args: dict, handling: str | None) -> None:
-    k.procs.monitor(proc, args["pid"], on=bool(args.get("on", True)))
+def proc_monitor(s: Services, proc: Process, args: dict, handling: str | None) -> None:
+    s.procs.monitor(proc, args["pid"], on=bool(args.get("on", True)))
 
 
 @syscall("proc.grant", ("pid", "to"))
-def proc_grant(k: Kernel, proc: Process, args: dict, handling: str | None) -> None:
-    k.procs.grant(proc, _pid_of(k, args["pid"]), args["to"])
+def proc_grant(s: Services, proc: Process, args: dict, handling: str | None) -> None:
+    s.procs.grant(proc, _pid_of(s, args["pid"]), args["to"])
 
 
 # -- llm ---------------------------------------------------------------------------
@@ -160,48 +160,48 @@ MAX_EMBED_TEXTS = 1024
 
 
 @syscall("llm.generate", ("spec",))
-def llm_generate(k: Kernel, proc: Process, args: dict, handling: str | None) -> str:
+def llm_generate(s: Services, proc: Process, args: dict, handling: str | None) -> str:
     spec = args["spec"]
     if not isinstance(spec, dict):
         raise InvalidArgument("llm.generate takes a dict spec")
     _check_size(spec.get("prompt"), spec.get("messages"))
     if proc.quotas.tokens is not None and proc.tokens_used >= proc.quotas.tokens:
         raise QuotaExceeded(f"process {proc.pid} has used its {proc.quotas.tokens}-token quota")
-    return k.llm.submit(proc.host, spec, owner=proc.pid, priority=proc.priority,
+    return s.llm.submit(proc.host, spec, owner=proc.pid, priority=proc.priority,
                         salt=proc.tenant, kv_bytes_limit=proc.quotas.kv_bytes,
                         token_budget=None if proc.quotas.tokens is None
                         else proc.quotas.tokens - proc.tokens_used)
 
 
 @syscall("llm.cancel", ("request_id",))
-def llm_cancel(k: Kernel, proc: Process, args: dict, handling: str | None) -> None:
-    k.llm.cancel(proc.host, _string(args["request_id"], "request_id"), owner=proc.pid)
+def llm_cancel(s: Services, proc: Process, args: dict, handling: str | None) -> None:
+    s.llm.cancel(proc.host, _string(args["request_id"], "request_id"), owner=proc.pid)
 
 
 @syscall("llm.release", ("context_id",))
-def llm_release(k: Kernel, proc: Process, args: dict, handling: str | None) -> None:
-    k.llm.release_context(_string(args["context_id"], "context_id"), owner=proc.pid)
+def llm_release(s: Services, proc: Process, args: dict, handling: str | None) -> None:
+    s.llm.release_context(_string(args["context_id"], "context_id"), owner=proc.pid)
 
 
 @syscall("llm.tokenize", ("text",))
-def llm_tokenize(k: Kernel, proc: Process, args: dict, handling: str | None) -> list[int]:
+def llm_tokenize(s: Services, proc: Process, args: dict, handling: str | None) -> list[int]:
     _check_size(args["text"], None)
-    return k.llm.tokenize(args["text"])
+    return s.llm.tokenize(args["text"])
 
 
 @syscall("llm.count", (), ("text", "messages"))
-def llm_count(k: Kernel, proc: Process, args: dict, handling: str | None) -> int:
+def llm_count(s: Services, proc: Process, args: dict, handling: str | None) -> int:
     _check_size(args.get("text"), args.get("messages"))
-    return k.llm.count_tokens(text=args.get("text"), messages=args.get("messages"))
+    return s.llm.count_tokens(text=args.get("text"), messages=args.get("messages"))
 
 
 @syscall("llm.info")
-def llm_info(k: Kernel, proc: Process, args: dict, handling: str | None) -> dict:
-    return k.llm.info()
+def llm_info(s: Services, proc: Process, args: dict, handling: str | None) -> dict:
+    return s.llm.info()
 
 
 @syscall("llm.embed", ("texts",), slow=True)
-async def llm_embed(k: Kernel, proc: Process, args: dict, handling: str | None) -> list:
+async def llm_embed(s: Services, proc: Process, args: dict, handling: str | None) -> list:
     texts = args["texts"]
     if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
         raise InvalidArgument("llm.embed takes a list of strings")
@@ -209,7 +209,7 @@ async def llm_embed(k: Kernel, proc: Process, args: dict, handling: str | None) 
         raise InvalidArgument(f"llm.embed takes at most {MAX_EMBED_TEXTS} texts per call, "
                               f"got {len(texts)}; split the list")
     _check_size(None, [{"content": t} for t in texts])
-    return await k.embed(texts)
+    return await s.memory.embed(texts)
 
 
 def _check_size(text: Any, messages: Any) -> None:
@@ -234,10 +234,10 @@ def _string(value: Any, what: str) -> str:
 # kernel loop that schedules everyone's LLM steps.
 def _fs(op: str, required: tuple[str, ...], optional: tuple[str, ...] = ()):
     @syscall(f"fs.{op}", required, ("owner", *optional), slow=True)
-    async def handler(k: Kernel, proc: Process, args: dict, handling: str | None) -> Any:
+    async def handler(s: Services, proc: Process, args: dict, handling: str | None) -> Any:
         kwargs = {a: args[a] for a in optional if a in args}
-        owner = _pid_of(k, args.get("owner"))
-        method = getattr(k.fs, op)
+        owner = _pid_of(s, args.get("owner"))
+        method = getattr(s.fs, op)
         result = await asyncio.to_thread(method, proc.pid, *(args[a] for a in required),
                                          owner=owner, **kwargs)
         return _plain(result)
@@ -254,23 +254,23 @@ for _op, _req, _opt in (("read", ("path",), ("offset", "length")), ("write", ("p
 
 
 @syscall("fs.grant", ("path", "to", "mode"))
-def fs_grant(k: Kernel, proc: Process, args: dict, handling: str | None) -> dict:
-    return _plain(k.fs.grant(proc.pid, args["path"], _pid_of(k, args["to"]), args["mode"]))
+def fs_grant(s: Services, proc: Process, args: dict, handling: str | None) -> dict:
+    return _plain(s.fs.grant(proc.pid, args["path"], _pid_of(s, args["to"]), args["mode"]))
 
 
 @syscall("fs.revoke", ("path", "to"))
-def fs_revoke(k: Kernel, proc: Process, args: dict, handling: str | None) -> None:
-    k.fs.revoke(proc.pid, args["path"], _pid_of(k, args["to"]))
+def fs_revoke(s: Services, proc: Process, args: dict, handling: str | None) -> None:
+    s.fs.revoke(proc.pid, args["path"], _pid_of(s, args["to"]))
 
 
 @syscall("fs.grants")
-def fs_grants(k: Kernel, proc: Process, args: dict, handling: str | None) -> list:
-    return _plain(k.fs.grants(proc.pid))
+def fs_grants(s: Services, proc: Process, args: dict, handling: str | None) -> list:
+    return _plain(s.fs.grants(proc.pid))
 
 
 @syscall("fs.usage")
-def fs_usage(k: Kernel, proc: Process, args: dict, handling: str | None) -> dict:
-    return _plain(k.fs.usage(proc.pid))
+def fs_usage(s: Services, proc: Process, args: dict, handling: str | None) -> dict:
+    return _plain(s.fs.usage(proc.pid))
 
 
 # -- tools -------------------------------------------------------------------------
@@ -278,12 +278,12 @@ MAX_APPROVAL_WAIT_S = 300.0  # how long a dangerous call waits for a person at m
 
 
 @syscall("tools.list")
-def tools_list(k: Kernel, proc: Process, args: dict, handling: str | None) -> list:
-    return [_tool_entry(spec) for spec in k.tools.list(proc.pid, proc.tools)]
+def tools_list(s: Services, proc: Process, args: dict, handling: str | None) -> list:
+    return [_tool_entry(spec) for spec in s.tools.list(proc.pid, proc.tools)]
 
 
 @syscall("tools.call", ("name",), ("args", "approval_timeout_s"), slow=True)
-async def tools_call(k: Kernel, proc: Process, args: dict, handling: str | None) -> Any:
+async def tools_call(s: Services, proc: Process, args: dict, handling: str | None) -> Any:
     wait = args.get("approval_timeout_s", MAX_APPROVAL_WAIT_S)
     if isinstance(wait, bool) or not isinstance(wait, int | float) \
             or not 0 < wait <= MAX_APPROVAL_WAIT_S:
@@ -291,7 +291,7 @@ async def tools_call(k: Kernel, proc: Process, args: dict, handling: str | None)
                               f"(0, {MAX_APPROVAL_WAIT_S:g}]")
     token = caller.set(proc)
     try:
-        return await k.tools.call(proc.pid, args["name"], _tool_args(args.get("args")),
+        return await s.tools.call(proc.pid, args["name"], _tool_args(args.get("args")),
                                   allowed=proc.tools, approval=proc.approval,
                                   approval_timeout_s=float(wait))
     finally:
@@ -299,18 +299,18 @@ async def tools_call(k: Kernel, proc: Process, args: dict, handling: str | None)
 
 
 @syscall("tools.register", ("spec",))
-def tools_register(k: Kernel, proc: Process, args: dict, handling: str | None) -> dict:
-    return k.register_agent_tool(proc, args["spec"])
+def tools_register(s: Services, proc: Process, args: dict, handling: str | None) -> dict:
+    return s.agent_tools.register(proc, args["spec"])
 
 
 @syscall("tools.grant", ("name", "to"))
-def tools_grant(k: Kernel, proc: Process, args: dict, handling: str | None) -> None:
-    k.tools.grant(proc.pid, _string(args["name"], "name"), _pid_of(k, args["to"]))
+def tools_grant(s: Services, proc: Process, args: dict, handling: str | None) -> None:
+    s.tools.grant(proc.pid, _string(args["name"], "name"), _pid_of(s, args["to"]))
 
 
 @syscall("tools.revoke", ("name", "to"))
-def tools_revoke(k: Kernel, proc: Process, args: dict, handling: str | None) -> None:
-    k.tools.revoke(proc.pid, _string(args["name"], "name"), _pid_of(k, args["to"]))
+def tools_revoke(s: Services, proc: Process, args: dict, handling: str | None) -> None:
+    s.tools.revoke(proc.pid, _string(args["name"], "name"), _pid_of(s, args["to"]))
 
 
 def _tool_entry(spec: Any) -> dict:
@@ -330,22 +330,22 @@ def _tool_args(value: Any) -> dict:
 
 # -- memory ------------------------------------------------------------------------
 @syscall("memory.add", ("text",), ("metadata",), slow=True)
-async def memory_add(k: Kernel, proc: Process, args: dict, handling: str | None) -> dict:
-    store = await k.memory_service()
+async def memory_add(s: Services, proc: Process, args: dict, handling: str | None) -> dict:
+    store = await s.memory.store()
     _check_memory_quota(store, proc)
     item = await asyncio.to_thread(store.add, proc.pid, args["text"], args.get("metadata"))
     return _plain(item)
 
 
 @syscall("memory.add_many", ("items",), slow=True)
-async def memory_add_many(k: Kernel, proc: Process, args: dict, handling: str | None) -> list:
+async def memory_add_many(s: Services, proc: Process, args: dict, handling: str | None) -> list:
     items = args["items"]
     if not isinstance(items, list) or not all(
             isinstance(i, dict) and set(i) <= {"text", "metadata"} for i in items):
         raise InvalidArgument("memory.add_many takes a list of {'text', 'metadata'} dicts")
     if len(items) > MAX_EMBED_TEXTS:
         raise InvalidArgument(f"memory.add_many takes at most {MAX_EMBED_TEXTS} items per call")
-    store = await k.memory_service()
+    store = await s.memory.store()
     _check_memory_quota(store, proc, len(items))
     added = await asyncio.to_thread(store.add_many, proc.pid,
                                     [(i.get("text"), i.get("metadata")) for i in items])
@@ -353,26 +353,26 @@ async def memory_add_many(k: Kernel, proc: Process, args: dict, handling: str | 
 
 
 @syscall("memory.search", ("query",), ("k", "where"), slow=True)
-async def memory_search(k: Kernel, proc: Process, args: dict, handling: str | None) -> list:
-    store = await k.memory_service()
+async def memory_search(s: Services, proc: Process, args: dict, handling: str | None) -> list:
+    store = await s.memory.store()
     items = await asyncio.to_thread(store.search, proc.pid, args["query"], args.get("k", 5),
                                     where=args.get("where"))
     return _plain(items)
 
 
 @syscall("memory.get", ("id",), slow=True)
-async def memory_get(k: Kernel, proc: Process, args: dict, handling: str | None) -> dict:
-    return _plain((await k.memory_service()).get(proc.pid, args["id"]))
+async def memory_get(s: Services, proc: Process, args: dict, handling: str | None) -> dict:
+    return _plain((await s.memory.store()).get(proc.pid, args["id"]))
 
 
 @syscall("memory.delete", ("id",), slow=True)
-async def memory_delete(k: Kernel, proc: Process, args: dict, handling: str | None) -> None:
-    (await k.memory_service()).delete(proc.pid, args["id"])
+async def memory_delete(s: Services, proc: Process, args: dict, handling: str | None) -> None:
+    (await s.memory.store()).delete(proc.pid, args["id"])
 
 
 @syscall("memory.count", slow=True)
-async def memory_count(k: Kernel, proc: Process, args: dict, handling: str | None) -> int:
-    return (await k.memory_service()).count(proc.pid)
+async def memory_count(s: Services, proc: Process, args: dict, handling: str | None) -> int:
+    return (await s.memory.store()).count(proc.pid)
 
 
 def _check_memory_quota(store, proc: Process, adding: int = 1) -> None:

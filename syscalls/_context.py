@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from actors.agent_host import AgentHost, AgentRuntime, attached, current
+from actors.runtime import AgentRuntime, Host, attached, current
 from llmos_kernel.errors import PermissionDenied
 
 
@@ -22,7 +22,7 @@ def runtime() -> AgentRuntime:
     return agent
 
 
-def host() -> AgentHost:
+def host() -> Host:
     return runtime().host
 
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from actors.agent_host import Message
+from actors.runtime import Message
 from llmos_kernel.messages import message, message_type, new_message_id
 from syscalls import _context
 
@@ -44,7 +44,7 @@ async def send(to: int | str, msg: Any, *, id: str | None = None, deadline: floa
     that left you unsure) delivers the message once. ``deadline`` (epoch seconds) turns an
     undelivered message into a dead letter when it passes.
     """
-    args = {"to": to, **_context.host().wire(msg)}
+    args = {"to": to, **_context.host().encode_message(msg)}
     for key, value in (("id", id), ("deadline", deadline), ("correlation_id", correlation_id)):
         if value is not None:
             args[key] = value
@@ -86,7 +86,7 @@ async def call(to: int | str, msg: Any, *, timeout: float = 30.0) -> Message:
     The request leaves at once, even inside a handler (a handler that waits for a
     reply cannot hold its request back until it finishes).
     """
-    sent = await _context.call("ipc.send", to=to, reply_to="call", **_context.host().wire(msg))
+    sent = await _context.call("ipc.send", to=to, reply_to="call", **_context.host().encode_message(msg))
     return await _context.runtime().next_message(
         lambda m: m.correlation_id == sent["id"], timeout, handle=False)
 
@@ -99,7 +99,7 @@ async def reply(request: Message, response: Any) -> str:
 async def publish(topic: str, msg: Any) -> list[int]:
     """Send to every process subscribed to ``topic``; returns the pids reached."""
     result = await _context.call("ipc.publish", topic=topic, id=new_message_id(),
-                                 **_context.host().wire(msg))
+                                 **_context.host().encode_message(msg))
     return result["subscribers"]
 
 

@@ -45,7 +45,7 @@ def _tool_specs(tools: Sequence[Any] | None) -> list[dict] | None:
     if not isinstance(tools, list | tuple):
         raise InvalidArgument(f"tools must be a list of @tool functions, ToolSpecs or OpenAI "
                               f"tool dicts, got {type(tools).__name__}")
-    from llmos_kernel.services.tools import ToolSpec, spec_of
+    from llmos_kernel.tool_specs import ToolSpec, spec_of
 
     out = []
     for t in tools:
@@ -84,7 +84,7 @@ def _without_tool_turns(messages: Any) -> Any:
     return out
 
 
-async def _generate(spec: dict) -> AsyncIterator[dict]:
+async def _generate(spec: dict) -> AsyncIterator[Any]:
     agent = _context.runtime()
     request_id = uuid.uuid4().hex[:16]
     spec["request_id"] = request_id
@@ -96,10 +96,10 @@ async def _generate(spec: dict) -> AsyncIterator[dict]:
         running = True
         while running:
             delta = await queue.get()
-            if delta.get("error"):
+            if delta.error is not None:
                 running = False
-                raise LlmosError.from_wire(delta["error"])
-            running = not delta["finished"]
+                raise delta.error.exception()
+            running = not delta.finished
             yield delta
     finally:
         agent.streams.pop(request_id, None)
@@ -169,8 +169,8 @@ async def stream(messages: list[dict] | None = None, *, prompt: str | None = Non
                  **kwargs) -> AsyncIterator[str]:
     """Text pieces as they are generated (chat ``messages`` or raw ``prompt``)."""
     async for delta in _generate(_spec(prompt, messages, **kwargs)):
-        if delta["text"]:
-            yield delta["text"]
+        if delta.text:
+            yield delta.text
 
 
 async def release(context_id: str) -> None:

@@ -15,6 +15,8 @@ from typing import Any
 
 from llmos_kernel.errors import InvalidArgument
 from llmos_kernel.notices import ExitSignal, ProcessDown
+from llmos_kernel.wire import Program
+from llmos_kernel.wire import to_builtins as _plain
 from syscalls import _context
 
 __all__ = [
@@ -46,11 +48,12 @@ def program_spec(program: Any) -> dict:
             file = Path(path_part if path_part.endswith(".py") else path_part + ".py")
             if not file.is_file():
                 raise InvalidArgument(f"program file not found: {file}")
-            return {"kind": "source", "code": file.read_text(), "filename": str(file.resolve()),
-                    "attr": attr or None, "label": file.name}
+            return _plain(Program("source", code=file.read_text(),
+                                  filename=str(file.resolve()), attr=attr or None,
+                                  label=file.name))
         if ":" not in text and "." not in text:
             raise InvalidArgument(f"program {text!r} is neither a file.py nor 'module:function'")
-        return {"kind": "module", "ref": text, "label": text}
+        return _plain(Program("module", ref=text, label=text))
     if callable(program):
         module = getattr(program, "__module__", None)
         qualname = getattr(program, "__qualname__", "")
@@ -58,10 +61,10 @@ def program_spec(program: Any) -> dict:
         if origin is not None and "<locals>" not in qualname:  # defined in a shipped .py file
             return {**origin, "attr": qualname, "label": qualname}
         if module and module != "__main__" and "<locals>" not in qualname:
-            return {"kind": "module", "ref": f"{module}:{qualname}", "label": qualname}
+            return _plain(Program("module", ref=f"{module}:{qualname}", label=qualname))
         import ray
 
-        return {"kind": "pickle", "data": ray.cloudpickle.dumps(program), "label": qualname}
+        return _plain(Program("pickle", data=ray.cloudpickle.dumps(program), label=qualname))
     raise InvalidArgument(f"cannot run {program!r} as a program")
 
 

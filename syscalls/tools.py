@@ -16,7 +16,8 @@ from typing import Any
 
 from llmos_kernel.engine.tool_calls import ToolCall
 from llmos_kernel.errors import LlmosError, NotFound, Timeout, ToolError
-from llmos_kernel.services.tools import ToolSpec, decode_args, spec_of, to_json, tool, validate_args
+from llmos_kernel.tool_schema import decode_args, to_json
+from llmos_kernel.tool_specs import ToolSpec, spec_of, tool, validate_args
 from syscalls import _context, llm
 
 __all__ = ["ToolSpec", "call", "grant", "list", "register", "revoke", "run_loop", "tool"]

@@ -151,9 +151,9 @@ def kernel(ray_session, model_path, tmp_path_factory):
     """A kernel on the real model, shared by every test that needs one."""
     import ray
 
+    from llmos_kernel.engine.assembly import LLMConfig
     from llmos_kernel.kernel import KernelConfig
     from llmos_kernel.launcher import start_kernel
-    from llmos_kernel.llm_service import LLMConfig
 
     state = tmp_path_factory.mktemp("kernel-state")
     name = "test-kernel"

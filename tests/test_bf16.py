@@ -12,10 +12,11 @@ import torch
 
 from llmos_kernel.core.kv_cache import KVPool
 from llmos_kernel.core.model import PrefillChunk, StepBatch
+from llmos_kernel.core.options import KernelOptions
 from llmos_kernel.core.sampling import SamplingParams
 from llmos_kernel.core.weights import load_model
 from llmos_kernel.engine.engine import Request
-from tests.test_bf16_gemm import HERE, needs_bf16_products, use_kernel
+from tests.test_bf16_gemm import HERE, needs_bf16_products
 from tests.test_model import _greedy, _hf_last_logits
 
 
@@ -24,10 +25,11 @@ def bf16_engine(request, model_path):
     """An engine with bf16 products on each kernel this CPU has (AMX tiles, AVX512-BF16)."""
     from llmos_kernel.engine.local import load_engine
 
-    with pytest.MonkeyPatch.context() as mp:
-        use_kernel(mp, request.param)
-        yield load_engine(str(model_path), dtype="bf16", kv_budget="256MiB",
-                          swap_budget="64MiB")
+    options = KernelOptions(bf16_kernel=request.param)
+    engine = load_engine(str(model_path), dtype="bf16", kv_budget="256MiB", swap_budget="64MiB",
+                         kernels=options)
+    assert engine.runner.model.options == options
+    return engine
 
 
 def _last_logits(model, ids: list[int]) -> torch.Tensor:
@@ -102,11 +104,10 @@ def test_bf16_tokens_do_not_depend_on_the_batch(bf16_engine, prompt_ids):
 
 
 def test_without_bf16_products_bf16_is_the_whole_model_in_torch_bf16(model_path, hf_model,
-                                                                     prompt_ids, monkeypatch):
-    """The path CPUs without bf16 instructions take (``LLMOS_BF16_KERNEL=torch`` forces it):
+                                                                     prompt_ids):
+    """The path CPUs without bf16 instructions take (``bf16_kernel="torch"`` forces it):
     slower, and further from fp32, but close enough that the next token is the same."""
-    use_kernel(monkeypatch, "torch")
-    model, _ = load_model(model_path, dtype="bf16")
+    model, _ = load_model(model_path, dtype="bf16", options=KernelOptions(bf16_kernel="torch"))
     assert not model.bf16_products and model.dtype == torch.bfloat16
     assert model.kv_dtype == torch.bfloat16
     for name in ("english", "code"):

@@ -55,7 +55,7 @@ SPEC = [(1, 40), (37, 0), (5, 100), (1, 0), (50, 300), (3, 15), (16, 16)]
 
 def test_close_to_fp32_attention_for_decodes_and_chunks(kernel):  # noqa: F811
     q, k, v, groups, tables = _case(SPEC)
-    got = bf16_attention.attend(q, k, v, groups, tables, BS, D ** -0.5)
+    got = bf16_attention.attend(q, k, v, groups, tables, BS, D ** -0.5, kernel=kernel)
     want = _reference(q, k, v, groups, tables)
     # queries and probabilities are rounded to bf16 (2^-9): errors of that order, not more
     assert (got.double() - want).abs().max().item() <= 4e-3 * want.abs().max().item()
@@ -65,14 +65,15 @@ def test_a_tokens_result_does_not_depend_on_how_its_rows_are_grouped(kernel):  #
     """A 37-row prompt chunk computed whole, as 10 + 27, or row by row as decodes: the same
     bits for every row; so are the other sequences' rows beside it."""
     q, k, v, groups, tables = _case(SPEC, seed=1)
-    whole = bf16_attention.attend(q, k, v, groups, tables, BS, D ** -0.5)
+    whole = bf16_attention.attend(q, k, v, groups, tables, BS, D ** -0.5, kernel=kernel)
     r0, n, p = groups[1].tolist()
     split = torch.tensor([[0, 10, p], [10, 27, p + 10]])
-    parts = bf16_attention.attend(q[r0:r0 + n], k, v, split, tables[[1, 1]], BS, D ** -0.5)
+    parts = bf16_attention.attend(q[r0:r0 + n], k, v, split, tables[[1, 1]], BS, D ** -0.5,
+                                  kernel=kernel)
     assert torch.equal(parts, whole[r0:r0 + n])
     for i in (0, 15, 16, 36):
         alone = bf16_attention.attend(q[r0 + i:r0 + i + 1], k, v, torch.tensor([[0, 1, p + i]]),
-                                     tables[[1]], BS, D ** -0.5)
+                                     tables[[1]], BS, D ** -0.5, kernel=kernel)
         assert torch.equal(alone[0], whole[r0 + i]), i
 
 

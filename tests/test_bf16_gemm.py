@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from llmos_kernel.core import bf16_gemm, panel_gemm, quant_matmul
+from llmos_kernel.core.options import KernelOptions
 from tests.test_panel_gemm import _panels, _q8_0  # random Q4_1 / Q8_0 and their weights
 
 
@@ -42,35 +43,27 @@ HERE = (["amx"] if _has_amx() else []) + (["avx512"] if _has_avx512_bf16() else 
 needs_bf16_products = pytest.mark.skipif(not HERE, reason="this CPU has no bf16 instructions")
 
 
-def use_kernel(monkeypatch, name: str) -> None:
-    """Make bf16_gemm choose ``name`` for the rest of the test."""
-    monkeypatch.setenv("LLMOS_BF16_KERNEL", name)
-    monkeypatch.setattr(bf16_gemm, "_chosen", None)
-    assert bf16_gemm.kernel() == name
-
-
 @pytest.fixture(params=HERE or [pytest.param("none", marks=needs_bf16_products)])
-def kernel(request, monkeypatch):
-    """Each bf16 product kernel this CPU has, chosen for the test."""
-    use_kernel(monkeypatch, request.param)
+def kernel(request) -> str:
+    """Each bf16 product kernel this CPU has, by the name a product (and
+    ``KernelOptions.bf16_kernel``) asks for it by."""
+    assert bf16_gemm.kernel(request.param) == request.param
     return request.param
 
 
-def test_the_kernels_are_built_exactly_where_the_cpu_has_them(monkeypatch):
-    monkeypatch.delenv("LLMOS_BF16_KERNEL", raising=False)
-    monkeypatch.setattr(bf16_gemm, "_chosen", None)
+def test_the_kernels_are_built_exactly_where_the_cpu_has_them():
     assert bf16_gemm.amx_available() == _has_amx()
     assert bf16_gemm.available() == bool(HERE)
     assert bf16_gemm.kernel() == (HERE[0] if HERE else "torch")
 
 
-def test_a_kernel_can_be_turned_off_or_named_wrongly(monkeypatch):
-    use_kernel(monkeypatch, "torch")
-    assert not bf16_gemm.available() and not bf16_gemm.amx_available()
-    monkeypatch.setenv("LLMOS_BF16_KERNEL", "tiles")
-    monkeypatch.setattr(bf16_gemm, "_chosen", None)
+def test_a_kernel_can_be_turned_off_or_named_wrongly():
+    assert bf16_gemm.kernel("torch") == "torch"
+    assert not bf16_gemm.available("torch") and not bf16_gemm.amx_available("torch")
     with pytest.raises(ValueError, match="amx, avx512, torch"):
-        bf16_gemm.available()
+        bf16_gemm.available("tiles")
+    with pytest.raises(ValueError, match="LLMOS_BF16_KERNEL='tiles': use one of amx, avx512, torch"):
+        KernelOptions.from_env({"LLMOS_BF16_KERNEL": "tiles"})
 
 
 def _tiles(weights: torch.Tensor) -> bf16_gemm.TileWeight:
@@ -98,21 +91,21 @@ def test_tiles_hold_the_loaders_weights_rounded_to_bf16(kind):
 def test_matches_bf16_operands_multiplied_exactly(rows, kernel):
     _, weights = _panels(160, 576, seed=rows)
     x = torch.randn(rows, 576, generator=torch.Generator().manual_seed(rows))
-    assert _close(bf16_gemm.matmul(x, _tiles(weights)), _bf16_reference(x, weights))
+    assert _close(bf16_gemm.matmul(x, _tiles(weights), kernel=kernel), _bf16_reference(x, weights))
 
 
 @pytest.mark.parametrize("rows", [1, 13, 48])
 def test_a_long_k(rows, kernel):
     _, weights = _q8_0(96, 1536, seed=rows)
     x = torch.randn(rows, 1536, generator=torch.Generator().manual_seed(rows))
-    assert _close(bf16_gemm.matmul(x, _tiles(weights)), _bf16_reference(x, weights))
+    assert _close(bf16_gemm.matmul(x, _tiles(weights), kernel=kernel), _bf16_reference(x, weights))
 
 
 def test_the_products_are_not_the_fp32_ones(kernel):
     """bf16 rounding is really applied (an fp32 product would differ from the reference)."""
     _, weights = _panels(64, 576, seed=3)
     x = torch.randn(8, 576, generator=torch.Generator().manual_seed(3))
-    got = bf16_gemm.matmul(x, _tiles(weights)).double()
+    got = bf16_gemm.matmul(x, _tiles(weights), kernel=kernel).double()
     assert _close(got, _bf16_reference(x, weights))
     assert not _close(got, x.double() @ weights.double().T)
 
@@ -121,25 +114,26 @@ def test_a_rows_result_does_not_depend_on_the_rows_beside_it(kernel):
     """Bit for bit: what a request computes alone it computes in a busy batch."""
     tiles = _tiles(_panels(96, 576, seed=5)[1])
     x = torch.randn(70, 576, generator=torch.Generator().manual_seed(5))
-    batch = bf16_gemm.matmul(x, tiles)
+    batch = bf16_gemm.matmul(x, tiles, kernel=kernel)
     for r in (0, 17, 69):
-        assert torch.equal(bf16_gemm.matmul(x[r:r + 1], tiles)[0], batch[r])
-    assert torch.equal(bf16_gemm.matmul(x[16:40], tiles), batch[16:40])
+        assert torch.equal(bf16_gemm.matmul(x[r:r + 1], tiles, kernel=kernel)[0], batch[r])
+    assert torch.equal(bf16_gemm.matmul(x[16:40], tiles, kernel=kernel), batch[16:40])
 
 
 def test_refuses_the_wrong_input(kernel):
     tiles = _tiles(_panels(32, 64, seed=2)[1])
     with pytest.raises(ValueError, match="fp32"):
-        bf16_gemm.matmul(torch.randn(4, 32), tiles)
+        bf16_gemm.matmul(torch.randn(4, 32), tiles, kernel=kernel)
     with pytest.raises(ValueError, match="fp32"):
-        bf16_gemm.matmul(torch.randn(4, 64, dtype=torch.bfloat16), tiles)
+        bf16_gemm.matmul(torch.randn(4, 64, dtype=torch.bfloat16), tiles, kernel=kernel)
 
 
-@needs_bf16_products
-def test_a_bf16_model_serves_every_projection_with_bf16_products(model_path, monkeypatch):
+def test_a_bf16_model_serves_every_projection_with_bf16_products(model_path, kernel,
+                                                                 monkeypatch):
+    """On the kernel its options name, for every product."""
     from llmos_kernel.core.weights import load_model, projections
 
-    model, _ = load_model(model_path, dtype="bf16")
+    model, _ = load_model(model_path, dtype="bf16", options=KernelOptions(bf16_kernel=kernel))
     assert model.bf16_products and model.dtype == torch.float32
     assert model.kv_dtype == torch.bfloat16
     for module, attr, _ in projections(model, model.config):
@@ -149,7 +143,7 @@ def test_a_bf16_model_serves_every_projection_with_bf16_products(model_path, mon
     for name in ("matmul", "matmul_silu"):
         real = getattr(bf16_gemm, name)
         monkeypatch.setattr(bf16_gemm, name, lambda x, w, *a, real=real, name=name, **k:
-                            used.append((name, x.shape[0])) or real(x, w, *a, **k))
+                            used.append((name, x.shape[0], k["kernel"])) or real(x, w, *a, **k))
     monkeypatch.setattr(quant_matmul, "matmul", lambda *a: pytest.fail("fp32 kernel used"))
     monkeypatch.setattr(panel_gemm, "matmul", lambda *a: pytest.fail("fp32 kernel used"))
     d = model.config.d_model
@@ -157,7 +151,7 @@ def test_a_bf16_model_serves_every_projection_with_bf16_products(model_path, mon
         residual = torch.randn(rows, d)
         out = model.blocks[0].ffn(torch.randn(rows, d), residual=residual)
         assert out is residual  # the down projection summed into it in place
-    assert used == [(name, rows) for rows in (1, 8, 300)
+    assert used == [(name, rows, kernel) for rows in (1, 8, 300)
                     for name in ("matmul_silu", "matmul")]
 
 
@@ -168,10 +162,10 @@ def test_out_adds_the_products_in_place(rows, kernel):
     x = torch.randn(rows, 576, generator=torch.Generator().manual_seed(rows))
     base = torch.randn(rows, 96, generator=torch.Generator().manual_seed(rows + 1)) * 10
     out = base.clone()
-    assert bf16_gemm.matmul(x, _tiles(weights), out=out) is out
+    assert bf16_gemm.matmul(x, _tiles(weights), out=out, kernel=kernel) is out
     assert _close(out, base.double() + _bf16_reference(x, weights))
     with pytest.raises(ValueError, match="adds into"):
-        bf16_gemm.matmul(x, _tiles(weights), out=torch.zeros(rows, 95))
+        bf16_gemm.matmul(x, _tiles(weights), out=torch.zeros(rows, 95), kernel=kernel)
 
 
 @pytest.mark.parametrize("rows", [1, 16, 33, 64])
@@ -180,7 +174,7 @@ def test_matmul_silu_is_silu_of_the_gate_times_up(rows, kernel):
     x = torch.randn(rows, 576, generator=torch.Generator().manual_seed(rows))
     ref = _bf16_reference(x, weights)
     want = torch.nn.functional.silu(ref[:, :64]) * ref[:, 64:]
-    got = bf16_gemm.matmul_silu(x, _tiles(weights))
+    got = bf16_gemm.matmul_silu(x, _tiles(weights), kernel=kernel)
     assert got.shape == (rows, 64) and _close(got, want)
 
 

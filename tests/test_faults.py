@@ -27,7 +27,8 @@ import ray
 from checks import table, until
 from workers import Num, counter, forwarder, hold_then_forward, idle, relay
 
-from actors.agent_host import AgentHost, AgentRuntime, current
+from actors.driver import attach as attach_driver
+from actors.runtime import AgentRuntime, current
 from llmos_kernel.client import unwrap
 from llmos_kernel.errors import Timeout, Unavailable
 from syscalls import ipc, proc
@@ -52,10 +53,7 @@ class Driver:
     def attach(self, name: str) -> AgentRuntime:
         """One more driver process, with a host of its own, on this loop."""
         async def attach() -> AgentRuntime:
-            host = AgentHost(self.handle, f"driver-{uuid.uuid4().hex[:10]}", token=self.token)
-            reply = unwrap(await self.handle.attach.remote(self.token, host.host_id, name))
-            await host.start()
-            return host.attach(reply["pid"], reply["capability"], name, default=False)
+            return await attach_driver(self.handle, self.token, name, default=False)
         return self._submit(attach(), 120)
 
     def _submit(self, coro, timeout: float):
@@ -85,9 +83,9 @@ class Driver:
 
 @pytest.fixture(scope="module")
 def fault_kernel(ray_session, model_path, tmp_path_factory):
+    from llmos_kernel.engine.assembly import LLMConfig
     from llmos_kernel.kernel import KernelConfig
     from llmos_kernel.launcher import start_kernel
-    from llmos_kernel.llm_service import LLMConfig
 
     state = tmp_path_factory.mktemp("fault-kernel")
     name = f"fault-kernel-{uuid.uuid4().hex[:6]}"

@@ -14,6 +14,7 @@ import pytest
 import ray
 from rawhost import RawHost
 
+from llmos_kernel import wire
 from syscalls import _context, fs, ipc, memory, proc, tools
 
 
@@ -95,8 +96,9 @@ def test_a_host_cannot_pose_as_another_host(kernel, token, others):
         for secret in (token, secrets.token_hex(16), None):
             reply = RawHost(kernel.handle, host_id, secret).batch([])
             assert reply["error"]["type"] == "PermissionDenied"
-            poll = ray.get(kernel.handle.host_poll.remote(host_id, 0.1, secret))
-            assert poll["error"]["type"] == "PermissionDenied"
+            poll = wire.decode_answer(ray.get(kernel.handle.host_poll.remote(host_id, 0.1,
+                                                                             secret)))
+            assert poll.error.type == "PermissionDenied"
 
 
 def test_a_stale_capability_stops_working_when_its_process_restarts_or_exits(kernel, intruder):
@@ -140,7 +142,7 @@ def test_no_argument_lets_a_caller_claim_another_identity(intruder, name, args):
 
 def test_a_host_cannot_answer_a_tool_call_it_was_not_given(intruder):
     host, _, _ = intruder
-    op = host.op("", "tools.result", {"call": secrets.token_hex(8), "reply": {"ok": 1}})
+    op = host.op("", "tools.result", {"call": secrets.token_hex(8), "result": {"ok": 1}})
     assert host.batch([op])[op[0]]["error"]["type"] == "NotFound"
 
 
@@ -149,7 +151,7 @@ def test_a_program_cannot_make_its_hosts_own_calls(intruder, name):
     """Answering tool calls and handing messages over are for hosts: a call that carries a
     program's capability is refused."""
     host, _, capability = intruder
-    op = host.op(capability, name, {"call": "x", "reply": {"ok": 1}, "envelopes": []})
+    op = host.op(capability, name, {"call": "x", "result": {"ok": 1}, "envelopes": []})
     result = host.batch([op])[op[0]]
     assert result["error"]["type"] == "PermissionDenied"
     assert "for agent hosts" in result["error"]["message"]
@@ -200,4 +202,4 @@ def test_an_agent_is_limited_to_its_tools_paths_memory_and_children(kernel):
 def test_the_driver_api_needs_the_root_token(kernel, method, args):
     for bad in ("not-the-token", "", None, 0):
         reply = ray.get(getattr(kernel.handle, method).remote(bad, *args), timeout=60)
-        assert reply["error"]["type"] == "PermissionDenied", reply
+        assert reply.error.type == "PermissionDenied", reply

@@ -70,14 +70,12 @@ def _vm_flags(t: torch.Tensor) -> set[str]:
     raise AssertionError("no mapping holds the pool")
 
 
-def test_the_pool_opts_out_of_transparent_huge_pages(monkeypatch):
+def test_the_pool_opts_out_of_transparent_huge_pages():
     """numpy advises huge pages for large arrays; on first touch the Linux kernel then
     compacts memory looking for them (3-4x slower to populate here), so the pool opts out
-    unless LLMOS_KV_HUGEPAGES=1."""
-    monkeypatch.delenv("LLMOS_KV_HUGEPAGES", raising=False)
+    unless asked to keep them (``KernelOptions.kv_hugepages``)."""
     pool = KVPool(CFG, num_blocks=1024, block_size=16)  # 64 MiB
     if pool._madvise is None:
         return
     assert "nh" in _vm_flags(pool.data) and "hg" not in _vm_flags(pool.data)
-    monkeypatch.setenv("LLMOS_KV_HUGEPAGES", "1")
-    assert "nh" not in _vm_flags(KVPool(CFG, num_blocks=1024, block_size=16).data)
+    assert "nh" not in _vm_flags(KVPool(CFG, num_blocks=1024, block_size=16, hugepages=True).data)

@@ -51,10 +51,10 @@ def test_the_loaded_model_packs_for_mkl_only_what_panels_do_not_serve(engine):
         assert model.blocks[0].ffn.w_down.numel() > 0  # the fp32 weight stays for fallbacks
 
 
-def test_without_panels_every_projection_is_packed_for_mkl(model_path, monkeypatch):
+def test_without_panels_every_projection_is_packed_for_mkl(model_path):
+    from llmos_kernel.core.options import KernelOptions
     from llmos_kernel.core.weights import load_model
 
-    monkeypatch.setenv("LLMOS_NO_PANELS", "1")
-    model, _ = load_model(model_path)
+    model, _ = load_model(model_path, options=KernelOptions(panels=False))
     assert all(fp32 == packed_gemm.available() and not panels
                for panels, fp32 in _fp32_packing(model))

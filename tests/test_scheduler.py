@@ -15,6 +15,7 @@ from llmos_kernel.core.kv_cache import KVPool
 from llmos_kernel.core.sampling import SamplingParams
 from llmos_kernel.engine.engine import EngineConfig, LLMEngine, Request
 from llmos_kernel.engine.runner import ModelRunner
+from llmos_kernel.engine.scheduler import SchedulerConfig
 from llmos_kernel.engine.sequence import Status
 
 
@@ -27,7 +28,8 @@ def small_engine(engine: LLMEngine, num_blocks: int, swap_blocks: int, **cfg) ->
     model = engine.runner.model
     runner = ModelRunner(model, KVPool(model.config, num_blocks, 16))
     return LLMEngine(engine.tokenizer, runner, model.config.context_length,
-                     EngineConfig(num_blocks=num_blocks, swap_blocks=swap_blocks, **cfg))
+                     EngineConfig(num_blocks=num_blocks, scheduler=SchedulerConfig(
+                         swap_blocks=swap_blocks, **cfg)))
 
 
 def tokens_of(deltas) -> list[int]:

@@ -15,12 +15,13 @@ import uuid
 from collections import Counter
 from typing import Any
 
+import msgspec
 import pytest
-import ray
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from rawhost import RawHost
 
+from llmos_kernel import wire
 from llmos_kernel.errors import LlmosError
 from llmos_kernel.syscall_table import TABLE
 from syscalls import fs, llm, memory, proc, tools
@@ -123,9 +124,9 @@ class Fuzzer:
         while waiting and time.monotonic() < deadline:
             self._serve(self.host.poll(0.2))
             for item in self.host.items:
-                if item.get("kind") == "reply" and item["call"] in waiting:
-                    done[item["call"]] = item["reply"]
-                    del waiting[item["call"]]
+                if isinstance(item, wire.Reply) and item.call in waiting:
+                    done[item.call] = self.host.result(item.result)
+                    del waiting[item.call]
             self.host.items.clear()
             if set(waiting.values()) <= LONG_WAITERS and time.monotonic() > deadline - 15:
                 break
@@ -143,11 +144,11 @@ class Fuzzer:
         """Answer tool orders with junk, deny approvals, and check streamed errors."""
         replies = []
         for item in items:
-            if item.get("kind") == "tool":
+            if isinstance(item, wire.ToolCall):
                 replies.append(self.host.op("", "tools.result", {
-                    "call": item["call"], "reply": {"ok": item["args"]}}))
-            if item.get("kind") == "delta" and item["delta"].get("error"):
-                _check_typed({"error": item["delta"]["error"]})
+                    "call": item.call, "result": {"ok": item.args}}))
+            if isinstance(item, wire.TokenDelta) and item.error is not None:
+                _check_typed({"error": wire.to_builtins(item.error)})
         if replies:
             for result in self.host.batch(replies).values():
                 _check_typed(result)
@@ -193,17 +194,18 @@ def test_the_host_channel_answers_every_fuzzed_call_with_a_value_or_a_typed_erro
 
 
 def test_the_host_channel_refuses_malformed_batches_as_a_whole(kernel, fuzzer):
-    secret = fuzzer.host.secret
+    host = fuzzer.host
     for ops in (None, "ops", 7, {"a": 1}, [None, 1, "x", [], {}], [[1, 2, 3, 4, 5]]):
-        reply = ray.get(kernel.handle.host_batch.remote(
-            fuzzer.host.host_id, fuzzer.host.epoch, fuzzer.host.seq, ops, "exits", 5, secret))
-        fuzzer.host.seq += 1
-        assert "ok" in reply or reply["error"]["type"] in TYPED, reply
+        reply = host.send(msgspec.msgpack.encode([host.epoch, host.seq, ops, "exits", 5]))
+        host.seq += 1
+        assert reply.error is None or reply.error.type in TYPED, reply
     for bad_seq in (-1, "x", None, 2.5):
-        reply = ray.get(kernel.handle.host_batch.remote(
-            fuzzer.host.host_id, fuzzer.host.epoch, bad_seq, [], [], {}, secret), timeout=60)
-        assert "ok" in reply or reply["error"]["type"] in TYPED, reply
-    fuzzer.host.epoch = ""  # renumber from a fresh resync
+        reply = host.send(msgspec.msgpack.encode([host.epoch, bad_seq, [], [], {}]))
+        assert reply.error is None or reply.error.type in TYPED, reply
+    for data in (None, "batch", 7, [1, 2], b"\xc1", b"\x93\xa1e\x00\x90extra"):
+        reply = host.send(data)
+        assert reply.error is not None and reply.error.type == "InvalidArgument", reply
+    host.epoch = ""  # renumber from a fresh resync
 
 
 FUNCTIONS = {

@@ -16,6 +16,7 @@ import torch
 
 from llmos_kernel import store
 from llmos_kernel.bench.prompts import chat_prompts
+from llmos_kernel.core.options import KernelOptions
 from llmos_kernel.core.sampling import SamplingParams
 from llmos_kernel.core.weights import parse_dtype, resolve_dtype
 from llmos_kernel.engine.engine import Request
@@ -134,10 +135,12 @@ def run(model: str = store.DEFAULT_MODEL, *, new_tokens: int = 128, batch_size: 
     """
     set_threads()
     path = store.resolve_model(model)
-    dtype = resolve_dtype(dtype)
+    kernels = KernelOptions.from_env()
+    dtype = resolve_dtype(dtype, options=kernels)
     progress(f"loading llmos core ({dtype})")
     started = time.perf_counter()
-    engine = load_engine(str(path), dtype=dtype, kv_budget="1GiB", max_seqs=max(64, batch_size))
+    engine = load_engine(str(path), dtype=dtype, kv_budget="1GiB", max_seqs=max(64, batch_size),
+                         kernels=kernels)
     load_s = time.perf_counter() - started
     progress(f"loading the reference (transformers, {dtype})")
     started = time.perf_counter()

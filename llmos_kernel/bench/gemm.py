@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from llmos_kernel.core import packed_gemm
 from llmos_kernel.core.model import project
+from llmos_kernel.core.options import KernelOptions
 from llmos_kernel.core.weights import load_model, projections
 from llmos_kernel.errors import Unavailable
 
@@ -27,7 +28,7 @@ from llmos_kernel.errors import Unavailable
 def run(model_path: str, rows: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256),
         repeat: int = 3, dtype: str = "fp32",
         progress: Callable[[str], None] = lambda m: None) -> dict:
-    model, _ = load_model(model_path, dtype=dtype)
+    model, _ = load_model(model_path, dtype=dtype, options=KernelOptions.from_env())
     # (what the model reads, the attribute, [N, K], the baseline's copy of the weight)
     if dtype == "bf16":
         if not model.bf16_products:
@@ -57,7 +58,7 @@ def run(model_path: str, rows: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 2
         for _ in range(repeat):
             start = time.perf_counter()
             for packed, attr, (_, k), _ in weights:
-                project(inputs[k], None, packed, attr)
+                project(inputs[k], None, packed, attr, options=model.options)
             middle = time.perf_counter()
             for _, _, (_, k), ref in weights:
                 baseline(inputs[k], ref)

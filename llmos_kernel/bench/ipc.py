@@ -199,9 +199,11 @@ def run(*, agents: int = 1000, messages: int = 60, pairs: int = 300, kernel: str
 
 def _own_kernel(model: str | None, progress: Callable[[str], None]):
     from llmos_kernel import store
-    from llmos_kernel.kernel import NAMESPACE, KernelConfig
+    from llmos_kernel.core.options import KernelOptions
+    from llmos_kernel.engine.assembly import LLMConfig
+    from llmos_kernel.kernel import KernelConfig
     from llmos_kernel.launcher import start_kernel
-    from llmos_kernel.llm_service import LLMConfig
+    from llmos_kernel.paths import NAMESPACE
 
     progress("starting a local Ray and a kernel")
     if not ray.is_initialized():
@@ -211,6 +213,7 @@ def _own_kernel(model: str | None, progress: Callable[[str], None]):
     name = f"bench-ipc-{int(time.time())}"
     handle = start_kernel(KernelConfig(
         state_dir=str(state), name=name, hosts=2,
-        llm=LLMConfig(model=model or store.DEFAULT_MODEL, kv_budget="64MiB", swap_budget=0)),
+        llm=LLMConfig(model=model or store.DEFAULT_MODEL, kv_budget="64MiB", swap_budget=0,
+                      kernels=KernelOptions.from_env())),
         detached=False)
     return handle, name, str(state)

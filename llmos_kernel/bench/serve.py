@@ -60,19 +60,23 @@ def gemm_peak_flops(seconds: float = 1.0, dtype: torch.dtype = torch.float32) ->
     bf16: bf16_gemm), where it has them: ``{"torch": flops, "llmos": flops}``. The peak is
     the higher: on CPUs where MKL runs well below the FMA units' rate (AMD's), ours is."""
     from llmos_kernel.core import bf16_gemm, panel_gemm
+    from llmos_kernel.core.options import KernelOptions
     from llmos_kernel.core.quant_matmul import QuantWeight
 
+    kernels = KernelOptions.from_env()
     w = torch.randn(576, 1536)
     wt = w.to(dtype)
     rates = {"torch": _best_rate(lambda x: x @ wt, seconds, dtype)}  # torch in its own dtype
-    if dtype == torch.float32 and panel_gemm.available():
+    if dtype == torch.float32 and kernels.c_kernels and panel_gemm.available():
         q = QuantWeight("Q8_0", torch.randint(-127, 128, (1536, 18, 32), dtype=torch.int8),
                         torch.rand(1536, 18) * 0.01, None)
         panels = panel_gemm.PanelWeight.from_quant(q)
         rates["llmos"] = _best_rate(lambda x: panel_gemm.matmul(x, panels), seconds)
-    elif dtype == torch.bfloat16 and bf16_gemm.available():
+    elif dtype == torch.bfloat16 and kernels.c_kernels and \
+            bf16_gemm.available(kernels.bf16_kernel):
         tiles = bf16_gemm.TileWeight.from_weight(w)
-        rates["llmos"] = _best_rate(lambda x: bf16_gemm.matmul(x, tiles), seconds)
+        rates["llmos"] = _best_rate(
+            lambda x: bf16_gemm.matmul(x, tiles, kernel=kernels.bf16_kernel), seconds)
     return rates
 
 
@@ -99,16 +103,16 @@ async def _drive(client, workloads: list[list[dict]], concurrency: int, max_toke
             last = None
             async for delta in client.stream(request_id):
                 now = time.perf_counter()
-                if delta["token_ids"]:
+                if delta.token_ids:
                     if last is None:
                         ttfts.append(now - sent)
                     else:
-                        itls.append((now - last) / len(delta["token_ids"]))
+                        itls.append((now - last) / len(delta.token_ids))
                     last = now
-                    total += len(delta["token_ids"])
-                usage = delta.get("usage")
+                    total += len(delta.token_ids)
+                usage = delta.usage
                 if usage:  # prompt tokens this kernel computed (prefix-cache hits excluded)
-                    prompt_computed += usage["prompt_tokens"] - usage["cached_tokens"]
+                    prompt_computed += usage.prompt_tokens - usage.cached_tokens
 
     started = time.perf_counter()
     await asyncio.gather(*(one(m) for m in workloads))
@@ -127,13 +131,14 @@ async def _ttft(client, messages: list[dict]) -> dict:
     sent = time.perf_counter()
     request_id = await client.submit(messages=messages, max_tokens=1, temperature=0,
                                      priority=10)
-    ttft, usage = None, {}
+    ttft, usage = None, None
     async for delta in client.stream(request_id):
-        if delta["token_ids"] and ttft is None:
+        if delta.token_ids and ttft is None:
             ttft = time.perf_counter() - sent
-        usage = delta.get("usage") or usage
-    return {"ttft_s": float("nan") if ttft is None else ttft, "queue_s": usage.get("queue_s", float("nan")),
-            "steps_waited": usage.get("steps_waited", -1)}
+        usage = delta.usage or usage
+    return {"ttft_s": float("nan") if ttft is None else ttft,
+            "queue_s": usage.queue_s if usage else float("nan"),
+            "steps_waited": usage.steps_waited if usage else -1}
 
 
 def _reference(hf, tokenizer, workloads, concurrency: int,
@@ -181,16 +186,17 @@ def run(*, kernel_name: str = "kernel", address: str | None = None, concurrency:
     if find_kernel(kernel_name) is None:
         import tempfile
 
+        from llmos_kernel.core.options import KernelOptions
+        from llmos_kernel.engine.assembly import LLMConfig
         from llmos_kernel.kernel import KernelConfig
         from llmos_kernel.launcher import start_kernel
-        from llmos_kernel.llm_service import LLMConfig
 
         progress(f"starting a kernel ({model})")
         state = tempfile.mkdtemp(prefix="llmos-bench-")
         started_here = start_kernel(KernelConfig(
             state_dir=state, name=kernel_name,
-            llm=LLMConfig(model=model, dtype=dtype, kv_budget=kv_budget,
-                          max_seqs=max(64, concurrency))),
+            llm=LLMConfig.of(model=model, dtype=dtype, kv_budget=kv_budget,
+                             max_seqs=max(64, concurrency), kernels=KernelOptions.from_env())),
             detached=False)
         client = KernelClient(started_here, (Path(state) / "root.token").read_text())
     else:

@@ -34,9 +34,10 @@ def demo(model: str, topics: str, state_dir: Path | None) -> None:
     """Start a local kernel on the real model and run the demo agents on it."""
     import ray
 
+    from llmos_kernel.core.options import KernelOptions
+    from llmos_kernel.engine.assembly import LLMConfig
     from llmos_kernel.kernel import KernelConfig
     from llmos_kernel.launcher import start_kernel
-    from llmos_kernel.llm_service import LLMConfig
 
     store.resolve_model(model)
     state = state_dir or Path(tempfile.mkdtemp(prefix="llmos-demo-"))
@@ -46,7 +47,8 @@ def demo(model: str, topics: str, state_dir: Path | None) -> None:
     started = time.perf_counter()
     _say(f"starting kernel 'demo' on {model} (state in {state})...")
     handle = start_kernel(KernelConfig(state_dir=str(state), name="demo",
-                                       llm=LLMConfig(model=model, kv_budget="1GiB")),
+                                       llm=LLMConfig(model=model, kv_budget="1GiB",
+                                                     kernels=KernelOptions.from_env())),
                           detached=False)
     _say(f"kernel ready in {time.perf_counter() - started:.1f}s")
     try:

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from llmos_kernel import store
+from llmos_kernel.engine.scheduler import SchedulerConfig
 from llmos_kernel.paths import default_state_dir
 
 
@@ -35,8 +36,10 @@ def kernel() -> None:
               help="KV pool bytes, e.g. 2GiB, or 'auto' (a quarter of free memory, at most 4 GiB).")
 @click.option("--swap-budget", default="auto", show_default=True,
               help="Host memory for preempted and suspended KV, or 0 for none.")
-@click.option("--max-batch-tokens", type=int, default=256, show_default=True)
-@click.option("--max-seqs", type=int, default=64, show_default=True)
+@click.option("--max-batch-tokens", type=int, default=SchedulerConfig.max_batch_tokens,
+              show_default=True, help="Tokens computed per engine step.")
+@click.option("--max-seqs", type=int, default=SchedulerConfig.max_seqs, show_default=True,
+              help="Sequences running at once.")
 @click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16"]), default="auto",
               show_default=True, help="bf16: bf16 matrix products (AMX tiles or AVX512-BF16 "
               "where the CPU has them) and KV; auto: bf16 where that is the fast path, else "
@@ -48,10 +51,11 @@ def kernel() -> None:
 def start(address, model, kv_budget, swap_budget, max_batch_tokens, max_seqs, dtype, device,
           no_prefix_cache, name, state_dir) -> None:
     """Start a kernel: load the model, size the KV pool, begin serving."""
+    from llmos_kernel.core.options import KernelOptions
+    from llmos_kernel.engine.assembly import LLMConfig
     from llmos_kernel.errors import AlreadyExists
     from llmos_kernel.kernel import KernelConfig
     from llmos_kernel.launcher import connect_ray, find_kernel, start_kernel
-    from llmos_kernel.llm_service import LLMConfig
 
     state = (state_dir or default_state_dir()).expanduser().resolve()
     store.resolve_model(model)  # fail fast, before starting anything
@@ -61,10 +65,10 @@ def start(address, model, kv_budget, swap_budget, max_batch_tokens, max_seqs, dt
         raise AlreadyExists(f"a kernel named {name!r} is already running "
                             "(llmos kernel status; llmos kernel stop)")
     click.echo(f"loading {model} and starting kernel {name!r}...", err=True)
-    cfg = KernelConfig(state_dir=str(state), name=name, llm=LLMConfig(
+    cfg = KernelConfig(state_dir=str(state), name=name, llm=LLMConfig.of(
         model=model, dtype=dtype, device=device, kv_budget=kv_budget, swap_budget=swap_budget,
         max_batch_tokens=max_batch_tokens, max_seqs=max_seqs,
-        prefix_caching=not no_prefix_cache))
+        prefix_caching=not no_prefix_cache, kernels=KernelOptions.from_env()))
     start_kernel(cfg, detached=True)
     click.echo(f"kernel {name!r} is running (state dir {state})")
 

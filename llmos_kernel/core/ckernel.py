@@ -1,8 +1,15 @@
 """Small C kernels, compiled on first use with the system C compiler and loaded with ctypes.
 
-Each library is built once per source, flags and CPU kind into
-``$LLMOS_HOME/cache/kernels``. Where no compiler is found, or
-``LLMOS_NO_C_KERNELS=1``, ``load`` returns None and callers use their torch path.
+Kernel ``name``'s source is ``csrc/<name>.c`` beside this module (shipped as package
+data), which may include the shared headers in ``csrc``. Each library is built once per
+source, headers, flags and CPU kind into ``$LLMOS_HOME/cache/kernels``, so editing a
+header rebuilds every kernel. Where no compiler is found, or the build fails, ``load``
+returns None and callers use their torch path.
+
+Whether a model may use C kernels at all is its caller's choice
+(``KernelOptions.c_kernels``), checked before asking for one: a loaded library is kept for
+the life of the process and shared by every model in it, so a per-model switch cannot
+live here.
 """
 
 from __future__ import annotations
@@ -23,6 +30,9 @@ from llmos_kernel.paths import llmos_home
 
 log = logging.getLogger("llmos.kernels")
 
+CSRC = Path(__file__).with_name("csrc")
+"""The kernels' C sources (``<name>.c``) and the headers they share (``*.h``)."""
+
 # Vectorized reductions, but not -ffast-math: that links crtfastmath, which turns on
 # flush-to-zero for the whole process that loads us (subnormals would vanish in user code).
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros",
@@ -32,9 +42,14 @@ _loaded: dict[str, ctypes.CDLL | None] = {}
 _lock = threading.Lock()
 
 
-def load(name: str, source: str, declare: Callable[[ctypes.CDLL], None], *,
+class BuildError(OSError):
+    """The compiler refused a kernel's source; the message ends with its diagnostics."""
+
+
+def load(name: str, declare: Callable[[ctypes.CDLL], None], *,
          openmp: bool = False) -> ctypes.CDLL | None:
-    """The compiled library ``name`` (``declare`` sets its functions' ctypes signatures).
+    """The compiled library of ``csrc/<name>.c`` (``declare`` sets its functions' ctypes
+    signatures), or None where it cannot be built.
 
     With ``openmp`` it links libgomp by soname: loaded into a torch process it shares
     torch's OpenMP runtime (torch is imported first, so its libgomp is the one found)."""
@@ -43,39 +58,68 @@ def load(name: str, source: str, declare: Callable[[ctypes.CDLL], None], *,
     with _lock:
         if name not in _loaded:
             lib = None
-            if os.environ.get("LLMOS_NO_C_KERNELS") != "1":
-                try:
-                    if openmp:
-                        import torch  # noqa: F401 - its libgomp must be the one loaded
-                    lib = _build(name, source, ["-fopenmp"] if openmp else [])
-                except OSError as e:
-                    log.warning("C kernel %s unavailable: %s", name, e)
-                if lib is not None:
-                    declare(lib)
+            try:
+                if openmp:
+                    import torch  # noqa: F401 - its libgomp must be the one loaded
+                lib = _cached(name, openmp)
+            except OSError as e:
+                log.warning("C kernel %s unavailable: %s", name, e)
+            if lib is not None:
+                declare(lib)
             _loaded[name] = lib
         return _loaded[name]
 
 
-def _build(name: str, source: str, extra: list[str]) -> ctypes.CDLL | None:
-    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-    if compiler is None:
+def compiler() -> str | None:
+    """The C compiler: ``$CC``, else ``cc``, else ``gcc``; None where there is none."""
+    return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+
+
+def sources() -> list[str]:
+    """The names of every kernel in ``csrc``."""
+    return sorted(p.stem for p in CSRC.glob("*.c"))
+
+
+def build(name: str, target: Path, *, openmp: bool = False) -> None:
+    """Compile ``csrc/<name>.c`` into the shared library ``target``, with the flags ``load``
+    uses; BuildError (with the compiler's messages) where it fails."""
+    cc = compiler()
+    if cc is None:
+        raise BuildError("no C compiler found (set CC, or install cc or gcc)")
+    done = subprocess.run([cc, *_flags(openmp), f"-I{CSRC}", "-shared", "-fPIC", "-pthread",
+                           str(CSRC / f"{name}.c"), "-o", str(target), "-lm"],
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise BuildError(f"building the {name} kernel failed:\n{done.stderr[-2000:]}")
+
+
+def _flags(openmp: bool) -> list[str]:
+    return FLAGS + (["-fopenmp"] if openmp else [])
+
+
+def _tag(name: str, openmp: bool) -> str:
+    """What a build depends on: the source, every shared header, the flags, the CPU."""
+    digest = hashlib.sha256()
+    for path in [CSRC / f"{name}.c", *sorted(CSRC.glob("*.h"))]:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    digest.update((" ".join(_flags(openmp)) + platform.machine() + _cpu_flags()).encode())
+    return digest.hexdigest()[:16]
+
+
+def _cached(name: str, openmp: bool) -> ctypes.CDLL | None:
+    if compiler() is None:
         log.info("no C compiler found: %s uses its torch fallback", name)
         return None
-    flags = FLAGS + extra
-    tag = hashlib.sha256((source + " ".join(flags) + platform.machine()
-                          + _cpu_flags()).encode()).hexdigest()[:16]
     cache = llmos_home() / "cache" / "kernels"
-    target = cache / f"{name}_{tag}.so"
+    target = cache / f"{name}_{_tag(name, openmp)}.so"
     if not target.exists():
         cache.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
-            src, so = Path(tmp) / f"{name}.c", Path(tmp) / f"{name}.so"
-            src.write_text(source)
-            done = subprocess.run([compiler, *flags, "-shared", "-fPIC", "-pthread", str(src),
-                                   "-o", str(so), "-lm"], capture_output=True, text=True,
-                                  check=False)
-            if done.returncode != 0:
-                log.warning("building the %s kernel failed: %s", name, done.stderr[-500:])
+            so = Path(tmp) / f"{name}.so"
+            try:
+                build(name, so, openmp=openmp)
+            except BuildError as e:
+                log.warning("%s", e)
                 return None
             os.replace(so, target)  # atomic: a concurrent builder finds a whole file
     return ctypes.CDLL(str(target))
@@ -90,40 +134,3 @@ def _cpu_flags() -> str:
     except OSError:
         pass
     return ""
-
-
-EXP_NEG16 = r"""
-/* e^x for x <= 0 on 16 lanes (AVX-512), to ~2e-7 relative: 2^(x log2 e) as 2^round
-   (scalef) times a degree-6 polynomial for 2^frac. Shared by the kernels that need a
-   vector exp (libm's expf stays scalar without -ffast-math); include after immintrin.h. */
-static inline __m512 exp_neg16(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
-    const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504f));
-    const __m512 fi = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_sub_ps(t, fi);
-    __m512 p = _mm512_set1_ps(0.00015404f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.00133336f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.00961813f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.05550411f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24022651f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.69314718f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-    return _mm512_scalef_ps(p, fi);
-}
-"""
-
-
-SILU_MUL16 = r"""
-/* silu(g) * u on 16 lanes: silu(g) = g * s, s = 1 / (1 + e^-g), from e = e^-|g| (never
-   overflows): s = 1/(1+e) for g >= 0, e/(1+e) below; 1/(1+e), in [1/2, 1], by rcp14 and one
-   Newton step. Needs exp_neg16 (EXP_NEG16) before it. */
-static inline __m512 silu_mul16(__m512 g, __m512 u) {
-    const __m512 e = exp_neg16(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(g)));
-    const __m512 d = _mm512_add_ps(_mm512_set1_ps(1.f), e);
-    __m512 inv = _mm512_rcp14_ps(d);
-    inv = _mm512_mul_ps(inv, _mm512_fnmadd_ps(d, inv, _mm512_set1_ps(2.f)));
-    const __mmask16 neg = _mm512_cmp_ps_mask(g, _mm512_setzero_ps(), _CMP_LT_OQ);
-    const __m512 sig = _mm512_mask_mul_ps(inv, neg, inv, e);
-    return _mm512_mul_ps(_mm512_mul_ps(g, sig), u);
-}
-"""

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ctypes
 import mmap
-import os
 
 import numpy as np
 import torch
@@ -20,8 +19,8 @@ from llmos_kernel.core.gguf_file import ModelConfig
 POPULATE_CHUNK_BYTES = 32 << 20
 """How much of the pool ``ensure_resident`` faults in at a time, ahead of first use."""
 WARM_CHUNK_BYTES = 8 << 20
-"""How much ``warm`` faults in per call: a few tens of ms here, the most a request arriving at
-an idle kernel waits for it."""
+"""How much ``warm`` faults in per call: the most a request arriving at an idle kernel waits
+for it."""
 _MADV_POPULATE_WRITE = 23  # Linux 5.14+
 _MADV_NOHUGEPAGE = 15
 _HOST_DTYPES = {torch.float32: np.float32, torch.bfloat16: np.uint16}  # numpy has no bf16
@@ -38,8 +37,14 @@ def _madvise() -> object | None:
 
 
 class KVPool:
+    """Keys and values of every layer in ``num_blocks`` blocks of ``block_size`` slots.
+
+    ``hugepages`` (``KernelOptions.kv_hugepages``) lets a host pool keep the transparent
+    huge pages numpy asks for; by default it opts out (see below)."""
+
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int = 16,
-                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", *,
+                 hugepages: bool = False):
         if num_blocks < 1 or block_size < 1:
             raise ValueError("a KV pool needs at least one block of at least one slot")
         self.num_blocks, self.block_size = num_blocks, block_size
@@ -50,13 +55,13 @@ class KVPool:
         shape = (cfg.n_layers, 2, num_blocks * block_size, cfg.n_kv_heads, cfg.head_dim)
         if on_cpu and dtype in _HOST_DTYPES:
             # calloc'd pages: zero (so padding slots never hold NaN) yet only resident once used.
-            # numpy asks for transparent huge pages on large arrays; here the kernel then
-            # compacts memory to find them on first touch (0.2 GB/s populated, vs 2+ GB/s in
-            # 4 KiB pages: 12 ms of a 200 ms decode step of 64 sequences on a fresh pool), so
-            # the pool opts out; LLMOS_KV_HUGEPAGES=1 keeps them (a little faster once warm).
+            # numpy asks for transparent huge pages on large arrays; the Linux kernel then
+            # compacts memory to find them on first touch, which makes populating a fresh
+            # pool several times slower than in 4 KiB pages, so the pool opts out unless
+            # ``hugepages`` (a little faster once warm).
             self.data = torch.from_numpy(np.zeros(shape, dtype=_HOST_DTYPES[dtype])).view(dtype)
             self._madvise = _madvise()
-            if self._madvise is not None and os.environ.get("LLMOS_KV_HUGEPAGES") != "1":
+            if self._madvise is not None and not hugepages:
                 start = -(-self.data.data_ptr() // mmap.PAGESIZE) * mmap.PAGESIZE
                 end = self.data.data_ptr() + self.nbytes
                 self._madvise(start, end - start, _MADV_NOHUGEPAGE)
@@ -68,10 +73,10 @@ class KVPool:
     def ensure_resident(self, blocks: int) -> None:
         """Fault in the pages of blocks ``[0, blocks)``, and a chunk beyond, before a step
         first writes them. The pool is calloc'd, so a page costs nothing until it is used;
-        but a step's scattered first writes each take a page fault (about 6 ms of a 110 ms
-        decode step of 32 sequences here), where one MADV_POPULATE_WRITE call per slab does
-        the same pages many times faster. Blocks are handed out lowest first until every
-        one has been used once, so the resident part grows from the front."""
+        but a step's scattered first writes each take a page fault, where one
+        MADV_POPULATE_WRITE call per slab does the same pages many times faster. Blocks are
+        handed out lowest first until every one has been used once, so the resident part
+        grows from the front."""
         if blocks > self.resident_blocks:
             ahead = self.resident_blocks + self._blocks_in(POPULATE_CHUNK_BYTES)
             self._populate(max(blocks, ahead))

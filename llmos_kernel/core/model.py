@@ -6,7 +6,8 @@ prefilling a chunk of their prompt. The linear layers see all ``T`` tokens at
 once; attention runs per group (all single-token decodes together, each
 prefill chunk on its own) against keys gathered from the paged pool through
 the sequences' slot lists. Weights are stored input-major (``[in, out]``) and
-fused (QKV, gate+up), which is what small CPU batches run fastest on.
+fused (QKV, gate+up), which is what small CPU batches run fastest on. Which
+kernels serve it is the model's ``KernelOptions``, given at construction.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ from llmos_kernel.core import (
 )
 from llmos_kernel.core.gguf_file import ModelConfig
 from llmos_kernel.core.kv_cache import KVPool
+from llmos_kernel.core.options import KernelOptions
+
+DEFAULT_OPTIONS = KernelOptions()
 
 
 @dataclass
@@ -90,13 +94,13 @@ class StepBatch:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, fused: bool = True):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
-        self.eps = eps
+        self.eps, self.fused = eps, fused  # fused: may take fused_ops' C kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if fused_ops.usable(x) and fused_ops.available():
+        if self.fused and fused_ops.usable(x) and fused_ops.available():
             return fused_ops.rms_norm(x, self.weight, self.eps)
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
 
@@ -132,28 +136,30 @@ Packed = (quant_matmul.QuantWeight | panel_gemm.PanelWeight | packed_gemm.Packed
 
 
 def project(x: torch.Tensor, weight: torch.Tensor, packed: dict[str, Packed],
-            name: str, residual: torch.Tensor | None = None) -> torch.Tensor:
+            name: str, residual: torch.Tensor | None = None,
+            options: KernelOptions = DEFAULT_OPTIONS) -> torch.Tensor:
     """``x @ weight`` (plus ``residual``, whose memory may be reused), read from the file's
     quantized bytes where streaming fp32 weights would set the pace:
     ``packed[name + "/panels"]`` for steps of two rows or more (see panel_gemm),
     ``packed[name]`` for one row (see quant_matmul); else (other weight types, no AVX-512)
     from MKL's packed copy of the fp32 weight, ``packed[name + "/fp32"]``. A model loaded
     for bf16 products has ``packed[name + "/bf16"]`` and takes bf16_gemm for every step
-    (see bf16_gemm), summing into the residual in place."""
+    (see bf16_gemm), summing into the residual in place. ``options`` are the model's: the
+    bf16 kernel and the step sizes each path serves."""
     bf16 = packed.get(name + "/bf16")
     if bf16 is not None:
-        return bf16_gemm.matmul(x, bf16, out=residual)
-    y = _product(x, weight, packed, name)
+        return bf16_gemm.matmul(x, bf16, out=residual, kernel=options.bf16_kernel)
+    y = _product(x, weight, packed, name, options)
     return y if residual is None else residual + y
 
 
 def _product(x: torch.Tensor, weight: torch.Tensor, packed: dict[str, Packed],
-             name: str) -> torch.Tensor:
+             name: str, options: KernelOptions) -> torch.Tensor:
     rows = x.shape[0]
     panels = packed.get(name + "/panels")
-    if panels is not None and panel_gemm.serves(rows):
+    if panels is not None and panel_gemm.serves(rows, options):
         return panel_gemm.matmul(x, panels)
-    if name in packed and rows <= quant_matmul.MAX_ROWS:
+    if name in packed and rows <= options.quant_max_rows:
         return quant_matmul.matmul(x, packed[name])
     fp32 = packed.get(name + "/fp32")
     if fp32 is not None:
@@ -162,8 +168,9 @@ def _product(x: torch.Tensor, weight: torch.Tensor, packed: dict[str, Packed],
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int):
+    def __init__(self, cfg: ModelConfig, layer: int, options: KernelOptions = DEFAULT_OPTIONS):
         super().__init__()
+        self.options = options
         self.layer, self.n_heads, self.n_kv, self.hd = layer, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         q_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
         self.wqkv = nn.Parameter(torch.empty(cfg.d_model, q_dim + 2 * kv_dim), requires_grad=False)
@@ -176,9 +183,9 @@ class Attention(nn.Module):
                 batch: StepBatch, kv: KVPool, residual: torch.Tensor) -> torch.Tensor:
         """``residual`` plus the attention of ``x`` (the normed residual)."""
         T, H, KV = x.shape[0], self.n_heads, self.n_kv
-        qkv = project(x, self.wqkv, self.packed, "wqkv")
+        qkv = project(x, self.wqkv, self.packed, "wqkv", options=self.options)
         qk = qkv[:, :(H + KV) * self.hd].view(T, H + KV, self.hd)
-        if fused_ops.usable(qkv) and fused_ops.available():
+        if self.options.c_kernels and fused_ops.usable(qkv) and fused_ops.available():
             fused_ops.rope_(qkv, *rope, H + KV, self.hd)  # in place: qk sees the result
         else:
             qk = apply_rotary(qk, *rope)
@@ -193,11 +200,13 @@ class Attention(nn.Module):
 
         if batch.groups is not None:  # every row from the pool, one computation per token
             out = bf16_attention.attend(q, k_cache, v_cache, batch.groups, batch.group_tables,
-                                       batch.block_size, self.scale, batch.row_tables)
-            return project(out.reshape(T, -1), self.wo, self.packed, "wo", residual)
+                                       batch.block_size, self.scale, batch.row_tables,
+                                       kernel=self.options.bf16_kernel)
+            return project(out.reshape(T, -1), self.wo, self.packed, "wo", residual,
+                           self.options)
         parts = []
         nd = batch.n_decode
-        if nd and kv.paged_kernel:
+        if nd and kv.paged_kernel and self.options.c_kernels:
             out = paged_attention.decode(q[:nd].float(), k_cache, v_cache, batch.decode_tables,
                                          batch.decode_lens, batch.block_size, self.scale)
             parts.append(out.reshape(nd, -1).to(x.dtype))
@@ -222,12 +231,13 @@ class Attention(nn.Module):
                                                  scale=self.scale, enable_gqa=True)
             parts.append(out[0].transpose(0, 1).reshape(chunk.length, -1))
         attn = parts[0] if len(parts) == 1 else torch.cat(parts)
-        return project(attn, self.wo, self.packed, "wo", residual)
+        return project(attn, self.wo, self.packed, "wo", residual, self.options)
 
 
 class FeedForward(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, options: KernelOptions = DEFAULT_OPTIONS):
         super().__init__()
+        self.options = options
         self.w_gate_up = nn.Parameter(torch.empty(cfg.d_model, 2 * cfg.d_ff), requires_grad=False)
         self.w_down = nn.Parameter(torch.empty(cfg.d_ff, cfg.d_model), requires_grad=False)
         self.packed: dict[str, Packed] = {}
@@ -236,24 +246,24 @@ class FeedForward(nn.Module):
         """``residual`` plus the feed-forward of ``x`` (the normed residual)."""
         tiles = self.packed.get("w_gate_up/bf16")
         if tiles is not None:  # gate, up and silu(gate) * up in one pass over the tiles
-            hidden = bf16_gemm.matmul_silu(x, tiles)
+            hidden = bf16_gemm.matmul_silu(x, tiles, kernel=self.options.bf16_kernel)
         else:
-            gate_up = project(x, self.w_gate_up, self.packed, "w_gate_up")
-            hidden = fused_ops.silu_mul(gate_up) if fused_ops.usable(gate_up) and \
-                fused_ops.available() else None
+            gate_up = project(x, self.w_gate_up, self.packed, "w_gate_up", options=self.options)
+            fused = self.options.c_kernels and fused_ops.usable(gate_up) and fused_ops.available()
+            hidden = fused_ops.silu_mul(gate_up) if fused else None
             if hidden is None:
                 gate, up = gate_up.chunk(2, dim=-1)
                 hidden = F.silu(gate) * up
-        return project(hidden, self.w_down, self.packed, "w_down", residual)
+        return project(hidden, self.w_down, self.packed, "w_down", residual, self.options)
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int):
+    def __init__(self, cfg: ModelConfig, layer: int, options: KernelOptions = DEFAULT_OPTIONS):
         super().__init__()
-        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = Attention(cfg, layer)
-        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.ffn = FeedForward(cfg)
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, fused=options.c_kernels)
+        self.attn = Attention(cfg, layer, options)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, fused=options.c_kernels)
+        self.ffn = FeedForward(cfg, options)
 
     def forward(self, x, rope, batch: StepBatch, kv: KVPool) -> torch.Tensor:
         x = self.attn(self.attn_norm(x), rope, batch, kv, residual=x)
@@ -261,16 +271,17 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Embedding, ``n_layers`` blocks, final norm and output head."""
+    """Embedding, ``n_layers`` blocks, final norm and output head, served by the kernels
+    ``options`` allow (None: the defaults)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, options: KernelOptions | None = None):
         super().__init__()
-        self.config = cfg
+        self.config, self.options = cfg, options or DEFAULT_OPTIONS
         self.embed = nn.Parameter(torch.empty(cfg.vocab_size, cfg.d_model), requires_grad=False)
-        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.blocks = nn.ModuleList(Block(cfg, i, self.options) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, fused=self.options.c_kernels)
         # The output head, input-major like every projection (a copy of the embedding when
-        # the model ties them: x @ W runs small batches far faster than F.linear here).
+        # the model ties them: x @ W runs small batches faster than F.linear on CPU).
         self.output = nn.Parameter(torch.empty(cfg.d_model, cfg.vocab_size), requires_grad=False)
         self.rotary = Rotary(cfg.head_dim, cfg.rope_base, cfg.context_length)
         self.packed: dict[str, Packed] = {}
@@ -302,4 +313,4 @@ class Transformer(nn.Module):
         h = self.hidden_states(batch, kv)
         if batch.logits_rows is not None:
             h = h[batch.logits_rows]
-        return project(h, self.output, self.packed, "output").float()
+        return project(h, self.output, self.packed, "output", options=self.options).float()

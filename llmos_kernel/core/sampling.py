@@ -192,7 +192,7 @@ class SampleResult:
 
 def _argmax(scores: torch.Tensor) -> torch.Tensor:
     """Each row's first maximum, as ``argmax(dim=-1)``: torch's max reduction does the same
-    work faster here (2.0 vs 3.2 ms for 64 rows of a 49k vocabulary on two cores)."""
+    work faster on CPU."""
     return scores.max(dim=-1).indices
 
 
@@ -453,7 +453,7 @@ def _prefix(
 
 
 def _logsumexp(x: torch.Tensor) -> torch.Tensor:
-    """Row-wise logsumexp via the fused log_softmax, about 3x faster than torch's on CPU."""
+    """Row-wise logsumexp via the fused log_softmax, faster than torch's logsumexp on CPU."""
     return x.amax(dim=-1) - x.log_softmax(dim=-1).amax(dim=-1)
 
 

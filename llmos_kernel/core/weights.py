@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -13,6 +12,7 @@ import torch
 from llmos_kernel.core import bf16_gemm, packed_gemm, panel_gemm, quant_matmul
 from llmos_kernel.core.gguf_file import GGUFFile, ModelConfig
 from llmos_kernel.core.model import Transformer
+from llmos_kernel.core.options import KernelOptions
 from llmos_kernel.errors import InvalidArgument
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
@@ -27,16 +27,16 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     return DTYPES[name]
 
 
-def resolve_dtype(name: str, device: str = "cpu") -> str:
-    """``auto``: bf16 where it is the fast path (a CPU with bf16 products, on AMX tiles or
-    AVX512-BF16; a CUDA device with bf16), else fp32; any other name is checked and
-    returned."""
+def resolve_dtype(name: str, device: str = "cpu", options: KernelOptions | None = None) -> str:
+    """``auto``: bf16 where it is the fast path (a CPU with bf16 products under ``options``,
+    on AMX tiles or AVX512-BF16; a CUDA device with bf16), else fp32; any other name is
+    checked and returned."""
     if name != "auto":
         parse_dtype(name)
         return name
     if torch.device(device).type == "cuda":
         return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if bf16_products_available() else "fp32"
+    return "bf16" if bf16_products_available(options) else "fp32"
 
 
 # The model's projections and the GGUF tensors each one fuses, rows in this order.
@@ -81,10 +81,11 @@ def projections(model: Transformer, cfg: ModelConfig):
     yield model, "output", ["token_embd.weight" if cfg.tied_embeddings else "output.weight"]
 
 
-def _attach_quantized(model: Transformer, gguf: GGUFFile, cfg: ModelConfig) -> None:
+def _attach_quantized(model: Transformer, gguf: GGUFFile, cfg: ModelConfig,
+                      options: KernelOptions) -> None:
     """Give each projection the file stores in a kind quant_matmul reads a copy in that form,
-    and its panel layout (see panel_gemm)."""
-    panels = panel_gemm.available() and not os.environ.get("LLMOS_NO_PANELS")
+    and its panel layout (see panel_gemm) unless ``options`` turn panels off."""
+    panels = options.panels and panel_gemm.available()
     for module, attr, names in projections(model, cfg):
         kinds = {gguf.tensors[n].type_name for n in names}
         if len(kinds) == 1 and kinds.pop() in quant_matmul.QuantWeight.KINDS:
@@ -96,15 +97,15 @@ def _attach_quantized(model: Transformer, gguf: GGUFFile, cfg: ModelConfig) -> N
                 module.packed[attr + "/panels"] = panel
 
 
-def _attach_mkl_packed(model: Transformer, cfg: ModelConfig) -> None:
+def _attach_mkl_packed(model: Transformer, cfg: ModelConfig, options: KernelOptions) -> None:
     """Pack every fp32 projection once for MKL (see packed_gemm), where torch has MKL, and
     let the row-major copy go: nothing reads it once the packed one is there. Projections
-    with panels skip it: panels serve every step MKL would (and packing takes a second
+    with panels skip it: panels serve every step MKL would (and packing takes load time
     and, for a while, twice the weights' memory)."""
-    if not packed_gemm.available() or os.environ.get("LLMOS_NO_MKL_PACK"):
+    if not options.mkl_pack or not packed_gemm.available():
         return
     for module, attr, _ in projections(model, cfg):
-        if attr + "/panels" in module.packed and panel_gemm.serves_every_step():
+        if attr + "/panels" in module.packed and panel_gemm.serves_every_step(options):
             continue
         param = getattr(module, attr)
         weight = packed_gemm.pack(param)
@@ -127,30 +128,35 @@ def _attach_bf16_products(model: Transformer, cfg: ModelConfig) -> bool:
     return True
 
 
-def bf16_products_available() -> bool:
+def bf16_products_available(options: KernelOptions | None = None) -> bool:
     """Whether ``dtype="bf16"`` on this CPU means bf16 products (AMX tiles or AVX512-BF16)
     under fp32 activations (else the whole model runs in torch's bf16;
-    ``LLMOS_BF16_KERNEL=torch`` forces that)."""
-    return bf16_gemm.available()
+    ``bf16_kernel="torch"`` or ``c_kernels=False`` forces that)."""
+    options = options or KernelOptions()
+    return options.c_kernels and bf16_gemm.available(options.bf16_kernel)
 
 
 def load_model(path: str | Path, dtype: str | torch.dtype = "fp32",
-               device: str | torch.device = "cpu") -> tuple[Transformer, GGUFFile]:
+               device: str | torch.device = "cpu", options: KernelOptions | None = None
+               ) -> tuple[Transformer, GGUFFile]:
     """Open a GGUF file and build its Transformer with dequantized weights.
 
     ``bf16`` on a CPU with bf16 instructions (AMX or AVX512-BF16) keeps fp32 activations
     (norms, residuals, attention) and multiplies bf16-rounded operands in every projection,
     summed in fp32, with a bf16 KV pool (``model.kv_dtype``); elsewhere it is the whole
-    model in torch's bf16."""
+    model in torch's bf16. ``options`` choose the kernels (None: the defaults, not the
+    environment; the caller reads that with ``KernelOptions.from_env()``); the model keeps
+    them as ``model.options``."""
+    options = options or KernelOptions()
     started = time.perf_counter()
     dtype = parse_dtype(dtype)
     gguf = GGUFFile.open(path)
     cfg = gguf.config()
     gguf.check_tensor_types()
     sd = _state_dict(gguf, cfg)
-    model = Transformer(cfg)
+    model = Transformer(cfg, options)
     on_cpu = torch.device(device).type == "cpu"
-    products = dtype == torch.bfloat16 and on_cpu and bf16_products_available()
+    products = dtype == torch.bfloat16 and on_cpu and bf16_products_available(options)
     values = torch.float32 if products else dtype
     tensors = {k: torch.from_numpy(np.array(v, order="C", copy=True)).to(device=device, dtype=values)
                for k, v in sd.items()}
@@ -162,9 +168,9 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "fp32",
         for p in model.parameters():  # the whole model in torch's bf16, then
             p.data = p.data.to(dtype)
     elif values == torch.float32 and on_cpu and not products:
-        if quant_matmul.available():
-            _attach_quantized(model, gguf, cfg)
-        _attach_mkl_packed(model, cfg)
+        if options.c_kernels and quant_matmul.available():
+            _attach_quantized(model, gguf, cfg, options)
+        _attach_mkl_packed(model, cfg, options)
     model.eval()
     model.load_seconds = time.perf_counter() - started
     return model, gguf

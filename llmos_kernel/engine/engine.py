@@ -10,7 +10,7 @@ beam bookkeeping, grammar constraints and usage accounting.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -30,6 +30,7 @@ from llmos_kernel.errors import (
     NotFound,
     QuotaExceeded,
 )
+from llmos_kernel.wire import Usage
 
 
 @dataclass
@@ -46,21 +47,6 @@ class Request:
 
 
 @dataclass
-class Usage:
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-    completion_tokens: int = 0
-    queue_s: float = 0.0
-    ttft_s: float = 0.0
-    steps_waited: int = 0  # steps that started after it arrived and before it first ran
-    total_s: float = 0.0
-    preemptions: int = 0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass
 class Delta:
     """What one step produced for one request (tokens are new since the last delta)."""
 
@@ -73,11 +59,6 @@ class Delta:
     logprobs: list[float] | None = None
     context_id: str | None = None
     error: dict | None = None  # {"type", "message"} when finish_reason is "error"
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["usage"] = self.usage.to_dict() if self.usage else None
-        return d
 
 
 class Runner(Protocol):
@@ -98,14 +79,11 @@ class _RequestState:
 
 @dataclass
 class EngineConfig:
-    block_size: int = 16
-    num_blocks: int = 1024
-    swap_blocks: int = 1024
-    max_batch_tokens: int = 256
-    max_seqs: int = 64
+    block_size: int = 16  # tokens per KV block
+    num_blocks: int = 1024  # the KV pool (the memory plan sizes it)
     prefix_caching: bool = True
-    preemption: str = "auto"
-    max_model_len: int | None = None
+    max_model_len: int | None = None  # None: the model's context length
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
 
 class LLMEngine:
@@ -114,10 +92,11 @@ class LLMEngine:
         self.cfg = cfg = cfg or EngineConfig()
         self.tokenizer, self.runner = tokenizer, runner
         self.max_model_len = min(cfg.max_model_len or context_length, context_length)
+        # A sequence stops ("length") before it outgrows the whole pool, where it would be
+        # preempted forever.
+        self.max_seq_tokens = min(self.max_model_len, cfg.num_blocks * cfg.block_size)
         self.blocks = BlockManager(cfg.num_blocks, cfg.block_size, cfg.prefix_caching)
-        self.scheduler = Scheduler(
-            SchedulerConfig(cfg.max_batch_tokens, cfg.max_seqs, cfg.preemption, cfg.swap_blocks),
-            self.blocks)
+        self.scheduler = Scheduler(cfg.scheduler, self.blocks)
         self.requests: dict[str, _RequestState] = {}
         self._seq_of: dict[int, Sequence] = {}
         self._next_seq = 0
@@ -255,7 +234,8 @@ class LLMEngine:
 
     def step(self) -> list[Delta]:
         sched, plan = self.schedule()
-        if not plan.seqs and not (plan.swap_out or plan.swap_in or plan.copies):
+        if not plan.seqs and not (plan.swap_out or plan.swap_in or plan.copies
+                                  or plan.drop_swap):
             return []
         return self.postprocess(sched, self.runner.execute(plan))
 
@@ -328,7 +308,7 @@ class LLMEngine:
             if stopped or seq.constraint is not None and seq.constraint.is_done():
                 reason = "stop"
         if reason is None and (len(seq.output_ids) >= params.max_tokens
-                               or seq.num_tokens >= self.max_model_len):
+                               or seq.num_tokens >= self.max_seq_tokens):
             reason = "length"
         if reason is not None:
             if reason == "length":

@@ -32,10 +32,10 @@ _RANK = {Status.RUNNING: 0, Status.SWAPPED: 1, Status.WAITING: 2}
 
 @dataclass
 class SchedulerConfig:
-    max_batch_tokens: int = 256
-    max_seqs: int = 64
+    max_batch_tokens: int = 256  # tokens computed per step, prompt chunks and decodes
+    max_seqs: int = 64  # sequences running at once
     preemption: str = "auto"  # "auto" (swap while host space lasts), "swap" or "recompute"
-    swap_blocks: int = 0  # host swap space, in blocks
+    swap_blocks: int = 0  # host swap space, in blocks (the memory plan sizes it)
 
 
 @dataclass

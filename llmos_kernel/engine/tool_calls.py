@@ -23,7 +23,7 @@ from typing import Any
 
 from llmos_kernel.engine.grammar import JSON_STYLE, Grammar, GrammarCompiler
 from llmos_kernel.errors import InvalidArgument
-from llmos_kernel.services.tools import ToolSpec
+from llmos_kernel.tool_specs import ToolSpec
 
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 RESULT_OPEN, RESULT_CLOSE = "<tool_response>", "</tool_response>"

@@ -9,12 +9,13 @@ state dir), so the in-memory matrices below can never go stale.
 
 Search is exact and brute force: a pid's unit vectors sit in one numpy matrix, loaded on
 first use, and a query is one matrix-vector product and a partial sort. At the per-pid cap
-(100,000 × 384 float32, 150 MB) that takes tens of milliseconds on two cores; an
-approximate index (HNSW, IVF) would only trade recall for speed nobody needs at this scale.
+(100,000 × 384 float32) that is one pass over the matrix; an approximate index (HNSW,
+IVF) would only trade recall for speed nobody needs at this scale.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 import threading
@@ -375,3 +376,29 @@ def _encode_metadata(metadata: object, max_bytes: int,
 
 def _fields(metadata: dict[str, Any]) -> dict[str, str]:
     return {key: json.dumps(value, sort_keys=True) for key, value in metadata.items()}
+
+
+class MemoryService:
+    """The kernel's memory store, opened on first use: its embedding model loads off the
+    event loop, once, and a failed load is tried again by the next caller."""
+
+    def __init__(self, path: Path, model: str):
+        self.path, self.model = path, model
+        self._store: asyncio.Future[MemoryStore] | None = None
+        self._embedder = None
+
+    async def store(self) -> MemoryStore:
+        if self._store is None or (self._store.done() and self._store.exception()):
+            self._store = asyncio.ensure_future(asyncio.to_thread(self._open))
+        return await asyncio.shield(self._store)
+
+    def _open(self) -> MemoryStore:
+        from llmos_kernel.core.embedder import Embedder
+
+        self._embedder = Embedder.load(self.model)
+        return MemoryStore(self.path, self._embedder.embed)
+
+    async def embed(self, texts: list[str]) -> list[list[float]]:
+        """Unit sentence embeddings from the store's model, computed off the loop."""
+        await self.store()
+        return (await asyncio.to_thread(self._embedder.embed, texts)).tolist()
