@@ -47,7 +47,8 @@ class AgentHost:
     def __init__(self, kernel: Any, host_id: str, *, token: str | None = None):
         kernel = ray.get_actor(kernel, namespace="llmos") if isinstance(kernel, str) else kernel
         self.host_id = host_id
-        self.link = KernelLink(kernel, host_id, token, self._dispatch, self._before_flush)
+        self.link = KernelLink(kernel, host_id, token, self._dispatch, self._before_flush,
+                               lost=(ray.exceptions.RayError,))
         self.agents: dict[int, AgentRuntime] = {}
         self.names: dict[str, AgentRuntime] = {}
         self.sent_schemas: set[str] = set()  # message types this host has declared to the kernel
@@ -159,7 +160,11 @@ class AgentHost:
     def _dispatch(self, item: wire.Item) -> None:
         match item:
             case wire.Reply(call=call, result=raw):
-                self.link.resolve(call, wire.decode_result(raw))
+                try:
+                    result = wire.decode_result(raw)
+                except LlmosError as e:  # a malformed result spoils only its own call
+                    result = wire.failure(e)
+                self.link.resolve(call, result)
             case wire.Deliver(pid=pid, envelope=envelope):
                 agent = self.agents.get(pid)
                 if agent is not None:
@@ -216,7 +221,12 @@ class AgentHost:
 
     async def _run_tool(self, order: wire.ToolCall) -> None:
         result = await program_runner.run_tool(self.agents.get(order.pid), order)
-        self.link.call("", "tools.result", {"call": order.call, "result": result})
+        try:
+            self.link.call("", "tools.result", {"call": order.call, "result": result})
+        except LlmosError as e:  # its value cannot cross: the caller hears why, not silence
+            failed = wire.Result(error=wire.ErrorInfo("ToolError", f"the tool's result "
+                                                      f"cannot be sent: {e}"))
+            self.link.call("", "tools.result", {"call": order.call, "result": failed})
 
 
 class _HostActor:

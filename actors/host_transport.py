@@ -24,8 +24,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import ray
-
 from llmos_kernel import wire
 from llmos_kernel.errors import InvalidArgument, LlmosError, Unavailable
 
@@ -53,9 +51,14 @@ class _Batch:
 
 
 class KernelLink:
+    """``kernel``: its actor handle (``host_batch`` / ``host_poll``); ``lost``: the exception
+    types that mean the kernel could not be reached (Ray's, from the host that makes the
+    link), as opposed to a refusal."""
+
     def __init__(self, kernel: Any, host_id: str, token: str | None,
-                 dispatch: Callable[[Any], None], before_flush: Callable[[], None]):
-        self.kernel, self.host_id, self.token = kernel, host_id, token
+                 dispatch: Callable[[wire.Item], None], before_flush: Callable[[], None],
+                 lost: tuple[type[BaseException], ...] = (ConnectionError,)):
+        self.kernel, self.host_id, self.token, self.lost = kernel, host_id, token, lost
         self.dispatch, self.before_flush = dispatch, before_flush
         self.ops: list[wire.Syscall] = []
         self.futures: dict[str, asyncio.Future] = {}
@@ -105,6 +108,16 @@ class KernelLink:
         self._wake.set()
 
     def report_exit(self, report: wire.ExitReport) -> None:
+        """Queue an exit report; one whose result or error text cannot be encoded (a lone
+        surrogate) is sent with that text made safe, so it can never be lost."""
+        try:
+            wire.encode(report)
+        except (TypeError, ValueError, OverflowError):
+            result = report.result if isinstance(report.result, str) else repr(report.result)
+            report = wire.ExitReport(report.pid, report.reason, result=_safe(result),
+                                     error=None if report.error is None else
+                                     {k: _safe(str(v)) for k, v in report.error.items()},
+                                     handling=report.handling)
         self.exits.append(report)
         self._wake.set()
 
@@ -133,7 +146,8 @@ class KernelLink:
             batch = _Batch(self.ops, self.exits, self._unsent_logs)
             self.ops, self.exits, self._unsent_logs = [], [], {}
             for agent in self.logging:
-                batch.logs[agent.pid] = batch.logs.get(agent.pid, "") + "".join(agent.log_buffer)
+                batch.logs[agent.pid] = batch.logs.get(agent.pid, "") + \
+                    _safe("".join(agent.log_buffer))
                 agent.log_buffer.clear()
             self.logging.clear()
             seq, self._seq = self._seq, self._seq + 1
@@ -146,11 +160,13 @@ class KernelLink:
                                               batch.logs))  # a Syscall encodes as its Raw
             reply = wire.decode_answer(await self.kernel.host_batch.remote(
                 self.host_id, data, self.token))
-        except ray.exceptions.RayError as e:
+        except self.lost as e:
             batch.error = e
             self._setback[seq] = batch
-        except Exception as e:  # noqa: BLE001 - e.g. an exit result that cannot be encoded
+        except Exception as e:
+            log.exception("host %s could not send a batch", self.host_id)
             self._fail(batch.ops, InvalidArgument(f"cannot send these calls: {e}"))
+            self.exits[:0] = batch.exits
         else:
             if reply.error is not None:
                 self._fail(batch.ops, reply.error.exception())
@@ -161,7 +177,7 @@ class KernelLink:
                 self._down_since = None
                 self._receive(reply.out)
                 for call, raw in reply.results.items():
-                    result = wire.decode_result(raw)
+                    result = _decoded(raw)
                     if not result.pending:  # else its Reply item comes later
                         self.resolve(call, result)
         finally:
@@ -206,9 +222,12 @@ class KernelLink:
             try:
                 reply = wire.decode_answer(await self.kernel.host_poll.remote(
                     self.host_id, POLL_TIMEOUT_S, self.token))
-            except ray.exceptions.RayError as e:
+            except self.lost as e:
                 log.warning("host %s lost the kernel: %s", self.host_id, e)
                 await asyncio.sleep(RETRY_DELAY_S)
+                continue
+            except InvalidArgument:  # a bug on one side: say so, keep polling
+                log.exception("host %s got an answer it cannot read", self.host_id)
                 continue
             if reply.error is not None:
                 log.error("host %s poll refused: %s", self.host_id, reply.error.message)
@@ -234,3 +253,25 @@ class KernelLink:
                 except Exception:
                     log.exception("host %s could not handle %s", self.host_id,
                                   type(item).__name__)
+
+
+def _safe(text: str) -> str:
+    """Text msgpack can carry: a lone surrogate (an undecodable file name, say) becomes
+    the replacement character instead of spoiling the batch it travels in."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:  # bytes a file name carried (surrogateescape): each becomes U+FFFD
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "replace").decode("utf-8")
+
+
+def _decoded(raw) -> wire.Result:
+    """One result; a malformed one spoils only its own call."""
+    try:
+        return wire.decode_result(raw)
+    except InvalidArgument as e:
+        return wire.failure(e)

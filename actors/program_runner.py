@@ -53,8 +53,7 @@ class Capture:
 
 async def run(agent: AgentRuntime, program: wire.Program, args: dict,
               exited: Callable[[AgentRuntime, wire.ExitReport], None]) -> None:
-    """Run a program to its end, as ``agent``; then tell ``exited`` how it ended. (The
-    agent's task is this coroutine itself: one frame per idle agent, not two.)"""
+    """Run a program to its end, as ``agent``; then tell ``exited`` how it ended."""
     exited(agent, await _run(agent, program, args))
 
 

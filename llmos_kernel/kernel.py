@@ -2,8 +2,9 @@
 
 It owns the scarce things — the model and its KV memory (the LLM service),
 the process table, mailboxes, files, tools, memories and the state dir — and
-answers every call with a ``wire.Result`` (a value or a typed error),
-so a bad request gets a typed error while everyone else keeps being served.
+answers every driver call with a ``wire.Result`` (a value or a typed error) and
+every host call with an encoded ``wire.Answer``, so a bad request gets a typed
+error while everyone else keeps being served.
 
 Who is asking: agent processes present the capability the kernel issued at
 spawn (their host carries it, per call); agent hosts present the secret the
@@ -195,11 +196,12 @@ class Kernel:
     # -- driver API (root token) -----------------------------------------------------
     @answer
     async def attach(self, token: str, host_id: str, name: str | None = None,
-                     priority: int = 0) -> dict:
-        """Make a driver script a process; returns its pid and capability."""
+                     priority: int = 0, quotas: dict | None = None) -> dict:
+        """Make a driver script a process (``quotas`` as for spawn); returns its pid and
+        capability."""
         self._check_root(token)
         self.services.procs.register_driver_host(host_id, token)
-        proc, capability = self.services.procs.attach(name, priority, host_id)
+        proc, capability = self.services.procs.attach(name, priority, host_id, quotas)
         self.services.spawned(proc)
         return {"pid": proc.pid, "capability": capability}
 

@@ -33,6 +33,7 @@ from llmos_kernel.errors import (
     QuotaExceeded,
     Unavailable,
 )
+from llmos_kernel.latency import Latency
 from llmos_kernel.outbox import Outboxes
 
 log = logging.getLogger("llmos.llm")
@@ -57,6 +58,7 @@ class LLMService:
         self._meter: collections.deque[tuple[float, int]] = collections.deque()
         self._grammars = None  # GrammarCompiler, built on first constrained request
         self._steps: collections.deque[float] = collections.deque(maxlen=256)  # step seconds
+        self.latency = Latency()
 
     # -- lifecycle ------------------------------------------------------------
     async def start(self) -> None:
@@ -264,6 +266,8 @@ class LLMService:
             target = self.client_of.get(delta.request_id)
             if delta.finished:
                 self.client_of.pop(delta.request_id, None)
+                if delta.usage is not None:
+                    self.latency.record(delta.usage)
                 if target is not None and delta.usage is not None:
                     self.on_usage(target[1], delta.usage)
             if target is not None:
@@ -309,6 +313,7 @@ class LLMService:
             "prefix_cache": {"hit_tokens": blocks.hits, "query_tokens": blocks.queries,
                              "hit_rate": blocks.hits / blocks.queries if blocks.queries else 0.0},
             "throughput_tok_s": self.throughput(),
+            "latency": self.latency.to_dict(),
             "step_p50_s": sorted(self._steps)[len(self._steps) // 2] if self._steps else None,
             "engine": dict(stats),
             "shard": {"restarts": self.total_shard_restarts, "failed": self.failed,
@@ -322,7 +327,7 @@ def token_delta(pid: int, delta: Delta, error: str | None = None) -> wire.TokenD
         wire.ErrorInfo(**delta.error) if delta.error else None
     return wire.TokenDelta(pid, delta.request_id, delta.token_ids, delta.text, delta.finished,
                            delta.finish_reason, delta.usage, delta.logprobs, delta.context_id,
-                           failed)
+                           failed, delta.top_logprobs)
 
 
 REQUEST_FIELDS = {"request_id", "prompt", "messages", "prompt_ids", "params", "keep_context",

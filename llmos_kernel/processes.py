@@ -281,9 +281,11 @@ class ProcessManager:
             proc.args, proc.quotas.mailbox, self.ipc.backlog(proc.pid)))
         self.ipc.pump(proc.pid)
 
-    def attach(self, name: str | None, priority: int, host_id: str) -> tuple[Process, str]:
+    def attach(self, name: str | None, priority: int, host_id: str,
+               quotas: dict | None = None) -> tuple[Process, str]:
         """A driver script becomes a process (it runs its own code; nothing is spawned)."""
         fields_ = self.validate_spawn(None, {"name": name, "priority": priority,
+                                             "quotas": quotas,
                                              "program": ATTACHED_PLACEHOLDER})
         fields_["program"] = wire.to_builtins(wire.Program("attached", label=name or "driver"))
         proc, capability = self.table.create(fields_)

@@ -18,11 +18,14 @@ that cannot be encoded fails that call alone, at the caller, and not its whole b
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Literal
 
 import msgspec
 
 from llmos_kernel.errors import InvalidArgument, LlmosError
+
+log = logging.getLogger("llmos.wire")
 
 # -- results -------------------------------------------------------------------------
 
@@ -59,7 +62,7 @@ def failure(error: LlmosError | ErrorInfo) -> Result:
 
 
 def internal_error(where: str, e: BaseException) -> Result:
-    """A bug, reported to the caller as data (the caller logs it with its traceback)."""
+    """A bug, reported to the caller as data."""
     return Result(error=ErrorInfo("LlmosError",
                                   f"internal error in {where}: {type(e).__name__}: {e}"))
 
@@ -160,6 +163,7 @@ class TokenDelta(msgspec.Struct, tag="delta", array_like=True):
     logprobs: list[float] | None = None
     context_id: str | None = None
     error: ErrorInfo | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None  # per token, best first
 
 
 class Spawn(msgspec.Struct, tag="spawn", array_like=True):
@@ -224,8 +228,9 @@ def encode_args(args: dict) -> msgspec.Raw:
     try:
         return msgspec.Raw(_encoder.encode(args))
     except (TypeError, ValueError, OverflowError) as e:
-        raise InvalidArgument(f"cannot send these arguments: {e} (only str, int, float, "
-                              "bool, None, bytes, lists, dicts and dataclasses cross)") from None
+        raise InvalidArgument(f"cannot send these arguments: {e} (only str in UTF-8, int up "
+                              "to 64 bits, float, bool, None, bytes, lists, dicts and "
+                              "dataclasses cross)") from None
 
 
 def encode_result(result: Result) -> msgspec.Raw:
@@ -233,6 +238,7 @@ def encode_result(result: Result) -> msgspec.Raw:
     try:
         return msgspec.Raw(_encoder.encode(result))
     except (TypeError, ValueError, OverflowError) as e:
+        log.warning("a result could not be encoded: %s: %s", type(e).__name__, e)
         return msgspec.Raw(_encoder.encode(internal_error("encoding a result", e)))
 
 

@@ -173,6 +173,15 @@ async def stream(messages: list[dict] | None = None, *, prompt: str | None = Non
             yield delta.text
 
 
+async def deltas(messages: list[dict] | None = None, *, prompt: str | None = None,
+                 **kwargs) -> AsyncIterator[Any]:
+    """Every ``wire.TokenDelta`` of one generation as the kernel streams it (new text, token
+    ids, logprobs; the last also the finish reason and usage). Leaving the loop early
+    cancels the request in the kernel. Same arguments as ``chat`` / ``complete``."""
+    async for delta in _generate(_spec(prompt, messages, **kwargs)):
+        yield delta
+
+
 async def release(context_id: str) -> None:
     """Free a context kept with ``keep_context=True``."""
     await _context.call("llm.release", context_id=context_id)

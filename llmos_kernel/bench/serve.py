@@ -35,6 +35,7 @@ import torch
 from llmos_kernel import store
 from llmos_kernel.bench.core import load_reference
 from llmos_kernel.bench.prompts import chat_prompts, shared_system_prompt
+from llmos_kernel.bench.stats import percentile
 
 
 def _best_rate(product, seconds: float, dtype: torch.dtype = torch.float32) -> float:
@@ -80,13 +81,6 @@ def gemm_peak_flops(seconds: float = 1.0, dtype: torch.dtype = torch.float32) ->
     return rates
 
 
-def _pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))]
-
-
 async def _drive(client, workloads: list[list[dict]], concurrency: int, max_tokens: int,
                  salt: str = "") -> dict:
     gate = asyncio.Semaphore(concurrency)
@@ -118,9 +112,9 @@ async def _drive(client, workloads: list[list[dict]], concurrency: int, max_toke
     await asyncio.gather(*(one(m) for m in workloads))
     wall = time.perf_counter() - started
     return {"agg_tok_s": total / wall, "processed_tok_s": (total + prompt_computed) / wall,
-            "ttft_p50_s": _pct(ttfts, 0.5),
-            "ttft_p99_s": _pct(ttfts, 0.99), "itl_p50_s": _pct(itls, 0.5),
-            "itl_p99_s": _pct(itls, 0.99), "wall_s": wall, "tokens": total}
+            "ttft_p50_s": percentile(ttfts, 0.5),
+            "ttft_p99_s": percentile(ttfts, 0.99), "itl_p50_s": percentile(itls, 0.5),
+            "itl_p99_s": percentile(itls, 0.99), "wall_s": wall, "tokens": total}
 
 
 async def _ttft(client, messages: list[dict]) -> dict:
@@ -163,18 +157,31 @@ def _reference(hf, tokenizer, workloads, concurrency: int,
     return total / wall, (total + prompts) / wall
 
 
+def _http_server(kernel_name: str, state_dir: str | None, repeat: int, concurrency: int):
+    """``llmos serve`` in a process of its own, as a user runs it, on a loopback port; one
+    API key (so one kernel process, with its own prefix-cache tenant, as the in-cluster
+    runs each have their own salt) per run."""
+    from llmos_kernel.bench.http import ServeProcess
+
+    keys = {f"bench-http-{rep}-key": {"name": f"bench-http-{rep}", "max_streams": concurrency}
+            for rep in range(repeat)}
+    return ServeProcess.start(kernel_name, state_dir, keys)
+
+
 def run(*, kernel_name: str = "kernel", address: str | None = None, concurrency: int = 64,
         requests: int = 128, repeat: int = 1,
         max_tokens: int = 64, shared_prefix: int = 0, max_words: int = 200,
         baseline: bool = True, dtype: str = "auto",
-        model: str = store.DEFAULT_MODEL, kv_budget: str = "auto",
+        model: str = store.DEFAULT_MODEL, kv_budget: str = "auto", http: bool = False,
         progress: Callable[[str], None] = lambda _: None) -> dict:
+    """``http``: also drive the same workload through ``llmos serve``'s OpenAI API (a
+    server started here, on the loopback), alternating with the in-cluster client."""
     import ray
 
     from llmos_kernel.client import KernelClient, unwrap
     from llmos_kernel.launcher import find_kernel
 
-    started_here = None
+    started_here, state_dir = None, None
     if not ray.is_initialized():
         if address:
             from llmos_kernel.launcher import connect_ray
@@ -192,7 +199,7 @@ def run(*, kernel_name: str = "kernel", address: str | None = None, concurrency:
         from llmos_kernel.launcher import start_kernel
 
         progress(f"starting a kernel ({model})")
-        state = tempfile.mkdtemp(prefix="llmos-bench-")
+        state = state_dir = tempfile.mkdtemp(prefix="llmos-bench-")
         started_here = start_kernel(KernelConfig(
             state_dir=state, name=kernel_name,
             llm=LLMConfig.of(model=model, dtype=dtype, kv_budget=kv_budget,
@@ -226,6 +233,7 @@ def run(*, kernel_name: str = "kernel", address: str | None = None, concurrency:
     hfs = {d: load_reference(store.resolve_model(model_path), d) for d in ref_dtypes}
     runs: list[dict] = []
     refs: dict[str, list[tuple[float, float]]] = {d: [] for d in ref_dtypes}
+    server = _http_server(kernel_name, state_dir, repeat, concurrency) if http else None
     for rep in range(repeat):
         # Each run under its own cache salt: none reuses the prefix cache of another.
         salt = f"bench-serve-{rep}-{time.time_ns()}"
@@ -250,6 +258,15 @@ def run(*, kernel_name: str = "kernel", address: str | None = None, concurrency:
                      "high_priority_queue_s": busy["queue_s"],
                      "high_priority_steps_waited": busy["steps_waited"], "step_p50_s": step_s})
         progress(f"llmos run {rep + 1}: {ours['agg_tok_s']:.1f} tok/s")
+        if server is not None:
+            from llmos_kernel.bench import http as http_bench
+
+            progress(f"llmos through HTTP: the same requests (run {rep + 1} of {repeat})")
+            over_http = loop.run_until_complete(http_bench.drive(
+                server.url, f"bench-http-{rep}-key", server.model_id, workloads,
+                concurrency, max_tokens))
+            runs[-1].update({f"http_{k}": v for k, v in over_http.items()})
+            progress(f"llmos through HTTP run {rep + 1}: {over_http['agg_tok_s']:.1f} tok/s")
         for ref_dtype, hf in hfs.items():  # alternating with ours: a noisy spell hits all
             progress(f"baseline: transformers {ref_dtype}, padded batches of the same prompts "
                      f"(run {rep + 1} of {repeat})")
@@ -290,6 +307,9 @@ def run(*, kernel_name: str = "kernel", address: str | None = None, concurrency:
         key = "ref" if ref_dtype == "fp32" else f"ref_{ref_dtype}"
         result[f"{key}_agg_tok_s"], result[f"{key}_processed_tok_s"] = max(got)
         result[f"runs_{key}_agg_tok_s"] = [r[0] for r in got]
+    if server is not None:
+        result["runs_http_agg_tok_s"] = [r["http_agg_tok_s"] for r in runs]
+        server.stop()
     loop.run_until_complete(client.close())
     if started_here is not None:
         ray.kill(started_here)

@@ -38,13 +38,14 @@ def main() -> None:
 
 
 def _register() -> None:
-    from llmos_kernel.cli import bench, demo, generate, kernel, models, proc
+    from llmos_kernel.cli import bench, demo, generate, kernel, models, proc, serve
 
     main.add_command(bench.bench)
     main.add_command(demo.demo)
     main.add_command(models.models)
     main.add_command(generate.generate)
     main.add_command(kernel.kernel)
+    main.add_command(serve.serve)
     for command in proc.COMMANDS:
         main.add_command(command)
 

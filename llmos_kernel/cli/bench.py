@@ -142,16 +142,18 @@ def ipc(agents: int, messages: int, pairs: int, kernel_name: str | None, state_d
 @click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16"]), default="auto",
               show_default=True, help="The kernel's, where it is started here; the baseline "
               "runs in fp32 and, beside a bf16 kernel, in bf16 too.")
+@click.option("--http", is_flag=True, help="Also send the same workload through `llmos "
+              "serve`'s OpenAI API (started here, on the loopback), alternating runs.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
 def serve(address, kernel_name, model, concurrency, requests, max_tokens, repeat, shared_prefix,
-          max_words, no_baseline, dtype, as_json) -> None:
+          max_words, no_baseline, dtype, http, as_json) -> None:
     """The kernel under concurrent load vs transformers' padded batches."""
     from llmos_kernel.bench import serve as serve_bench
 
     result = serve_bench.run(kernel_name=kernel_name, address=address, concurrency=concurrency,
                              requests=requests, max_tokens=max_tokens, repeat=repeat,
                              shared_prefix=shared_prefix, max_words=max_words,
-                             baseline=not no_baseline, model=model, dtype=dtype,
+                             baseline=not no_baseline, model=model, dtype=dtype, http=http,
                              progress=lambda m: click.echo(f"[bench] {m}", err=True))
     if as_json:
         click.echo(json.dumps(result))
@@ -209,6 +211,11 @@ def serve_report(result: dict) -> None:
                f"{result['high_priority_queue_s']:.2f}s for the step in flight to end, then "
                + ("the very next step" if waited == 0 else f"{waited} more steps")
                + f" (step p50 {result['step_p50_s']:.2f}s)")
+    if "http_agg_tok_s" in result:
+        click.echo(f"through the HTTP API (same requests, same run): "
+                   f"{result['http_agg_tok_s']:.1f} tok/s, "
+                   f"{result['http_agg_tok_s'] / result['agg_tok_s']:.2f}x the in-cluster "
+                   f"client; TTFT p50 {result['http_ttft_p50_s']:.2f}s")
     if "ttft_p50_nocache_s" in result:
         click.echo(f"TTFT p50 without prefix caching {result['ttft_p50_nocache_s']:.2f}s "
                    f"({result['ttft_p50_nocache_s'] / result['ttft_p50_s']:.1f}x the cached)")

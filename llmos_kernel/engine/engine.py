@@ -57,6 +57,7 @@ class Delta:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     usage: Usage | None = None
     logprobs: list[float] | None = None
+    top_logprobs: list[list[list]] | None = None  # per token: [token id, logprob] best first
     context_id: str | None = None
     error: dict | None = None  # {"type", "message"} when finish_reason is "error"
 
@@ -268,6 +269,8 @@ class LLMEngine:
             seq.output_ids.append(token)
             if seq.seq_id in out.logprobs:
                 seq.logprobs.append(out.logprobs[seq.seq_id])
+            if seq.seq_id in out.top_logprobs:
+                seq.top_logprobs.append(out.top_logprobs[seq.seq_id])
             self.stats["tokens_generated"] += 1
             delta = deltas.setdefault(seq.request_id, Delta(seq.request_id))
             self._on_token(state, seq, token, delta)
@@ -290,6 +293,9 @@ class LLMEngine:
         delta.token_ids.append(token)
         if seq.logprobs and params.logprobs:
             delta.logprobs = (delta.logprobs or []) + [seq.logprobs[-1]]
+        if params.top_logprobs:
+            top = seq.top_logprobs[-1] if len(seq.top_logprobs) == len(seq.output_ids) else []
+            delta.top_logprobs = (delta.top_logprobs or []) + [[list(t) for t in top]]
         reason = None
         if seq.constraint is not None:
             try:

@@ -1,0 +1,1 @@
+"""``llmos serve``: the kernel behind an OpenAI-compatible HTTP API, metrics and a console."""
