@@ -89,7 +89,7 @@ class AgentHost:
         for agent in list(self.agents.values()):
             if agent.task:
                 agent.task.cancel()
-        self.link.stop()
+        await asyncio.gather(*self.link.stop(), return_exceptions=True)
 
     def logged(self, agent: AgentRuntime) -> None:
         """``agent`` has output to send."""

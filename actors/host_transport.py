@@ -82,9 +82,11 @@ class KernelLink:
             self._tasks = [loop.create_task(self._flush_loop()),
                            loop.create_task(self._poll_loop())]
 
-    def stop(self) -> None:
+    def stop(self) -> list[asyncio.Task]:
+        """Cancel both loops; returns their tasks, for a caller that can wait for them."""
         for task in self._tasks:
             task.cancel()
+        return self._tasks
 
     def wake(self) -> None:
         self._wake.set()

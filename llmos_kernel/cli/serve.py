@@ -1,4 +1,4 @@
-"""``llmos serve``: an OpenAI-compatible HTTP API in front of a running kernel."""
+"""``llmos serve``: an OpenAI-compatible HTTP API, metrics and a console for a kernel."""
 
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ from llmos_kernel.paths import DEFAULT_NAME
 def serve(host: str, port: int, kernel_name: str, address: str | None,
           state_dir: Path | None, api_key: str | None, keys_file: Path | None,
           max_tokens: int | None) -> None:
-    """Serve /v1/models, /v1/chat/completions, /v1/completions and /v1/embeddings.
+    """Serve /v1/models, /v1/chat/completions, /v1/completions, /v1/embeddings, /metrics
+    and the web console at /.
 
     With no --api-key or --keys-file only loopback callers are served."""
     from llmos_kernel.http.gateway import Gateway

@@ -63,24 +63,45 @@ def create_app(server: Server) -> FastAPI:
     app.state.llmos = server
     errors.install(app)
 
-    @app.middleware("http")
-    async def authenticate(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > server.max_body_bytes:
-            return errors.response(413, f"the body has {length} bytes, over this server's "
-                                   f"limit of {server.max_body_bytes}", "invalid_request_error",
-                                   "body_too_large")
-        if request.url.path.startswith(("/v1/", "/api/")) or request.url.path == "/metrics":
-            key = _authenticate(server.keys, request)
-            if isinstance(key, JSONResponse):
-                return key
-            request.state.api_key = key
-        return await call_next(request)
+    app.add_middleware(Authenticate, server=server)
 
     app.include_router(openai_api.router)
     app.include_router(metrics.router)
     app.include_router(console.router)
     return app
+
+
+class Authenticate:
+    """Checks a request's size and key before any route sees it, as plain ASGI: it only
+    reads headers, and passes a streamed response through untouched (no wrapping per
+    chunk, as Starlette's BaseHTTPMiddleware would)."""
+
+    def __init__(self, app, server: Server):
+        self.app, self.server = app, server
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            refusal = self._refusal(scope)
+            if refusal is not None:
+                await refusal(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def _refusal(self, scope) -> JSONResponse | None:
+        request = Request(scope)
+        length = request.headers.get("content-length")
+        limit = self.server.max_body_bytes
+        if length is not None and length.isdigit() and int(length) > limit:
+            return errors.response(413, f"the body has {length} bytes, over this server's "
+                                   f"limit of {limit}", "invalid_request_error",
+                                   "body_too_large")
+        path = scope["path"]
+        if path.startswith(("/v1/", "/api/")) or path == "/metrics":
+            key = _authenticate(self.server.keys, request)
+            if isinstance(key, JSONResponse):
+                return key
+            scope.setdefault("state", {})["api_key"] = key
+        return None
 
 
 def _authenticate(keys: KeyRing, request: Request) -> ApiKey | JSONResponse:

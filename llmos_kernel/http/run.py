@@ -32,6 +32,8 @@ async def open_server(gateway: Gateway, keys: KeyRing, *, max_tokens: int = MAX_
         from llmos_kernel.core.tokenizer import Tokenizer
 
         tokenizer = Tokenizer.from_gguf(GGUFFile.open(path).metadata)
+    # Every configured key's process now, not on its first request (which would wait).
+    await asyncio.gather(*(gateway.process(key) for key in keys.keys.values()))
     return Server(gateway, keys, model_id, [model_id, path.name, path.stem],
                   status["config"]["memory_model"], tokenizer, max_tokens, max_body_bytes)
 
