@@ -455,7 +455,11 @@ class ProcessManager:
             raise Timeout(f"process {target.pid} is still running after {timeout} s") from None
 
     def ps(self, include_exited: bool = True) -> list[dict]:
-        return [p.summary() for p in sorted(self.table.procs.values(), key=lambda p: p.pid)
+        """Every process's summary, with ``mailbox``: its messages the kernel holds that
+        its handlers have not finished (delivered or waiting)."""
+        pending = self.ipc.store.receivers_with_pending()
+        return [{**p.summary(), "mailbox": pending.get(p.pid, 0)}
+                for p in sorted(self.table.procs.values(), key=lambda p: p.pid)
                 if include_exited or p.alive]
 
 

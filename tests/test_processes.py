@@ -257,3 +257,20 @@ def test_a_name_is_held_by_one_live_process(kernel):
             await proc.wait(first, timeout=30)
 
     kernel.run(scenario())
+
+
+def test_ps_shows_each_process_its_unhandled_messages(kernel):
+    """``mailbox`` counts what the kernel holds for a process that its handlers have not
+    finished; a process that waits for another type keeps the rest there."""
+    async def scenario():
+        pid = await proc.spawn(idle, name=f"mailbox-{_tag()}")
+        for n in range(3):
+            await ipc.send(pid, {"n": n})
+        full = await until(lambda t: t[pid]["mailbox"] == 3, what="three messages held")
+        await ipc.send(pid, Cmd("stop"))
+        await proc.wait(pid, timeout=60)
+        return full[pid]["mailbox"], (await table())[pid]["mailbox"]
+
+    held, after = kernel.run(scenario())
+    assert held == 3
+    assert after == 0  # exited: what it never handled became dead letters

@@ -113,6 +113,7 @@
         h("td", {}, h("span", { class: `state state-${p.status}` }, p.status + reason)),
         h("td", {}, p.priority),
         h("td", { class: "tokens" }, int(p.tokens_used)),
+        h("td", { class: "mailbox" }, p.mailbox ?? ""),
         h("td", {}, p.restarts),
         h("td", {}, h("code", {}, p.program)),
         h("td", { class: "muted" }, p.host || ""),
