@@ -38,7 +38,7 @@ def main() -> None:
 
 
 def _register() -> None:
-    from llmos_kernel.cli import bench, demo, generate, kernel, models, proc, serve
+    from llmos_kernel.cli import bench, demo, generate, kernel, models, proc, serve, top
 
     main.add_command(bench.bench)
     main.add_command(demo.demo)
@@ -46,6 +46,7 @@ def _register() -> None:
     main.add_command(generate.generate)
     main.add_command(kernel.kernel)
     main.add_command(serve.serve)
+    main.add_command(top.top)
     for command in proc.COMMANDS:
         main.add_command(command)
 
