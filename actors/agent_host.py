@@ -160,11 +160,7 @@ class AgentHost:
     def _dispatch(self, item: wire.Item) -> None:
         match item:
             case wire.Reply(call=call, result=raw):
-                try:
-                    result = wire.decode_result(raw)
-                except LlmosError as e:  # a malformed result spoils only its own call
-                    result = wire.failure(e)
-                self.link.resolve(call, result)
+                self.link.resolve(call, wire.decode_result(raw))
             case wire.Deliver(pid=pid, envelope=envelope):
                 agent = self.agents.get(pid)
                 if agent is not None:

@@ -179,7 +179,7 @@ class KernelLink:
                 self._down_since = None
                 self._receive(reply.out)
                 for call, raw in reply.results.items():
-                    result = _decoded(raw)
+                    result = wire.decode_result(raw)
                     if not result.pending:  # else its Reply item comes later
                         self.resolve(call, result)
         finally:
@@ -269,11 +269,3 @@ def _safe(text: str) -> str:
         return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     except UnicodeEncodeError:
         return text.encode("utf-8", "replace").decode("utf-8")
-
-
-def _decoded(raw) -> wire.Result:
-    """One result; a malformed one spoils only its own call."""
-    try:
-        return wire.decode_result(raw)
-    except InvalidArgument as e:
-        return wire.failure(e)

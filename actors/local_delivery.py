@@ -255,7 +255,7 @@ class LocalDelivery:
         for key in [k for k in self.gates if k[1] == pid]:
             del self.gates[key]
         for sender, newest in backlog.items():
-            self.gates[(int(sender), pid)] = newest
+            self.gates[(sender, pid)] = newest
 
     def send_failed(self, gate: tuple[int, int] | None, agent: AgentRuntime, msg_id: str) -> None:
         """A send through the kernel failed: it never arrives, so its gate opens."""

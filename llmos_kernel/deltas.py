@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
+
 
 def fold_delta(out: Any, delta: Any) -> None:
     """Add one ``wire.TokenDelta`` to ``out`` (anything with text, token_ids, logprobs,
@@ -21,6 +23,5 @@ def fold_delta(out: Any, delta: Any) -> None:
         out.logprobs = (out.logprobs or []) + delta.logprobs
     if delta.finished:
         out.finish_reason = delta.finish_reason
-        out.usage = None if delta.usage is None else {
-            f: getattr(delta.usage, f) for f in delta.usage.__struct_fields__}
+        out.usage = None if delta.usage is None else msgspec.structs.asdict(delta.usage)
         out.context_id = delta.context_id

@@ -225,11 +225,11 @@ class _BatchOrder:
         self.next = 0
         self.waiting: dict[int, asyncio.Future] = {}
 
-    async def turn(self, seq: Any) -> bool:
+    async def turn(self, seq: int) -> bool:
         """Wait until batch ``seq`` may run; False if it never may (its predecessor is lost)."""
         if seq == self.next:
             return True
-        if not isinstance(seq, int) or seq < self.next or seq in self.waiting:
+        if seq < self.next or seq in self.waiting:
             return False
         future = self.waiting[seq] = asyncio.get_running_loop().create_future()
         try:

@@ -54,7 +54,6 @@ from llmos_kernel.services.tools import ToolRegistry, builtin_tools
 log = logging.getLogger("llmos.kernel")
 
 
-
 @dataclass
 class KernelConfig:
     state_dir: str
@@ -285,7 +284,7 @@ class Kernel:
         self._check_root(token)
         _check_client(client)
         return self.services.llm.submit(client, spec, owner=owner, priority=priority,
-                               salt=cache_salt or f"client:{client}")
+                                        salt=cache_salt or f"client:{client}")
 
     @answer
     async def cancel(self, token: str, client: str, request_id: str) -> None:

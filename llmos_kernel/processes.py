@@ -38,7 +38,6 @@ log = logging.getLogger("llmos.proc")
 
 APPROVAL_POLICIES = ("ask", "auto", "deny")
 PROGRAM_KINDS = ("module", "source", "pickle")
-ATTACHED_PLACEHOLDER = wire.to_builtins(wire.Program("module", ref="<attached>"))
 MAX_NAME = 128
 
 
@@ -201,8 +200,10 @@ class ProcessManager:
         return self._place(proc)
 
     # -- spawn ----------------------------------------------------------------
-    def validate_spawn(self, parent: Process | None, spec: Any) -> dict:
-        """Turn a spawn request into Process fields, refusing anything malformed or greedy."""
+    def validate_spawn(self, parent: Process | None, spec: Any,
+                       program: wire.Program | None = None) -> dict:
+        """Turn a spawn request into Process fields, refusing anything malformed or greedy;
+        ``program``, when given, is what runs (a driver attaching itself), not ``spec``'s."""
         if not isinstance(spec, dict):
             raise InvalidArgument("spawn takes a dict of options")
         known = {"program", "args", "name", "priority", "quotas", "restart", "tools", "approval",
@@ -210,14 +211,15 @@ class ProcessManager:
         unknown = set(spec) - known
         if unknown:
             raise InvalidArgument(f"unknown spawn option(s): {', '.join(sorted(unknown))}")
-        program = spec.get("program")
-        try:
-            program = wire.to_builtins(wire.convert(program, wire.Program))
-        except InvalidArgument:
-            program = None
-        if program is None or program["kind"] not in PROGRAM_KINDS:
-            raise InvalidArgument("program must be a module reference ('pkg.mod:main'), a .py "
-                                  "file, a function or a class")
+        if program is None:
+            try:
+                program = wire.convert(spec.get("program"), wire.Program)
+            except InvalidArgument:
+                program = None
+            if program is None or program.kind not in PROGRAM_KINDS:
+                raise InvalidArgument("program must be a module reference ('pkg.mod:main'), a "
+                                      ".py file, a function or a class")
+        program = wire.to_builtins(program)
         args = spec.get("args") or {}
         if not isinstance(args, dict) or not all(isinstance(k, str) for k in args):
             raise InvalidArgument("args must be a dict with string keys")
@@ -285,9 +287,8 @@ class ProcessManager:
                quotas: dict | None = None) -> tuple[Process, str]:
         """A driver script becomes a process (it runs its own code; nothing is spawned)."""
         fields_ = self.validate_spawn(None, {"name": name, "priority": priority,
-                                             "quotas": quotas,
-                                             "program": ATTACHED_PLACEHOLDER})
-        fields_["program"] = wire.to_builtins(wire.Program("attached", label=name or "driver"))
+                                             "quotas": quotas},
+                                      wire.Program("attached", label=name or "driver"))
         proc, capability = self.table.create(fields_)
         proc.host, proc.status = host_id, "running"
         self.hosts[host_id].pids.add(proc.pid)

@@ -279,7 +279,11 @@ def decode_answer(data: bytes) -> Answer:
 
 
 def decode_result(raw: msgspec.Raw | bytes) -> Result:
-    return _decode(_result, raw, "result")
+    """One result; a malformed one becomes its own typed error, spoiling no other call."""
+    try:
+        return _decode(_result, raw, "result")
+    except InvalidArgument as e:
+        return failure(e)
 
 
 def to_builtins(value: Any) -> Any:

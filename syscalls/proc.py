@@ -15,8 +15,7 @@ from typing import Any
 
 from llmos_kernel.errors import InvalidArgument
 from llmos_kernel.notices import ExitSignal, ProcessDown
-from llmos_kernel.wire import Program
-from llmos_kernel.wire import to_builtins as _plain
+from llmos_kernel.wire import Program, to_builtins
 from syscalls import _context
 
 __all__ = [
@@ -48,12 +47,12 @@ def program_spec(program: Any) -> dict:
             file = Path(path_part if path_part.endswith(".py") else path_part + ".py")
             if not file.is_file():
                 raise InvalidArgument(f"program file not found: {file}")
-            return _plain(Program("source", code=file.read_text(),
+            return to_builtins(Program("source", code=file.read_text(),
                                   filename=str(file.resolve()), attr=attr or None,
                                   label=file.name))
         if ":" not in text and "." not in text:
             raise InvalidArgument(f"program {text!r} is neither a file.py nor 'module:function'")
-        return _plain(Program("module", ref=text, label=text))
+        return to_builtins(Program("module", ref=text, label=text))
     if callable(program):
         module = getattr(program, "__module__", None)
         qualname = getattr(program, "__qualname__", "")
@@ -61,10 +60,10 @@ def program_spec(program: Any) -> dict:
         if origin is not None and "<locals>" not in qualname:  # defined in a shipped .py file
             return {**origin, "attr": qualname, "label": qualname}
         if module and module != "__main__" and "<locals>" not in qualname:
-            return _plain(Program("module", ref=f"{module}:{qualname}", label=qualname))
+            return to_builtins(Program("module", ref=f"{module}:{qualname}", label=qualname))
         import ray
 
-        return _plain(Program("pickle", data=ray.cloudpickle.dumps(program), label=qualname))
+        return to_builtins(Program("pickle", data=ray.cloudpickle.dumps(program), label=qualname))
     raise InvalidArgument(f"cannot run {program!r} as a program")
 
 

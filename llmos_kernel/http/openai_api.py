@@ -172,8 +172,10 @@ def _usage(choices: list[Choice]) -> dict:
                 "steps_waited": first.steps_waited, "preemptions": first.preemptions}}
 
 
-def _finish(choice: Choice, tools: bool) -> str:
-    if tools and choice.finish_reason == "stop" and choice.text.strip().startswith("<tool_call>"):
+def _finish(choice: Choice, message: dict | None = None) -> str:
+    """OpenAI's finish reason: ``tool_calls`` when ``message`` (the parsed answer of a
+    request with tools) holds calls, else the engine's ("abort" reads as "stop")."""
+    if message is not None and message.get("tool_calls"):
         return "tool_calls"
     return "stop" if choice.finish_reason in ("stop", "abort") else choice.finish_reason or "stop"
 
@@ -244,8 +246,7 @@ async def chat_completions(body: ChatRequest, request: Request, key: Caller):
     for c in choices:
         message = _tool_message(c) if body.tools else {"role": "assistant", "content": c.text}
         entry: dict[str, Any] = {"index": c.index, "message": message,
-                                 "finish_reason": "tool_calls" if message.get("tool_calls")
-                                 else _finish(c, False)}
+                                 "finish_reason": _finish(c, message)}
         entry["logprobs"] = {"content": _logprobs_content(server, c)} if body.logprobs else None
         out.append(entry)
     return {**head, "object": "chat.completion", "choices": out, "usage": _usage(choices),
@@ -280,7 +281,7 @@ async def completions(body: CompletionRequest, request: Request, key: Caller):
             c.index = len(out)
             choices.append(c)
             out.append({"index": c.index, "text": (p if body.echo else "") + c.text,
-                        "finish_reason": _finish(c, False),
+                        "finish_reason": _finish(c),
                         "logprobs": _completion_logprobs(server, c)
                         if body.logprobs is not None else None})
     usage = _usage(choices)
@@ -341,6 +342,10 @@ def _completion_logprobs(server, c: Choice) -> dict:
             if c.top else None, "text_offset": offsets}
 
 
+def _sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
+
+
 async def _stream(server, key: ApiKey, body, kwargs: dict, head: dict, *, chat: bool):
     """An SSE response; errors before the first token answer as JSON with their status."""
     if body.n != 1:
@@ -349,9 +354,7 @@ async def _stream(server, key: ApiKey, body, kwargs: dict, head: dict, *, chat: 
     choice = Choice(0)
     gen = _run(kwargs, choice)
     try:
-        first = await gen.__anext__()
-    except StopAsyncIteration:
-        first = None
+        first = await anext(gen, None)
     except BaseException:
         server.gateway.leave(state)
         raise
@@ -359,7 +362,7 @@ async def _stream(server, key: ApiKey, body, kwargs: dict, head: dict, *, chat: 
     tools = chat and bool(kwargs.get("tools"))
     kind = "chat.completion.chunk" if chat else "text_completion"
 
-    def chunk(delta_text: str | None, finish: str | None, extra: dict | None = None) -> str:
+    def chunk(delta_text: str | None, finish: str | None, extra: dict | None = None) -> dict:
         if chat:
             delta: dict[str, Any] = {} if delta_text is None else {"content": delta_text}
             if extra:
@@ -370,7 +373,7 @@ async def _stream(server, key: ApiKey, body, kwargs: dict, head: dict, *, chat: 
         payload = {**head, "object": kind, "choices": [entry]}
         if include_usage:
             payload["usage"] = None
-        return f"data: {json.dumps(payload)}\n\n"
+        return payload
 
     async def events() -> AsyncIterator[str]:
         from actors.runtime import current
@@ -378,36 +381,27 @@ async def _stream(server, key: ApiKey, body, kwargs: dict, head: dict, *, chat: 
         current.set(state.runtime)  # this task acts as the key's process too (cancel)
         try:
             if chat:
-                yield chunk(None, None, {"role": "assistant", "content": ""})
-            pending = [first] if first is not None else []
-            while True:
-                for _, delta in pending:  # logprobs ride on the final chunk
-                    if not tools and delta.text:
-                        yield chunk(delta.text, None)
-                if choice.finish_reason is not None:
-                    break
-                try:
-                    pending = [await gen.__anext__()]
-                except StopAsyncIteration:
-                    break
-            if tools:
+                yield _sse(chunk(None, None, {"role": "assistant", "content": ""}))
+            item = first
+            while item is not None:  # logprobs ride on the final chunk
+                if not tools and item[1].text:
+                    yield _sse(chunk(item[1].text, None))
+                item = None if choice.finish_reason is not None else await anext(gen, None)
+            message = None
+            if tools:  # the constrained call is whole only now: it goes as one chunk
                 message = _tool_message(choice)
                 extra = {"tool_calls": [{**call, "index": i} for i, call in
                                         enumerate(message.get("tool_calls") or [])]}
-                yield chunk(message.get("content"), None, extra)
-            finish = "tool_calls" if tools and _tool_message(choice).get("tool_calls") \
-                else _finish(choice, False)
-            last = json.loads(chunk(None, finish)[6:])
+                yield _sse(chunk(message.get("content"), None, extra))
+            last = chunk(None, _finish(choice, message))
             if body.logprobs and chat:
                 last["choices"][0]["logprobs"] = {"content": _logprobs_content(server, choice)}
-            yield f"data: {json.dumps(last)}\n\n"
+            yield _sse(last)
             if include_usage:
-                usage = {**head, "object": kind, "choices": [], "usage": _usage([choice])}
-                yield f"data: {json.dumps(usage)}\n\n"
+                yield _sse({**head, "object": kind, "choices": [], "usage": _usage([choice])})
             yield "data: [DONE]\n\n"
         except LlmosError as e:
-            _, content = errors.of(e)
-            yield f"data: {json.dumps(content)}\n\n"
+            yield _sse(errors.of(e)[1])
         finally:
             state.tokens_out += len(choice.token_ids)
             state.tokens_in += choice.usage.prompt_tokens if choice.usage else 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,7 +90,7 @@ def start_in_thread(gateway: Gateway, keys: KeyRing, host: str = "127.0.0.1", po
     if "uvicorn" not in box:
         raise RuntimeError("the HTTP server did not start")
     while not box["uvicorn"].started and thread.is_alive():
-        threading.Event().wait(0.02)
+        time.sleep(0.02)
     bound_host, bound_port = sock.getsockname()[:2]
     return Running(f"http://{bound_host}:{bound_port}", box["server"], box["uvicorn"], thread,
                    loop)

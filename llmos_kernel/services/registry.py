@@ -16,12 +16,13 @@ if TYPE_CHECKING:  # types only: this module must not pull the services' imports
     from llmos_kernel.llm_service import LLMService
     from llmos_kernel.outbox import Outboxes
     from llmos_kernel.processes import ProcessManager
-    from llmos_kernel.proctable import ProcessTable
+    from llmos_kernel.proctable import Process, ProcessTable
     from llmos_kernel.services.agent_tools import AgentTools
     from llmos_kernel.services.approvals import ApprovalQueue
     from llmos_kernel.services.fs import FileSystem
     from llmos_kernel.services.memory import MemoryService
     from llmos_kernel.services.tools import ToolRegistry
+    from llmos_kernel.wire import Usage
 
 
 @dataclass
@@ -38,11 +39,11 @@ class Services:
     approvals: ApprovalQueue  # dangerous tool calls waiting for a person
     log_dir: Path  # one file of output per process
 
-    def spawned(self, proc) -> None:
+    def spawned(self, proc: Process) -> None:
         """A process was created: give it its file quota."""
         self.fs.set_quota(proc.pid, proc.quotas.fs_bytes)
 
-    def charge_tokens(self, pid: int, usage) -> None:
+    def charge_tokens(self, pid: int, usage: Usage) -> None:
         """Count a finished request's tokens against its process."""
         proc = self.table.procs.get(pid)
         if proc is not None:
