@@ -143,12 +143,15 @@ def load_program(program: wire.Program) -> Any:
         module_name, _, attr = (program.ref or "").partition(":")
         module = importlib.import_module(module_name)
     elif program.kind == "source":
-        # One module per distinct source text: a second spawn of the same program reuses it,
-        # so its @message classes are declared once per host.
+        # One module per program file (per source text where there is no file): a second
+        # spawn of the same text reuses it, so its @message classes are declared once per
+        # host; an edited file replaces it under the same name, so its @message classes
+        # replace the old ones (same module.qualname) instead of clashing with them.
         code = program.code or ""
-        name = "llmos_program_" + hashlib.sha1(code.encode()).hexdigest()[:16]
+        name = "llmos_program_" + hashlib.sha1(
+            (program.filename or code).encode()).hexdigest()[:16]
         module = sys.modules.get(name)
-        if module is None:
+        if module is None or module.__llmos_program__.get("code") != code:
             module = types.ModuleType(name)
             module.__file__ = program.filename or "<program>"
             # lets the program spawn its own classes (syscalls.proc reads it)

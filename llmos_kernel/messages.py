@@ -101,8 +101,9 @@ class MessageRegistry:
     """Message types by name: classes (agent side) or schemas alone (kernel side).
 
     One name holds one type. Re-decorating the same ``module.qualname`` replaces
-    it (a re-imported module, a re-run notebook cell); a different class or
-    schema claiming a taken name raises AlreadyExists.
+    it (a re-imported module, a re-run notebook cell), and so does a class of the
+    same name and schema from another module (one program run both as a file and
+    as a module); a different schema claiming a taken name raises AlreadyExists.
     """
 
     def __init__(self) -> None:
@@ -113,7 +114,8 @@ class MessageRegistry:
     def register(self, cls: type) -> None:
         info = _info(cls)
         old = self._classes.get(info.name)
-        if old is not None and _info(old).qualified != info.qualified:
+        if old is not None and _info(old).qualified != info.qualified and \
+                schema_of(old) != schema_of(cls):
             raise AlreadyExists(
                 f"message type name {info.name!r} is taken by {_info(old).qualified}; "
                 f"give {info.qualified} an explicit @message(name=...)"

@@ -282,20 +282,32 @@ def tools_list(s: Services, proc: Process, args: dict, handling: str | None) -> 
     return [_tool_entry(spec) for spec in s.tools.list(proc.pid, proc.tools)]
 
 
-@syscall("tools.call", ("name",), ("args", "approval_timeout_s"), slow=True)
-async def tools_call(s: Services, proc: Process, args: dict, handling: str | None) -> Any:
+def _approval_wait(args: dict) -> float:
     wait = args.get("approval_timeout_s", MAX_APPROVAL_WAIT_S)
     if isinstance(wait, bool) or not isinstance(wait, int | float) \
             or not 0 < wait <= MAX_APPROVAL_WAIT_S:
         raise InvalidArgument(f"approval_timeout_s must be a number of seconds in "
                               f"(0, {MAX_APPROVAL_WAIT_S:g}]")
+    return float(wait)
+
+
+@syscall("tools.call", ("name",), ("args", "approval_timeout_s"), slow=True)
+async def tools_call(s: Services, proc: Process, args: dict, handling: str | None) -> Any:
+    wait = _approval_wait(args)
     token = caller.set(proc)
     try:
         return await s.tools.call(proc.pid, args["name"], _tool_args(args.get("args")),
                                   allowed=proc.tools, approval=proc.approval,
-                                  approval_timeout_s=float(wait))
+                                  approval_timeout_s=wait)
     finally:
         caller.reset(token)
+
+
+@syscall("tools.ask", ("name", "args"), ("approval_timeout_s",), slow=True)
+async def tools_ask(s: Services, proc: Process, args: dict, handling: str | None) -> None:
+    """A person's decision on a dangerous call of the program's own tool (see ToolRegistry.ask)."""
+    await s.tools.ask(proc.pid, args["name"], _tool_args(args["args"]), approval=proc.approval,
+                      approval_timeout_s=_approval_wait(args))
 
 
 @syscall("tools.register", ("spec",))

@@ -49,8 +49,8 @@ async def call(name: str, /, *, approval_timeout_s: float | None = None, **args:
     """Run a tool as this process (permissions and approvals are the kernel's).
 
     A dangerous tool waits for a person's decision, at most ``approval_timeout_s``
-    seconds (the kernel's limit by default), and is refused with PermissionDenied
-    when none comes.
+    seconds (the kernel's limit by default): PermissionDenied when a person denies it,
+    Timeout when no decision comes (the tool is not run either way).
     """
     request: dict[str, Any] = {"name": name, "args": args}
     if approval_timeout_s is not None:
@@ -119,7 +119,10 @@ async def _run_local(fn: Callable, arguments: dict) -> Any:
     """One of this program's own tools, as the kernel would run it: checked arguments, the
     tool's timeout, and every failure as a typed error."""
     spec = spec_of(fn)
-    kwargs = decode_args(fn, validate_args(spec, arguments))
+    checked = validate_args(spec, arguments)
+    if spec.dangerous:  # a person decides, as for the kernel's tools (llmos approvals)
+        await _context.call("tools.ask", name=spec.name, args=checked)
+    kwargs = decode_args(fn, checked)
     deadline = asyncio.timeout(spec.timeout_s)
     try:
         async with deadline:

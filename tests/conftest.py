@@ -138,8 +138,8 @@ def ray_session():
     """One local Ray instance for the session; agent hosts can import tests/agents/*."""
     import ray
 
-    ray.init(namespace="llmos", include_dashboard=False, logging_level="ERROR",
-             log_to_driver=False,
+    ray.init(address="local", namespace="llmos", include_dashboard=False,  # never a running one
+             logging_level="ERROR", log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(AGENTS_DIR),
                                        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}})
     yield

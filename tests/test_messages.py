@@ -302,6 +302,13 @@ def test_declaration_rules():
     other.__qualname__ = "test_declaration_rules.<locals>.Ping"
     with pytest.raises(AlreadyExists, match="explicit @message"):
         message(other, registry=registry)
+    # the same declaration from another module (a program run as a file, then as a module)
+    same = dataclasses.make_dataclass("Ping", [("n", int), ("m", int, dataclasses.field(
+        default=0))])
+    same.__module__ = "llmos_program_0123"
+    same.__qualname__ = "test_declaration_rules.<locals>.Ping"
+    message(same, name="test_declaration_rules.<locals>.Ping", registry=registry)
+    assert registry.lookup("test_declaration_rules.<locals>.Ping") is same
     with pytest.raises(InvalidArgument, match="init=False"):
         message(dataclasses.make_dataclass(
             "Hidden", [("x", int, dataclasses.field(init=False, default=0))]), registry=registry)

@@ -274,3 +274,29 @@ def test_ps_shows_each_process_its_unhandled_messages(kernel):
     held, after = kernel.run(scenario())
     assert held == 3
     assert after == 0  # exited: what it never handled became dead letters
+
+
+def test_an_edited_program_file_runs_again_with_its_message_types(kernel, tmp_path):
+    """Edit a program that declares a message type and run it again on the same kernel:
+    the new text replaces the old module (same file), so its @message class replaces the
+    old one instead of clashing with it by name."""
+    program = tmp_path / "edited.py"
+    kind = f"edit.Note{_tag()}"
+
+    def write(version: int) -> None:
+        program.write_text(
+            "from llmos_kernel.messages import message\n"
+            "from syscalls import ipc, proc\n\n"
+            f"@message(name={kind!r})\n"
+            "class Note:\n    text: str\n\n"
+            "async def main():\n"
+            "    await ipc.send(proc.pid(), Note('hi'))\n"
+            "    got = await ipc.recv(type=Note, timeout=30)\n"
+            f"    return [{version}, got.body.text]\n")
+
+    for version in (1, 2):
+        write(version)
+        pid = kernel.run(proc.spawn(str(program)))
+        exit_ = kernel.run(proc.wait(pid, timeout=60), timeout=90)
+        assert exit_["reason"] == "normal", exit_
+        assert exit_["result"] == [version, "hi"]

@@ -32,7 +32,7 @@ def _subclasses(cls: type) -> set[str]:
 
 
 TYPED = _subclasses(LlmosError)  # every typed error; the bare base marks an internal failure
-LONG_WAITERS = {"proc.wait", "tools.call"}  # may rightly wait for a process or a person
+LONG_WAITERS = {"proc.wait", "tools.call", "tools.ask"}  # may wait for a process or person
 INTERESTING = ["", ".", "..", "../x", "/etc/passwd", "a/b.txt", "x\x00y", "%2e%2e", "~",
                "calculator", "delete_file", "read_file", "kernel", "test-driver", "r", "rw",
                "term", "kill", 0, 1, 2, -1, 2**31, 2**63, 1e308, float("nan"), True, b"\xff"]
@@ -78,7 +78,8 @@ tool_spec = st.fixed_dictionaries({"name": st.text(max_size=12) | values}, optio
 
 SPECIAL = {("llm.generate", "spec"): generation_spec, ("proc.spawn", "spec"): spawn_spec,
            ("tools.register", "spec"): tool_spec,
-           ("tools.call", "approval_timeout_s"): st.floats(-1, 0.5) | values}
+           ("tools.call", "approval_timeout_s"): st.floats(-1, 0.5) | values,
+           ("tools.ask", "approval_timeout_s"): st.floats(-1, 0.5) | values}
 
 
 def _args(name: str) -> st.SearchStrategy:

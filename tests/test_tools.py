@@ -687,7 +687,7 @@ def test_dangerous_tool_policies(tmp_path: Path) -> None:
         assert await registry.call(2, "delete", {"path": "a"}, approval="auto") == "deleted a"
         with pytest.raises(PermissionDenied, match="approval='deny'"):
             await registry.call(2, "delete", {"path": "a"}, approval="deny")
-        with pytest.raises(PermissionDenied, match="timed out after 0.1s"):
+        with pytest.raises(Timeout, match="timed out after 0.1s"):
             await registry.call(2, "delete", {"path": "a"}, approval_timeout_s=0.1)
         with pytest.raises(InvalidArgument, match="approval must be one of"):
             await registry.call(2, "delete", {"path": "a"}, approval="maybe")

@@ -201,7 +201,7 @@ class ToolRegistry:
         entry = self._entry(pid, name, allowed)
         args = validate_args(entry.spec, args)
         if entry.spec.dangerous:
-            await self._approve(pid, entry.spec, args, approval, approval_timeout_s)
+            await self._approve(pid, entry.spec.name, args, approval, approval_timeout_s)
         return await self._run(entry, args)
 
     def _visible(self, pid: int) -> dict[str, _Entry]:
@@ -230,31 +230,45 @@ class ToolRegistry:
             )
         return view[name]
 
+    async def ask(self, pid: int, name: str, args: Any, *, approval: str = "ask",
+                  approval_timeout_s: float = 300.0) -> None:
+        """A person's decision on a dangerous call of a program's *own* tool (one the kernel
+        does not run: ``tools.run_loop`` asks before it runs it), through the same queue,
+        policy and errors as ``call``. It guards a program from its model, not from itself:
+        the program's own code could skip the question (sandboxing is what confines that)."""
+        if approval not in _APPROVAL_POLICIES:
+            raise InvalidArgument(f"approval must be one of {_APPROVAL_POLICIES}, got {approval!r}")
+        if not isinstance(name, str) or not name:
+            raise InvalidArgument("a tool name is a non-empty string")
+        if not isinstance(args, dict):
+            raise InvalidArgument(f"a tool's arguments are a dict, got {type(args).__name__}")
+        await self._approve(pid, name, args, approval, approval_timeout_s)
+
     async def _approve(
-        self, pid: int, spec: ToolSpec, args: dict[str, Any], policy: str, timeout_s: float
+        self, pid: int, name: str, args: dict[str, Any], policy: str, timeout_s: float
     ) -> None:
         if policy == "auto":
             return
         if policy == "deny":
             raise PermissionDenied(
-                f"tool {spec.name!r} is dangerous and process {pid} runs with approval='deny'"
+                f"tool {name!r} is dangerous and process {pid} runs with approval='deny'"
             )
         if self._approvals is None:
             raise PermissionDenied(
-                f"tool {spec.name!r} needs a person's approval but no approval queue is set up"
+                f"tool {name!r} needs a person's approval but no approval queue is set up"
             )
-        request = self._approvals.submit(pid, spec.name, args)
+        request = self._approvals.submit(pid, name, args)
         decided = await self._approvals.wait(request.id, timeout_s)
         if decided.state == "approved":
             return
         if decided.state == "expired":
-            raise PermissionDenied(
-                f"approval {request.id} for tool {spec.name!r} timed out after {timeout_s:g}s "
+            raise Timeout(
+                f"approval {request.id} for tool {name!r} timed out after {timeout_s:g}s "
                 f"without a decision; answer sooner with `llmos approve {request.id}`"
             )
         why = f": {decided.reason}" if decided.reason else ""
         raise PermissionDenied(
-            f"tool {spec.name!r} was denied by {decided.decided_by} (approval {request.id}){why}"
+            f"tool {name!r} was denied by {decided.decided_by} (approval {request.id}){why}"
         )
 
     async def _run(self, entry: _Entry, args: dict[str, Any]) -> Any:
