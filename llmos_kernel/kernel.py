@@ -116,6 +116,7 @@ class Kernel:
         self.services.llm.on_usage = self.services.charge_tokens
         self.channel = HostChannel(self.services, self.root_token)
         self._ready: asyncio.Future | None = None
+        self._phase = "starting"  # what _started is doing: a starting kernel's progress
         # Start serving by ourselves, also after Ray restarts this actor from scratch.
         ray.get_runtime_context().current_actor.ready.remote()
 
@@ -134,9 +135,13 @@ class Kernel:
         if self._ready is None:
             self._ready = asyncio.get_running_loop().create_future()
             try:
+                self._phase = "llm"
                 await self.services.llm.start()
+                self._phase = (f"starting {self.cfg.hosts} agent host(s) and the processes "
+                               "recovered from the state dir")
                 await self.services.procs.start()
                 self.services.ipc.commit()
+                self._phase = "ready"
                 asyncio.get_running_loop().create_task(self._housekeeping())
                 self._ready.set_result(True)
             except BaseException as e:
@@ -151,6 +156,14 @@ class Kernel:
         except LlmosError as e:
             return wire.failure(e)
         return wire.ok(self._status())
+
+    async def boot_status(self, token: str) -> dict:
+        """What a starting kernel is doing now (answers while ``ready`` waits), for the
+        progress ``llmos kernel start`` shows."""
+        self._check_root(token)
+        phase = self.services.llm.phase if self._phase == "llm" else self._phase
+        return {"phase": phase, "elapsed_s": time.time() - self.started_at,
+                "ready": self._phase == "ready"}
 
     async def _housekeeping(self) -> None:
         """Every second: expire messages past their deadline, re-pump mailboxes, and let

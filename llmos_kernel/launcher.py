@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import ray
@@ -18,7 +19,7 @@ import ray
 from llmos_kernel import wire
 from llmos_kernel.errors import AlreadyExists, Unavailable
 from llmos_kernel.kernel import KernelConfig, RemoteKernel
-from llmos_kernel.paths import NAMESPACE
+from llmos_kernel.paths import NAMESPACE, ROOT_TOKEN_FILE
 
 HEAD_FILE = "ray_head.json"
 
@@ -67,8 +68,12 @@ def find_kernel(name: str) -> ray.actor.ActorHandle | None:
         return None
 
 
-def start_kernel(cfg: KernelConfig, *, detached: bool = True) -> ray.actor.ActorHandle:
-    """Create the named kernel actor, load its model, and wait until it serves."""
+def start_kernel(cfg: KernelConfig, *, detached: bool = True,
+                 on_phase: Callable[[str], None] | None = None) -> ray.actor.ActorHandle:
+    """Create the named kernel actor, load its model, and wait until it serves.
+
+    ``on_phase`` is told what the kernel is doing whenever that changes (model metadata,
+    weights, KV pool, agent hosts), polled twice a second while it starts."""
     if find_kernel(cfg.name) is not None:
         raise AlreadyExists(f"a kernel named {cfg.name!r} is already running "
                             "(llmos kernel status; llmos kernel stop)")
@@ -76,11 +81,28 @@ def start_kernel(cfg: KernelConfig, *, detached: bool = True) -> ray.actor.Actor
         name=cfg.name, namespace=NAMESPACE, lifetime="detached" if detached else None,
         num_cpus=0, max_concurrency=10_000, max_restarts=-1,  # back from its state dir
     ).remote(cfg)
-    reply = ray.get(handle.ready.remote())
+    ready = handle.ready.remote()
+    if on_phase is not None:
+        _follow_boot(handle, ready, Path(cfg.state_dir) / ROOT_TOKEN_FILE, on_phase)
+    reply = ray.get(ready)
     if reply.error is not None:
         ray.kill(handle)
         wire.unwrap(reply)
     return handle
+
+
+def _follow_boot(handle, ready: ray.ObjectRef, token_file: Path,
+                 on_phase: Callable[[str], None]) -> None:
+    last = None
+    while not ray.wait([ready], timeout=0.5)[0]:
+        try:  # the token file is written by the actor's constructor: absent or stale at first
+            phase = ray.get(handle.boot_status.remote(token_file.read_text().strip()),
+                            timeout=5)["phase"]
+        except (OSError, ray.exceptions.RayError, TimeoutError):
+            phase = "creating the kernel actor"
+        if phase != last:
+            on_phase(phase)
+            last = phase
 
 
 def stop_kernel(name: str, state_dir: Path | None = None) -> bool:

@@ -59,9 +59,11 @@ class LLMService:
         self._grammars = None  # GrammarCompiler, built on first constrained request
         self._steps: collections.deque[float] = collections.deque(maxlen=256)  # step seconds
         self.latency = Latency()
+        self.phase = "not started"  # what start() is doing, for a starting kernel's progress
 
     # -- lifecycle ------------------------------------------------------------
     async def start(self) -> None:
+        self.phase = f"reading {Path(self.cfg.model).name}'s metadata and tokenizer"
         built = assemble(self.cfg)  # the steps run in the shard, not through engine.runner
         self.engine, self.tokenizer, self.plan = built.engine, built.tokenizer, built.plan
         self.model_path, self.model_config, self.dtype = str(built.model_path), \
@@ -72,6 +74,8 @@ class LLMService:
     async def _start_shard(self) -> None:
         shard_name = f"{self.name}-shard-0"
         threads = self.cfg.shard_threads
+        self.phase = (f"loading {self.model_config.n_params / 1e6:.0f}M weights "
+                      f"({self.dtype}) into the model shard; C kernels compile on first use")
         self.shard = spawn_actors.model_shard(
             {"name": shard_name, "namespace": "llmos", "num_cpus": 0, "max_restarts": 0,
              "num_gpus": 1 if self.cfg.device.startswith("cuda") else 0,
@@ -79,7 +83,10 @@ class LLMService:
             self.model_path, self.dtype, self.cfg.device, None, threads,
             self.cfg.kernels.to_dict())
         self.shard_info = await self.shard.info.remote()
+        self.phase = (f"allocating the KV pool ({self.plan.num_blocks} blocks of "
+                      f"{self.plan.block_size} tokens)")
         await self.shard.allocate_kv.remote(self.plan.num_blocks, self.plan.block_size)
+        self.phase = "ready"
         self._kv_cold = True  # a new pool: faulted in while the kernel is idle (see _loop)
 
     async def stop(self) -> None:

@@ -51,6 +51,7 @@ def kernel() -> None:
 def start(address, model, kv_budget, swap_budget, max_batch_tokens, max_seqs, dtype, device,
           no_prefix_cache, name, state_dir) -> None:
     """Start a kernel: load the model, size the KV pool, begin serving."""
+    from llmos_kernel.cli.progress import Phases, build_c_kernels
     from llmos_kernel.core.options import KernelOptions
     from llmos_kernel.engine.assembly import LLMConfig
     from llmos_kernel.errors import AlreadyExists
@@ -59,18 +60,22 @@ def start(address, model, kv_budget, swap_budget, max_batch_tokens, max_seqs, dt
 
     state = (state_dir or default_state_dir()).expanduser().resolve()
     store.resolve_model(model)  # fail fast, before starting anything
-    click.echo("starting Ray..." if address is None else f"joining Ray at {address}...", err=True)
-    connect_ray(address, start_head=True, state_dir=state)
-    if find_kernel(name) is not None:
-        raise AlreadyExists(f"a kernel named {name!r} is already running "
-                            "(llmos kernel status; llmos kernel stop)")
-    click.echo(f"loading {model} and starting kernel {name!r}...", err=True)
-    cfg = KernelConfig(state_dir=str(state), name=name, llm=LLMConfig.of(
-        model=model, dtype=dtype, device=device, kv_budget=kv_budget, swap_budget=swap_budget,
-        max_batch_tokens=max_batch_tokens, max_seqs=max_seqs,
-        prefix_caching=not no_prefix_cache, kernels=KernelOptions.from_env()))
-    start_kernel(cfg, detached=True)
-    click.echo(f"kernel {name!r} is running (state dir {state})")
+    with Phases() as phases:
+        phases.phase("starting a local Ray head" if address is None
+                     else f"joining Ray at {address}")
+        connect_ray(address, start_head=True, state_dir=state)
+        if find_kernel(name) is not None:
+            raise AlreadyExists(f"a kernel named {name!r} is already running "
+                                "(llmos kernel status; llmos kernel stop)")
+        if address is None:  # the shard runs on this node: build its kernels here, visibly
+            build_c_kernels(phases)
+        cfg = KernelConfig(state_dir=str(state), name=name, llm=LLMConfig.of(
+            model=model, dtype=dtype, device=device, kv_budget=kv_budget,
+            swap_budget=swap_budget, max_batch_tokens=max_batch_tokens, max_seqs=max_seqs,
+            prefix_caching=not no_prefix_cache, kernels=KernelOptions.from_env()))
+        start_kernel(cfg, detached=True, on_phase=phases.phase)
+        took = phases.elapsed()
+    click.echo(f"kernel {name!r} is running (state dir {state}; started in {took:.1f}s)")
 
 
 @kernel.command()

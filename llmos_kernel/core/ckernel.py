@@ -107,14 +107,23 @@ def _tag(name: str, openmp: bool) -> str:
 
 
 def _cached(name: str, openmp: bool) -> ctypes.CDLL | None:
+    target = _built(name, openmp)
+    return None if target is None else ctypes.CDLL(str(target))
+
+
+def _target(name: str, openmp: bool) -> Path:
+    return llmos_home() / "cache" / "kernels" / f"{name}_{_tag(name, openmp)}.so"
+
+
+def _built(name: str, openmp: bool) -> Path | None:
+    """The cached library of ``name``, built now if missing; None where it cannot be."""
     if compiler() is None:
         log.info("no C compiler found: %s uses its torch fallback", name)
         return None
-    cache = llmos_home() / "cache" / "kernels"
-    target = cache / f"{name}_{_tag(name, openmp)}.so"
+    target = _target(name, openmp)
     if not target.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             so = Path(tmp) / f"{name}.so"
             try:
                 build(name, so, openmp=openmp)
@@ -122,7 +131,34 @@ def _cached(name: str, openmp: bool) -> ctypes.CDLL | None:
                 log.warning("%s", e)
                 return None
             os.replace(so, target)  # atomic: a concurrent builder finds a whole file
-    return ctypes.CDLL(str(target))
+    return target
+
+
+def missing(*, openmp: bool = True) -> list[str]:
+    """The kernels not yet built for this machine's CPU and these sources (none where
+    there is no compiler: nothing would be built)."""
+    if compiler() is None:
+        return []
+    return [name for name in sources() if not _target(name, openmp).exists()]
+
+
+def prebuild(on_built: Callable[[str, bool], None] | None = None, *,
+             openmp: bool = True) -> list[str]:
+    """Build every missing kernel now, two compilers at a time, so a process started
+    later (a model shard) finds them cached instead of compiling on its first step;
+    ``on_built(name, ok)`` after each. Returns the names built."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    todo = missing(openmp=openmp)
+
+    def one(name: str) -> tuple[str, bool]:
+        ok = _built(name, openmp) is not None
+        if on_built is not None:
+            on_built(name, ok)
+        return name, ok
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return [name for name, ok in pool.map(one, todo) if ok]
 
 
 def _cpu_flags() -> str:

@@ -50,3 +50,21 @@ def test_the_cache_tag_follows_the_shared_headers(tmp_path, monkeypatch):
     (csrc / "shared.h").write_text("#define K 2\n")
     assert ckernel._tag("k", openmp=False) != before
     assert ckernel._tag("k", openmp=True) != ckernel._tag("k", openmp=False)
+
+
+@needs_compiler
+def test_prebuild_builds_what_is_missing_once(tmp_path, monkeypatch):
+    """``llmos kernel start`` builds missing kernels up front (its own progress line): a
+    kernel is missing until built, and a second prebuild finds nothing to do."""
+    csrc = tmp_path / "csrc"
+    csrc.mkdir()
+    for name in ("a", "b", "c"):
+        (csrc / f"{name}.c").write_text(f"int {name}(void) {{ return 1; }}\n")
+    monkeypatch.setattr(ckernel, "CSRC", csrc)
+    monkeypatch.setenv("LLMOS_HOME", str(tmp_path / "home"))
+    assert ckernel.missing() == ["a", "b", "c"]
+    seen = []
+    assert sorted(ckernel.prebuild(lambda name, ok: seen.append((name, ok)))) == ["a", "b", "c"]
+    assert sorted(seen) == [("a", True), ("b", True), ("c", True)]
+    assert ckernel.missing() == [] and ckernel.prebuild() == []
+    assert ctypes.CDLL(str(ckernel._target("b", True))).b() == 1
