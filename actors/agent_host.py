@@ -119,18 +119,33 @@ class AgentHost:
         return {"type": name, "payload": payload, "schema": schema}
 
     async def syscall(self, agent: AgentRuntime, name: str, args: dict) -> Any:
+        if name != "ipc.send":
+            return await self._to_kernel(agent, name, args, None)
+        explicit = "id" in args
+        if not explicit:
+            args["id"] = new_message_id()
+        if args.get("reply_to") != "call":
+            return await self._send(agent, args, explicit)
+        sent_id = f"{agent.pid}:{args['id']}"  # as kernel and journal name it, per sender
+        agent.awaiting.add(sent_id)  # before any reply can arrive: no receive takes it
+        try:
+            return await self._send(agent, args, explicit)
+        except BaseException:
+            agent.awaiting.discard(sent_id)
+            raise
+
+    async def _send(self, agent: AgentRuntime, args: dict, explicit: bool) -> Any:
         gate = None
-        if name == "ipc.send":
-            explicit = "id" in args
-            if not explicit:
-                args["id"] = new_message_id()
-            if self.local is not None:
-                local = self.local.send(agent, args, explicit)
-                if isinstance(local, dict):  # held until the handler finishes
-                    return local
-                if local is not None:
-                    return wire.unwrap(await local)
-                gate = self.local.before_kernel_send(agent, args)
+        if self.local is not None:
+            local = self.local.send(agent, args, explicit)
+            if isinstance(local, dict):  # held until the handler finishes
+                return local
+            if local is not None:
+                return wire.unwrap(await local)
+            gate = self.local.before_kernel_send(agent, args)
+        return await self._to_kernel(agent, "ipc.send", args, gate)
+
+    async def _to_kernel(self, agent: AgentRuntime, name: str, args: dict, gate) -> Any:
         try:
             result: wire.Result = await self.link.call(agent.capability, name, args,
                                                        agent.handling)

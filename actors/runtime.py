@@ -100,6 +100,7 @@ class AgentRuntime:
     behaviour: Any = None  # the instance, for a program written as a behaviour class
     handles: bool = True  # False for a driver script: what it receives is acked at once
     mailbox_quota: int = 10_000  # unhandled messages from agents of this host it may hold
+    awaiting: set[str] = field(default_factory=set)  # ids of its ipc.calls awaiting a reply
 
     @property
     def running(self) -> bool:
@@ -126,6 +127,7 @@ class AgentRuntime:
         becomes the message being handled; without it (a call's reply), it is acknowledged
         at once.
         """
+        receive = handle  # a receive never takes the reply one of this agent's calls awaits
         handle = handle and self.handles
         if handle:
             self.finish_message()
@@ -135,6 +137,8 @@ class AgentRuntime:
         try:
             while True:
                 for msg_id, msg in self.mailbox.items():
+                    if receive and msg.correlation_id in self.awaiting:
+                        continue
                     if match is None or match(msg):
                         del self.mailbox[msg_id]
                         if handle:

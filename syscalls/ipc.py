@@ -86,9 +86,14 @@ async def call(to: int | str, msg: Any, *, timeout: float = 30.0) -> Message:
     The request leaves at once, even inside a handler (a handler that waits for a
     reply cannot hold its request back until it finishes).
     """
-    sent = await _context.call("ipc.send", to=to, reply_to="call", **_context.host().encode_message(msg))
-    return await _context.runtime().next_message(
-        lambda m: m.correlation_id == sent["id"], timeout, handle=False)
+    sent = await _context.call("ipc.send", to=to, reply_to="call",
+                               **_context.host().encode_message(msg))
+    agent = _context.runtime()
+    try:  # the host marked the id as awaited: no receive of this agent takes the reply
+        return await agent.next_message(lambda m: m.correlation_id == sent["id"], timeout,
+                                        handle=False)
+    finally:
+        agent.awaiting.discard(sent["id"])
 
 
 async def reply(request: Message, response: Any) -> str:

@@ -353,3 +353,43 @@ def test_a_reply_to_a_full_local_mailbox_is_refused_and_logged(kernel):
     assert still.body.text == f"ping from {kernel.pid}"
     log = kernel.call("logs", answerer)["text"]
     assert "[reply failed] QuotaExceeded" in log and "is full (2 pending" in log
+
+
+def test_a_behaviours_receive_loop_leaves_its_own_calls_replies_alone(kernel, tmp_path):
+    """A behaviour whose background task makes an ipc.call: the reply goes to that call,
+    not to the behaviour's on_message (which would leave the call to time out)."""
+    program = tmp_path / "calls_from_a_task.py"
+    program.write_text(
+        "import asyncio\n"
+        "from llmos_kernel.messages import message\n"
+        "from syscalls import ipc, proc\n\n"
+        "@message(name='race.Ping')\n"
+        "class Ping:\n    n: int\n\n"
+        "class Echo:\n"
+        "    async def on_message(self, msg):\n"
+        "        return Ping(msg.body.n + 1)\n\n"
+        "class Caller:\n"
+        "    async def init(self, echo: int):\n"
+        "        self.echo, self.seen = echo, []\n"
+        "        self.asked = asyncio.get_running_loop().create_task(self.ask())\n\n"
+        "    async def ask(self):\n"
+        "        replies = [await ipc.call(self.echo, Ping(n), timeout=30) for n in range(3)]\n"
+        "        return [r.body.n for r in replies]\n\n"
+        "    async def on_message(self, msg):\n"
+        "        self.seen.append(msg.type)\n"
+        "        if msg.type == 'race.Stop':\n"
+        "            self.stopped, self.result = True, [await self.asked, self.seen]\n\n"
+        "@message(name='race.Stop')\n"
+        "class Stop:\n    pass\n\n"
+        "async def main():\n"
+        "    echo = await proc.spawn(Echo)\n"
+        "    caller = await proc.spawn(Caller, {'echo': echo})\n"
+        "    await asyncio.sleep(0.5)\n"
+        "    await ipc.send(caller, Stop())\n"
+        "    return (await proc.wait(caller, timeout=60))\n")
+    pid = kernel.run(proc.spawn(str(program)))
+    exit_ = kernel.run(proc.wait(pid, timeout=90), timeout=120)
+    assert exit_["reason"] == "normal", exit_
+    replies, seen = exit_["result"]["result"]
+    assert replies == [1, 2, 3]
+    assert seen == ["race.Stop"]  # on_message saw only what was sent to it
