@@ -38,9 +38,10 @@ def main() -> None:
 
 
 def _register() -> None:
-    from llmos_kernel.cli import bench, demo, generate, kernel, models, proc, serve, top
+    from llmos_kernel.cli import bench, chat, demo, generate, kernel, models, proc, serve, top
 
     main.add_command(bench.bench)
+    main.add_command(chat.chat)
     main.add_command(demo.demo)
     main.add_command(models.models)
     main.add_command(generate.generate)

@@ -42,7 +42,7 @@ def _target(text: str) -> int | str:
     return int(text) if text.isdigit() else text
 
 
-def _parse_arg(text: str) -> tuple[str, Any]:
+def parse_arg(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise InvalidArgument(f"--arg takes key=value, got {text!r}")
@@ -80,7 +80,7 @@ def run(program: str, process_name: str | None, priority: int | None, args: tupl
     from syscalls.proc import program_spec
 
     spec: dict[str, Any] = {"program": program_spec(program),
-                            "args": dict(_parse_arg(a) for a in args)}
+                            "args": dict(parse_arg(a) for a in args)}
     for key, value in (("name", process_name), ("priority", priority),
                        ("restart", {"restart": restart} if restart else None)):
         if value is not None:
@@ -127,16 +127,23 @@ def kill(target: str, force: bool, kernel: str, state_dir: Path | None) -> None:
 
 
 @click.command()
-@click.argument("pid", type=int)
+@click.argument("target")
 @click.option("--follow", "-f", is_flag=True, help="Keep printing new output until it exits.")
 @_kernel_options
-def logs(pid: int, follow: bool, kernel: str, state_dir: Path | None) -> None:
-    """Print what a process wrote to stdout and stderr."""
+def logs(target: str, follow: bool, kernel: str, state_dir: Path | None) -> None:
+    """Print what a process (TARGET: pid or name) wrote to stdout and stderr."""
     from llmos_kernel.client import KernelClient
+    from llmos_kernel.errors import NotFound
 
     client = KernelClient.connect(kernel, state_dir=state_dir)
 
     async def show() -> None:
+        pid = _target(target)
+        if isinstance(pid, str):  # a name: the newest process that had it
+            named = [p for p in await client.call("ps", True) if p["name"] == pid]
+            if not named:
+                raise NotFound(f"no process named {target!r} (llmos ps --all lists them)")
+            pid = max(named, key=lambda p: p["created"])["pid"]
         offset = 0
         while True:
             chunk = await client.call("logs", pid, offset)
