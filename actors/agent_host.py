@@ -9,7 +9,10 @@ module:
 - local delivery (``actors.local_delivery``): messages between this host's agents
   kept in a journal of its own, with the kernel path's guarantees;
 - the program runner (``actors.program_runner``): load, run and kill programs, run
-  the tools they registered, capture their output.
+  the tools they registered, capture their output;
+- sandboxed agents (``actors.sandboxed_agents``): a process spawned with ``sandbox=True``
+  runs in a confined child process; the host keeps its record and capability and
+  relays its syscalls, messages, tokens, tool calls and kill orders.
 
 This module joins them: a syscall goes local or to the kernel, an item from the kernel
 goes to its agent. Delivery is at least once; a message counts as handled when its
@@ -33,10 +36,12 @@ from typing import Any
 
 import ray
 
-from actors import program_runner
+from actors import program_runner, sandboxed_agents
 from actors.host_transport import KernelLink
 from actors.local_delivery import LocalDelivery, log_failure
 from actors.runtime import AgentRuntime, Message, attached, current
+from actors.sandbox_policy import check_available
+from actors.sandboxed_agents import SandboxedAgent, Spares
 from llmos_kernel import wire
 from llmos_kernel.errors import LlmosError
 from llmos_kernel.journal import HostJournal
@@ -55,6 +60,8 @@ class AgentHost:
         self._schemas: dict[str, dict] = {}  # their schemas, by name
         self.last_encoded: tuple[bytes, str] | None = None  # what encode_message made last
         self.local: LocalDelivery | None = None  # messages between this host's agents
+        self.spares = Spares()  # children for sandboxed processes, started ahead
+        self.sandbox: str | None = None  # why it cannot run sandboxed processes (None: it can)
         self.started_at = time.time()
 
     # -- lifecycle ------------------------------------------------------------
@@ -67,9 +74,13 @@ class AgentHost:
             except LlmosError as e:
                 logging.getLogger("llmos.host").error(
                     "host %s delivers every message through the kernel: %s", self.host_id, e)
+        try:
+            check_available()
+        except LlmosError as e:
+            self.sandbox = str(e)
         self.link.start()
         program_runner.Capture.install()
-        return self.info()
+        return {**self.info(), "sandbox": self.sandbox is None}
 
     async def lifetime(self) -> None:
         """Never returns: the kernel awaits it to learn when this host dies."""
@@ -86,10 +97,14 @@ class AgentHost:
                 "rss_bytes": rss, "uptime_s": time.time() - self.started_at}
 
     async def stop(self) -> None:
+        sandboxed = []
         for agent in list(self.agents.values()):
             if agent.task:
                 agent.task.cancel()
-        await asyncio.gather(*self.link.stop(), return_exceptions=True)
+                if isinstance(agent, SandboxedAgent):
+                    sandboxed.append(agent.task)
+        await asyncio.gather(*sandboxed, *self.link.stop(), return_exceptions=True)
+        self.spares.close()
 
     def logged(self, agent: AgentRuntime) -> None:
         """``agent`` has output to send."""
@@ -188,14 +203,22 @@ class AgentHost:
                 queue = agent.streams.get(item.request_id) if agent else None
                 if queue is not None:
                     queue.put_nowait(item)
+                elif isinstance(agent, SandboxedAgent):
+                    agent.push(item)
             case wire.Spawn():
                 self._spawn(item)
             case wire.Kill(pid=pid, grace_s=grace_s):
                 agent = self.agents.get(pid)
-                if agent is not None:
+                if isinstance(agent, SandboxedAgent):
+                    asyncio.get_running_loop().create_task(agent.kill(grace_s))
+                elif agent is not None:
                     asyncio.get_running_loop().create_task(program_runner.kill(agent, grace_s))
             case wire.ToolCall():
-                asyncio.get_running_loop().create_task(self._run_tool(item))
+                agent = self.agents.get(item.pid)
+                if isinstance(agent, SandboxedAgent):
+                    agent.push(item)
+                else:
+                    asyncio.get_running_loop().create_task(self._run_tool(item))
 
     # -- processes ------------------------------------------------------------
     def attach(self, pid: int, capability: str, name: str | None = None, *,
@@ -210,13 +233,17 @@ class AgentHost:
         return agent
 
     def _spawn(self, order: wire.Spawn) -> None:
-        agent = AgentRuntime(self, order.pid, order.capability, order.name,
-                             mailbox_quota=order.mailbox)
+        agent = (SandboxedAgent if order.sandbox else AgentRuntime)(
+            self, order.pid, order.capability, order.name, mailbox_quota=order.mailbox)
         self.agents[order.pid] = agent
         if agent.name:
             self.names[agent.name] = agent
         if self.local is not None:
             self.local.spawned(order.pid, order.backlog)
+        if order.sandbox:  # started here, on the loop's thread: its child dies with it
+            agent.task = asyncio.get_running_loop().create_task(sandboxed_agents.run(
+                self, agent, order, self.spares, self._exited))
+            return
         ctx = contextvars.copy_context()
         ctx.run(current.set, agent)
         agent.task = asyncio.get_running_loop().create_task(
@@ -231,13 +258,17 @@ class AgentHost:
         self.link.report_exit(report)
 
     async def _run_tool(self, order: wire.ToolCall) -> None:
-        result = await program_runner.run_tool(self.agents.get(order.pid), order)
+        self.tool_result(order.call, await program_runner.run_tool(
+            self.agents.get(order.pid), order))
+
+    def tool_result(self, call: str, result: wire.Result) -> None:
+        """Answer a ``wire.ToolCall`` this host's agent ran."""
         try:
-            self.link.call("", "tools.result", {"call": order.call, "result": result})
+            self.link.call("", "tools.result", {"call": call, "result": result})
         except LlmosError as e:  # its value cannot cross: the caller hears why, not silence
             failed = wire.Result(error=wire.ErrorInfo("ToolError", f"the tool's result "
                                                       f"cannot be sent: {e}"))
-            self.link.call("", "tools.result", {"call": order.call, "result": failed})
+            self.link.call("", "tools.result", {"call": call, "result": failed})
 
 
 class _HostActor:

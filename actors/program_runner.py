@@ -19,8 +19,6 @@ import types
 from collections.abc import Callable
 from typing import Any
 
-import ray
-
 from actors.runtime import AgentRuntime, current
 from llmos_kernel import wire
 from llmos_kernel.tool_schema import decode_args, to_json
@@ -165,6 +163,8 @@ def load_program(program: wire.Program) -> Any:
                 raise
         attr = program.attr or ""
     elif program.kind == "pickle":
+        import ray.cloudpickle  # here only: a sandboxed child's ray is a bare package
+
         return ray.cloudpickle.loads(program.data)
     else:
         raise ValueError(f"a host cannot run a program of kind {program.kind!r}")

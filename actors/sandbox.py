@@ -53,6 +53,11 @@ MAX_UNREAD = 64 << 20  # bytes sent to a child and not yet read by it
 PRELOAD = ("actors.program_runner", "syscalls")  # what a child imports before its Start
 START_TIMEOUT_S = 60.0  # from exec to Ready (a loaded machine imports slowly)
 STDERR_TAIL = 8192  # bytes of a child's stderr kept for its crash report
+# ``python -I`` finds llmos where it is installed; this runs the child from the code its host
+# imported (a checkout on PYTHONPATH, a Ray working_dir), which its policy lets it read
+BOOTSTRAP = ("import runpy, sys; sys.path.insert(0, sys.argv.pop(1)); "
+             "runpy.run_module('actors.sandbox_child', run_name='__main__', alter_sys=True)")
+CODE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class SandboxHost(Protocol):
@@ -101,7 +106,7 @@ def launch(preload: Sequence[str] = PRELOAD) -> Spare:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         process = subprocess.Popen(
-            [sys.executable, "-I", "-B", "-m", "actors.sandbox_child", str(theirs.fileno()),
+            [sys.executable, "-I", "-B", "-c", BOOTSTRAP, CODE_ROOT, str(theirs.fileno()),
              *preload],
             pass_fds=(theirs.fileno(),), env=env, cwd=where, stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)

@@ -108,9 +108,10 @@ def _find_program_code(policy: protocol.Policy) -> None:
 
 
 def _without_ray() -> None:
-    """``actors.program_runner`` imports ray, for pickled programs (``ray.cloudpickle``)
-    only. Here ``ray`` is a bare package: its submodules load from Ray's own files (the
-    vendored cloudpickle needs nothing else), and anything else says why it is missing."""
+    """A pickled program needs ``ray.cloudpickle`` (``actors.program_runner`` imports it
+    then), and a program's module may ``import ray`` at its top. Here ``ray`` is a bare
+    package: its submodules load from Ray's own files (the vendored cloudpickle needs
+    nothing else), and anything else says why it is missing."""
     spec = importlib.util.find_spec("ray")
     ray = types.ModuleType("ray", "Ray is not available in a sandboxed process.")
     ray.__path__ = list(spec.submodule_search_locations or []) if spec else []
@@ -210,7 +211,7 @@ def _safe(text: str) -> str:
 
 
 async def _serve(sock: socket.socket, start: protocol.Start) -> None:
-    # imported here, not at the top: only after _without_ray (program_runner imports ray)
+    # imported here, not at the top: only after _without_ray
     from actors import program_runner
     from actors.runtime import AgentRuntime, current
 

@@ -67,13 +67,9 @@ from dataclasses import dataclass, fields
 
 from actors.sandbox_protocol import Policy
 from llmos_kernel import wire
-from llmos_kernel.errors import InvalidArgument, Unavailable, register_error
+from llmos_kernel.errors import InvalidArgument, SandboxUnavailable
 
-
-@register_error
-class SandboxUnavailable(Unavailable):
-    """This machine cannot confine a sandboxed process (no Landlock, no libseccomp)."""
-
+__all__ = ["Limits", "SandboxUnavailable", "apply", "check_available", "policy"]
 
 # -- the host's side: deciding --------------------------------------------------------------
 

@@ -53,6 +53,10 @@ class Unavailable(LlmosError):
     """A service (kernel, shard, host) is not running or not reachable."""
 
 
+class SandboxUnavailable(Unavailable):
+    """This machine cannot confine a sandboxed process (no Landlock, no libseccomp)."""
+
+
 class ContextOverflow(InvalidArgument):
     """A prompt or conversation does not fit the model's context window."""
 

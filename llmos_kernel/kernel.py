@@ -63,6 +63,7 @@ class KernelConfig:
     memory_model: str = "minilm"
     driver_silent_s: float = 60.0  # a driver script's host silent this long is gone
     local_delivery: bool = True  # hosts on the kernel's node journal their own messages
+    sandbox: bool = False  # every agent process runs sandboxed (actors.sandbox)
 
 
 def answer(method):
@@ -107,7 +108,8 @@ class Kernel:
         procs = ProcessManager(cfg.name, table, ipc, outboxes, shared_hosts=cfg.hosts,
                                on_final_exit=lambda proc: agent_tools.forget(proc.pid),
                                journal_dir=(self.state_dir / journal.JOURNAL_DIR
-                                            if cfg.local_delivery else None))
+                                            if cfg.local_delivery else None),
+                               sandbox=cfg.sandbox)
         self.services = Services(
             table=table, outboxes=outboxes, procs=procs, ipc=ipc, fs=fs, tools=tools,
             agent_tools=agent_tools, llm=LLMService(cfg.llm, cfg.name, outboxes),

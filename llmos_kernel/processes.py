@@ -25,6 +25,7 @@ from llmos_kernel.errors import (
     InvalidArgument,
     NoSuchProcess,
     PermissionDenied,
+    SandboxUnavailable,
     Timeout,
     Unavailable,
 )
@@ -47,6 +48,7 @@ class HostInfo:
     handle: Any  # ray actor handle; None for a driver's in-process host
     secret: str
     isolated: bool = False
+    sandbox: bool = False  # it can run sandboxed processes (its start() said so)
     pids: set[int] = field(default_factory=set)
     seen: float = field(default_factory=time.monotonic)  # its last call
     polling: int = 0  # its long-polls waiting in the kernel (a host that waits is not silent)
@@ -55,9 +57,10 @@ class HostInfo:
 class ProcessManager:
     def __init__(self, kernel_name: str, table: ProcessTable, ipc: IPCService, outboxes: Outboxes,
                  *, shared_hosts: int = 1, kernel_spec: RestartSpec | None = None,
-                 on_final_exit=None, journal_dir: Path | None = None):
+                 on_final_exit=None, journal_dir: Path | None = None, sandbox: bool = False):
         self.kernel_name, self.table, self.ipc, self.outboxes = kernel_name, table, ipc, outboxes
         self.shared_hosts = shared_hosts
+        self.sandbox = sandbox  # every spawned process is sandboxed (llmos kernel start --sandbox)
         self.kernel_spec = kernel_spec or RestartSpec(strategy="one_for_one", intensity=5,
                                                       period_s=10.0)
         self.hosts: dict[str, HostInfo] = {}
@@ -97,7 +100,8 @@ class ProcessManager:
         self.hosts[host_id] = info
         path = None if self.journal_dir is None else \
             str(journal.journal_path(self.journal_dir, host_id))
-        await handle.start.remote(path, ray.get_runtime_context().get_node_id())
+        started = await handle.start.remote(path, ray.get_runtime_context().get_node_id())
+        info.sandbox = bool(started.get("sandbox"))
         asyncio.get_running_loop().create_task(self._watch(info))
         return info
 
@@ -192,7 +196,10 @@ class ProcessManager:
         """The host the process asked for while it lives, else the least loaded shared one."""
         if proc.placement in self.hosts:
             return self.hosts[proc.placement]
-        return min((self.hosts[h] for h in self.shared_host_ids()), key=lambda h: len(h.pids))
+        hosts = [self.hosts[h] for h in self.shared_host_ids()]
+        if proc.sandbox:  # where none can (any more), its host says why as its exit
+            hosts = [h for h in hosts if h.sandbox] or hosts
+        return min(hosts, key=lambda h: len(h.pids))
 
     async def _host_for(self, proc: Process) -> HostInfo:
         if proc.isolated:
@@ -207,7 +214,7 @@ class ProcessManager:
         if not isinstance(spec, dict):
             raise InvalidArgument("spawn takes a dict of options")
         known = {"program", "args", "name", "priority", "quotas", "restart", "tools", "approval",
-                 "trap_exits", "isolated", "resources", "host"}
+                 "trap_exits", "isolated", "resources", "host", "sandbox", "scratch"}
         unknown = set(spec) - known
         if unknown:
             raise InvalidArgument(f"unknown spawn option(s): {', '.join(sorted(unknown))}")
@@ -259,13 +266,31 @@ class ProcessManager:
         if placement is not None and placement not in self.shared_host_ids():
             raise InvalidArgument(f"host must name a shared agent host "
                                   f"({', '.join(self.shared_host_ids())}), got {placement!r}")
+        sandbox = program.get("kind") != "attached" and self._sandboxed(parent, spec, placement)
         return {"program": program, "args": args, "name": name, "priority": priority,
                 "quotas": quotas, "restart": restart, "tools": tools, "approval": approval,
                 "trap_exits": bool(spec.get("trap_exits", False)),
                 "isolated": bool(spec.get("isolated", False)) or bool(resources),
                 "resources": resources, "placement": placement,
+                "sandbox": sandbox, "scratch": sandbox and bool(spec.get("scratch", False)),
                 "parent": parent.pid if parent is not None else KERNEL_PID,
                 "tenant": parent.tenant if parent is not None else secrets.token_hex(4)}
+
+    def _sandboxed(self, parent: Process | None, spec: dict, placement: str | None) -> bool:
+        """Whether a spawn runs sandboxed: when it asks, when the kernel sandboxes every
+        process, and always under a sandboxed parent; refused where no host can."""
+        for key in ("sandbox", "scratch"):
+            if not isinstance(spec.get(key, False), bool):
+                raise InvalidArgument(f"{key} must be True or False")
+        sandbox = spec.get("sandbox", False) or self.sandbox or (
+            parent is not None and parent.sandbox)
+        if not sandbox:
+            return False
+        hosts = [placement] if placement is not None else self.shared_host_ids()
+        if not any(self.hosts[h].sandbox for h in hosts):
+            raise SandboxUnavailable("no agent host of this kernel can run a sandboxed process: "
+                                     "it needs Landlock (Linux 5.13+) and libseccomp")
+        return True
 
     async def spawn(self, parent: Process | None, spec: Any) -> Process:
         fields_ = self.validate_spawn(parent, spec)
@@ -280,7 +305,8 @@ class ProcessManager:
         self.table.save(proc)
         self.outboxes.put(host.host_id, wire.Spawn(
             proc.pid, capability, proc.name, wire.convert(proc.program, wire.Program),
-            proc.args, proc.quotas.mailbox, self.ipc.backlog(proc.pid)))
+            proc.args, proc.quotas.mailbox, self.ipc.backlog(proc.pid), proc.sandbox,
+            proc.scratch, proc.quotas.limits() if proc.sandbox else None))
         self.ipc.pump(proc.pid)
 
     def attach(self, name: str | None, priority: int, host_id: str,
@@ -491,5 +517,9 @@ def _cap_quotas(child: Quotas, parent: Quotas) -> Quotas:
     return Quotas(tokens=cap(child.tokens, parent.tokens),
                   kv_bytes=cap(child.kv_bytes, parent.kv_bytes),
                   fs_bytes=min(child.fs_bytes, parent.fs_bytes),
-                  mailbox=child.mailbox, memory_items=min(child.memory_items, parent.memory_items))
+                  mailbox=child.mailbox, memory_items=min(child.memory_items, parent.memory_items),
+                  memory_bytes=cap(child.memory_bytes, parent.memory_bytes),
+                  cpu_s=cap(child.cpu_s, parent.cpu_s),
+                  open_files=min(child.open_files, parent.open_files),
+                  file_bytes=min(child.file_bytes, parent.file_bytes))
 

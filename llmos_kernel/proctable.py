@@ -60,15 +60,28 @@ class Quotas:
     fs_bytes: int = 64 << 20
     mailbox: int = 10_000  # pending messages; senders get QuotaExceeded past this
     memory_items: int = 100_000
+    # a sandboxed process's rlimits (actors.sandbox_policy.Limits has the same names)
+    memory_bytes: int | None = 2 << 30  # address space
+    cpu_s: int | None = None  # CPU seconds over its life
+    open_files: int = 256
+    file_bytes: int = 64 << 20  # the largest file it may write in its scratch dir
 
     def validate(self) -> Quotas:
         for f in fields(self):
             v = getattr(self, f.name)
-            if v is None and f.name in ("tokens", "kv_bytes"):
+            if v is None and f.name in ("tokens", "kv_bytes", "memory_bytes", "cpu_s"):
                 continue
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise InvalidArgument(f"quota {f.name} must be an int >= 0, got {v!r}")
+            least = 1 if f.name in LIMITS else 0
+            if not isinstance(v, int) or isinstance(v, bool) or v < least:
+                raise InvalidArgument(f"quota {f.name} must be an int >= {least}, got {v!r}")
         return self
+
+    def limits(self) -> dict:
+        """The rlimits of a sandboxed process, by name."""
+        return {name: getattr(self, name) for name in LIMITS}
+
+
+LIMITS = ("memory_bytes", "cpu_s", "open_files", "file_bytes")
 
 
 @dataclass
@@ -86,6 +99,8 @@ class Process:
     approval: str = "ask"  # for dangerous tools: ask | auto | deny
     trap_exits: bool = False
     isolated: bool = False
+    sandbox: bool = False  # runs in a sandboxed child of its host (actors.sandbox)
+    scratch: bool = False  # with a private writable dir there
     resources: dict = field(default_factory=dict)
     placement: str | None = None  # the shared host it asked to run on
     host: str | None = None

@@ -174,6 +174,9 @@ class Spawn(msgspec.Struct, tag="spawn", array_like=True):
     args: dict[str, Any]
     mailbox: int  # unhandled messages it may hold
     backlog: dict[int, str]  # sender -> newest message id waiting in the kernel for it
+    sandbox: bool = False  # run it in a sandboxed child process (actors.sandbox)
+    scratch: bool = False  # with a private writable dir (its cwd) in that sandbox
+    limits: dict[str, Any] | None = None  # its sandbox's rlimits (sandbox_policy.Limits)
 
 
 class Kill(msgspec.Struct, tag="kill", array_like=True):

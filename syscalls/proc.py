@@ -71,13 +71,18 @@ async def spawn(program: Any, args: dict | None = None, *, name: str | None = No
                 priority: int | None = None, quotas: dict | None = None,
                 restart: dict | str | None = None, tools: list[str] | None = None,
                 approval: str | None = None, trap_exits: bool = False, isolated: bool = False,
-                resources: dict | None = None, host: str | None = None) -> int:
+                resources: dict | None = None, host: str | None = None, sandbox: bool = False,
+                scratch: bool = False) -> int:
     """Start a child process; returns its pid. You become its supervisor.
 
     ``restart`` is a restart type ("permanent", "transient", "temporary") or a dict
     with ``restart``, and, for the children it will supervise, ``strategy``
     ("one_for_one", "one_for_all", "rest_for_one"), ``intensity`` and ``period_s``.
     ``host`` pins it to one shared agent host (``llmos kernel status`` lists them).
+    ``sandbox`` runs it in a confined child process of its host that reaches nothing but
+    its syscalls (no files, sockets or processes of its own; rlimits from ``quotas``:
+    memory_bytes, cpu_s, open_files, file_bytes); ``scratch`` gives it a private writable
+    directory there. A sandboxed process's children are sandboxed too.
     """
     spec: dict[str, Any] = {"program": program_spec(program), "args": args or {}}
     for key, value in (("name", name), ("priority", priority), ("quotas", quotas),
@@ -91,6 +96,9 @@ async def spawn(program: Any, args: dict | None = None, *, name: str | None = No
         spec["trap_exits"] = True
     if isolated:
         spec["isolated"] = True
+    for key, value in (("sandbox", sandbox), ("scratch", scratch)):
+        if value:
+            spec[key] = True
     return await _context.call("proc.spawn", spec=spec)
 
 

@@ -140,7 +140,8 @@ def ray_session():
 
     ray.init(address="local", namespace="llmos", include_dashboard=False,  # never a running one
              logging_level="ERROR", log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(AGENTS_DIR),
+             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(
+                 [str(AGENTS_DIR), *filter(None, [os.environ.get("PYTHONPATH")])]),
                                        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}})
     yield
     ray.shutdown()

@@ -12,6 +12,11 @@ Measured, in one run on one kernel with two shared agent hosts:
   message is one actor call its sender awaits (``ray_calls_per_s`` = calls/s).
 
 Latencies are ping-pong round trips (two messages) under that load.
+
+With ``sandbox``, the same measures for sandboxed agents beside unsandboxed ones, at a size
+a machine runs as child processes (``sandbox_agents`` agents, ``sandbox_pairs`` pairs):
+spawn rate to running (each agent says so in a message), one syscall's round trip
+(``proc.self``, kernel and back), and the ping-pong's round trip across hosts.
 """
 
 from __future__ import annotations
@@ -44,6 +49,23 @@ class Ponger:
 
     def on_message(self, msg: ipc.Message) -> Ping:
         return Ping(msg.body.n + 1)
+
+
+async def ready(driver: int) -> None:
+    """Tells ``driver`` it runs, then waits."""
+    await ipc.send(driver, {"ready": proc.pid()})
+    await ipc.recv()
+
+
+async def syscaller(count: int, start_at: float = 0.0) -> list[float]:
+    """From ``start_at`` (epoch s), ``count`` syscalls one after another; each one's time."""
+    await asyncio.sleep(max(start_at - time.time(), 0.0))
+    rtts = []
+    for _ in range(count):
+        sent = time.perf_counter()
+        await proc.self()
+        rtts.append(time.perf_counter() - sent)
+    return rtts
 
 
 async def pinger(peer: int, count: int, start_at: float = 0.0) -> dict:
@@ -136,13 +158,16 @@ async def spawn_idle(client, agents: int) -> dict:
             "agents_alive": alive, "bytes_per_idle_agent": rss / agents}
 
 
-async def ping_pong(pairs: int, count: int, hosts: tuple[str, str]) -> dict:
+async def ping_pong(pairs: int, count: int, hosts: tuple[str, str],
+                    sandbox: bool = False) -> dict:
     """``pairs`` pinger/ponger pairs, pinger on hosts[0] and ponger on hosts[1], all
     starting together once every one of them is spawned."""
-    pongers = await asyncio.gather(*(proc.spawn(Ponger, host=hosts[1]) for _ in range(pairs)))
-    start_at = time.time() + 1.0 + pairs / 500
+    pongers = await asyncio.gather(*(proc.spawn(Ponger, host=hosts[1], sandbox=sandbox)
+                                     for _ in range(pairs)))
+    start_at = time.time() + 1.0 + pairs / 500 + (pairs / 4 if sandbox else 0)
     pingers = await asyncio.gather(*(
-        proc.spawn(pinger, {"peer": p, "count": count, "start_at": start_at}, host=hosts[0])
+        proc.spawn(pinger, {"peer": p, "count": count, "start_at": start_at}, host=hosts[0],
+                   sandbox=sandbox)
         for p in pongers))
     results = [(await proc.wait(p))["result"] for p in pingers]
     await asyncio.gather(*(proc.kill(p) for p in pongers))
@@ -169,8 +194,48 @@ async def _measure(client, agents: int, messages: int, pairs: int,
             "lat_local_p50_s": local["lat_p50_s"], "lat_local_p99_s": local["lat_p99_s"]}
 
 
+async def spawn_ready(agents: int, sandbox: bool) -> float:
+    """Seconds from spawning ``agents`` at once until each has said it runs."""
+    start = time.perf_counter()
+    pids = await asyncio.gather(*(proc.spawn(ready, {"driver": proc.pid()}, sandbox=sandbox)
+                                  for _ in range(agents)))
+    for _ in pids:
+        await ipc.recv(timeout=300)
+    elapsed = time.perf_counter() - start
+    await asyncio.gather(*(proc.kill(p) for p in pids))
+    return elapsed
+
+
+async def syscall_rtts(agents: int, count: int, sandbox: bool) -> list[float]:
+    """``agents`` agents at once, ``count`` syscalls each: every round trip."""
+    start_at = time.time() + 1.0 + (agents / 4 if sandbox else 0)
+    pids = await asyncio.gather(*(proc.spawn(syscaller, {"count": count, "start_at": start_at},
+                                             sandbox=sandbox) for _ in range(agents)))
+    return [r for p in pids for r in (await proc.wait(p))["result"]]
+
+
+async def sandboxed_vs_not(client, agents: int, messages: int, pairs: int,
+                           progress: Callable[[str], None]) -> dict:
+    """The sandbox's measures, each beside the same without it, sandboxed run second."""
+    hosts = await _hosts(client)
+    out = {}
+    for sandbox in (False, True):
+        key = "sbx" if sandbox else "plain"
+        progress(f"{'sandboxed' if sandbox else 'unsandboxed'}: {agents} agents to running, "
+                 f"{pairs} x {messages} syscalls, {pairs} ping-pong pairs")
+        out[f"{key}_spawn_per_s"] = agents / await spawn_ready(agents, sandbox)
+        rtts = await syscall_rtts(pairs, messages, sandbox)
+        out[f"{key}_syscall_p50_s"] = _quantile(rtts, 0.5)
+        out[f"{key}_syscall_p99_s"] = _quantile(rtts, 0.99)
+        pong = await ping_pong(pairs, messages, (hosts[0], hosts[1]), sandbox=sandbox)
+        out[f"{key}_pingpong_p50_s"] = pong["lat_p50_s"]
+        out[f"{key}_pingpong_p99_s"] = pong["lat_p99_s"]
+    return out
+
+
 def run(*, agents: int = 1000, messages: int = 60, pairs: int = 300, kernel: str | None = None,
-        state_dir: str | None = None, model: str | None = None,
+        state_dir: str | None = None, model: str | None = None, sandbox: bool = False,
+        sandbox_agents: int = 16, sandbox_pairs: int = 4,
         progress: Callable[[str], None] = lambda m: None) -> dict:
     """Run the benchmark against kernel ``kernel``, or a kernel of its own on a local Ray."""
     import syscalls
@@ -183,7 +248,11 @@ def run(*, agents: int = 1000, messages: int = 60, pairs: int = 300, kernel: str
 
     async def main() -> dict:
         await syscalls.attach("bench-ipc", kernel=kernel, state_dir=state_dir)
-        return await _measure(client, agents, messages, pairs, progress)
+        result = await _measure(client, agents, messages, pairs, progress)
+        if sandbox:
+            result.update(await sandboxed_vs_not(client, sandbox_agents, messages,
+                                                 sandbox_pairs, progress))
+        return result
 
     try:
         result = asyncio.run(main())

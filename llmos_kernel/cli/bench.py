@@ -94,14 +94,19 @@ def _runs(values: list[float]) -> str:
 @click.option("--kernel", "kernel_name", default=None,
               help="A running kernel to measure (default: start a local Ray and a kernel).")
 @click.option("--state-dir", default=None, help="That kernel's state dir (for its root token).")
+@click.option("--sandbox", is_flag=True, help="Also sandboxed agents beside unsandboxed ones: "
+              "spawn rate, syscall and ping-pong round trips (child processes: a few only).")
+@click.option("--sandbox-agents", type=int, default=16, show_default=True)
+@click.option("--sandbox-pairs", type=int, default=4, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
 def ipc(agents: int, messages: int, pairs: int, kernel_name: str | None, state_dir: str | None,
-        as_json: bool) -> None:
+        sandbox: bool, sandbox_agents: int, sandbox_pairs: int, as_json: bool) -> None:
     """Spawn rate, memory per agent and message ping-pong vs plain Ray actor calls."""
     from llmos_kernel.bench import ipc as ipc_bench
 
     result = ipc_bench.run(agents=agents, messages=messages, pairs=pairs, kernel=kernel_name,
-                           state_dir=state_dir,
+                           state_dir=state_dir, sandbox=sandbox, sandbox_agents=sandbox_agents,
+                           sandbox_pairs=sandbox_pairs,
                            progress=lambda m: click.echo(f"[bench] {m}", err=True))
     if as_json:
         click.echo(json.dumps(result))
@@ -118,6 +123,20 @@ def ipc(agents: int, messages: int, pairs: int, kernel_name: str | None, state_d
     for q in ("p50", "p99"):
         click.echo(f"{'round trip ' + q + ' ms, two hosts':34s} {result[f'lat_{q}_s'] * 1e3:10.1f} "
                    f"{result[f'ray_lat_{q}_s'] * 1e3:11.1f}")
+    if sandbox:
+        _sandbox_table(result)
+
+
+def _sandbox_table(result: dict) -> None:
+    click.echo(f"{'':34s} {'sandboxed':>10s} {'plain':>11s} {'ratio':>7s}")
+    rows = [("agents spawned to running /s", "spawn_per_s", 1.0)] + [
+        (f"{what} {q} ms", f"{key}_{q}_s", 1e3) for what, key in
+        (("syscall round trip", "syscall"), ("ping-pong round trip", "pingpong"))
+        for q in ("p50", "p99")]
+    for label, key, scale in rows:
+        ours, theirs = result[f"sbx_{key}"], result[f"plain_{key}"]
+        click.echo(f"{label:34s} {ours * scale:10.1f} {theirs * scale:11.1f} "
+                   f"{ours / theirs:6.2f}x")
 
 
 @bench.command()

@@ -46,10 +46,12 @@ def kernel() -> None:
               "fp32.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--no-prefix-cache", is_flag=True)
+@click.option("--sandbox", is_flag=True, help="Run every agent process sandboxed (Landlock, "
+              "seccomp, rlimits): it reaches the world only through its syscalls.")
 @name_option
 @state_dir_option
 def start(address, model, kv_budget, swap_budget, max_batch_tokens, max_seqs, dtype, device,
-          no_prefix_cache, name, state_dir) -> None:
+          no_prefix_cache, sandbox, name, state_dir) -> None:
     """Start a kernel: load the model, size the KV pool, begin serving."""
     from llmos_kernel.cli.progress import Phases, build_c_kernels
     from llmos_kernel.core.options import KernelOptions
@@ -72,7 +74,8 @@ def start(address, model, kv_budget, swap_budget, max_batch_tokens, max_seqs, dt
         cfg = KernelConfig(state_dir=str(state), name=name, llm=LLMConfig.of(
             model=model, dtype=dtype, device=device, kv_budget=kv_budget,
             swap_budget=swap_budget, max_batch_tokens=max_batch_tokens, max_seqs=max_seqs,
-            prefix_caching=not no_prefix_cache, kernels=KernelOptions.from_env()))
+            prefix_caching=not no_prefix_cache, kernels=KernelOptions.from_env()),
+            sandbox=sandbox)
         start_kernel(cfg, detached=True, on_phase=phases.phase)
         took = phases.elapsed()
     click.echo(f"kernel {name!r} is running (state dir {state}; started in {took:.1f}s)")
