@@ -139,8 +139,8 @@ class AgentHost:
         explicit = "id" in args
         if not explicit:
             args["id"] = new_message_id()
-        if args.get("reply_to") != "call":
-            return await self._send(agent, args, explicit)
+        if args.get("reply_to") != "call" or isinstance(agent, SandboxedAgent):
+            return await self._send(agent, args, explicit)  # (a child receives on its own)
         sent_id = f"{agent.pid}:{args['id']}"  # as kernel and journal name it, per sender
         agent.awaiting.add(sent_id)  # before any reply can arrive: no receive takes it
         try:

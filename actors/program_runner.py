@@ -28,7 +28,15 @@ class Capture:
     """sys.stdout/sys.stderr stand-in that files each agent's output under its pid."""
 
     def __init__(self, real, stream: str):
-        self.real, self.stream = real, stream
+        self._real, self.stream = real, stream
+
+    @property
+    def real(self):
+        """The stream it stood in for; the process's own once that one is closed (a test
+        runner's or a CLI runner's capture, say, installed when this host started)."""
+        if getattr(self._real, "closed", False):
+            return sys.__stdout__ if self.stream == "stdout" else sys.__stderr__
+        return self._real
 
     def write(self, text: str) -> int:
         agent = current.get()
