@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import hmac
 import logging
 import os
 import time
@@ -43,7 +44,7 @@ from actors.runtime import AgentRuntime, Message, attached, current
 from actors.sandbox_policy import check_available
 from actors.sandboxed_agents import SandboxedAgent, Spares
 from llmos_kernel import wire
-from llmos_kernel.errors import LlmosError
+from llmos_kernel.errors import LlmosError, PermissionDenied
 from llmos_kernel.journal import HostJournal
 from llmos_kernel.messages import UNTYPED, encode, message_type, new_message_id, schema_of
 
@@ -273,21 +274,34 @@ class AgentHost:
 
 class _HostActor:
     """The Ray actor around an AgentHost. Ray wraps every method of an actor class (for
-    tracing), so the host's own methods, called per message, live on a plain object."""
+    tracing), so the host's own methods, called per message, live on a plain object.
 
-    def __init__(self, kernel: Any, host_id: str, *, token: str | None = None):
+    Every method asks for the secret the kernel gave this host: it answers its kernel
+    and no one else on the cluster."""
+
+    def __init__(self, kernel: Any, host_id: str, *, token: str):
         self.host = AgentHost(kernel, host_id, token=token)
+        self._secret = token
 
-    async def start(self, journal: str | None = None, node: str | None = None) -> dict:
+    def _check(self, secret: object) -> None:
+        if not isinstance(secret, str) or not hmac.compare_digest(secret, self._secret):
+            raise PermissionDenied("an agent host answers only the kernel that started it")
+
+    async def start(self, secret: str, journal: str | None = None,
+                    node: str | None = None) -> dict:
+        self._check(secret)
         return await self.host.start(journal, node)
 
-    async def lifetime(self) -> None:
+    async def lifetime(self, secret: str) -> None:
+        self._check(secret)
         await self.host.lifetime()
 
-    def info(self) -> dict:
+    def info(self, secret: str) -> dict:
+        self._check(secret)
         return self.host.info()
 
-    async def stop(self) -> None:
+    async def stop(self, secret: str) -> None:
+        self._check(secret)
         await self.host.stop()
 
 

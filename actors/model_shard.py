@@ -8,6 +8,7 @@ names the slice a shard would hold when a model is split across devices.
 
 from __future__ import annotations
 
+import hmac
 import os
 
 import ray
@@ -17,12 +18,15 @@ from llmos_kernel.core.kv_cache import KVPool
 from llmos_kernel.core.options import KernelOptions
 from llmos_kernel.core.weights import load_model
 from llmos_kernel.engine.runner import ModelRunner, StepOutput, StepPlan
-from llmos_kernel.errors import InvalidArgument
+from llmos_kernel.errors import InvalidArgument, PermissionDenied
 from llmos_kernel.memory import devices
 
 
 class ModelShard:
-    def __init__(self, model_path: str, dtype: str = "fp32", device: str = "cpu",
+    """Every method asks for the secret the kernel gave the shard at creation: the shard
+    answers its kernel and no one else on the cluster."""
+
+    def __init__(self, secret: str, model_path: str, dtype: str = "fp32", device: str = "cpu",
                  layers: tuple[int, int] | None = None, threads: int | None = None,
                  kernels: dict | None = None):
         import torch
@@ -36,10 +40,16 @@ class ModelShard:
                                   "run one shard with every layer")
         self.device = device
         self.runner: ModelRunner | None = None
+        self._secret = secret
 
-    def info(self) -> dict:
+    def _check(self, secret: object) -> None:
+        if not isinstance(secret, str) or not hmac.compare_digest(secret, self._secret):
+            raise PermissionDenied("a model shard answers only the kernel that started it")
+
+    def info(self, secret: str) -> dict:
         import torch
 
+        self._check(secret)
         return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
                 "device": self.device, "threads": torch.get_num_threads(),
                 "load_seconds": self.model.load_seconds,
@@ -48,22 +58,22 @@ class ModelShard:
                 else None,
                 "devices": [d.__dict__ for d in devices()]}
 
-    def allocate_kv(self, num_blocks: int, block_size: int) -> int:
+    def allocate_kv(self, secret: str, num_blocks: int, block_size: int) -> int:
         """Create the KV pool the kernel sized; returns its bytes."""
+        self._check(secret)
         kv = KVPool(self.model.config, num_blocks, block_size, self.model.kv_dtype, self.device,
                     hugepages=self.kernels.kv_hugepages)
         self.runner = ModelRunner(self.model, kv)
         return kv.nbytes
 
-    def execute(self, plan: StepPlan) -> StepOutput:
+    def execute(self, secret: str, plan: StepPlan) -> StepOutput:
+        self._check(secret)
         return self.runner.execute(plan)
 
-    def warm_kv(self) -> bool:
+    def warm_kv(self, secret: str) -> bool:
         """Fault in a little more of the KV pool (see KVPool.warm); True while some is left."""
+        self._check(secret)
         return self.runner.kv.warm()
-
-    def swapped_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.runner.swapped.values())
 
 
 RemoteModelShard = ray.remote(ModelShard)

@@ -18,8 +18,14 @@ import ray
 
 from llmos_kernel import wire
 from llmos_kernel.deltas import fold_delta
-from llmos_kernel.errors import LlmosError, Unavailable
-from llmos_kernel.paths import DEFAULT_NAME, NAMESPACE, ROOT_TOKEN_FILE, default_state_dir
+from llmos_kernel.errors import LlmosError, PermissionDenied, Unavailable
+from llmos_kernel.paths import (
+    DEFAULT_NAME,
+    NAMESPACE,
+    ROOT_TOKEN_FILE,
+    default_state_dir,
+    published_state_dir,
+)
 from llmos_kernel.wire import unwrap
 
 __all__ = ["Completion", "KernelClient", "unwrap"]
@@ -56,9 +62,14 @@ class KernelClient:
                               "llmos kernel start") from None
         state = Path(state_dir) if state_dir else default_state_dir()
         token_path = state / ROOT_TOKEN_FILE
+        if not token_path.exists() and state_dir is None:
+            published = published_state_dir(name)  # a kernel started with another state dir
+            if published is not None:
+                token_path = published / ROOT_TOKEN_FILE
         if not token_path.exists():
-            status = ray.get(handle.ready.remote())
-            token_path = Path(unwrap(status)["state_dir"]) / ROOT_TOKEN_FILE
+            raise PermissionDenied(f"kernel {name!r} is running but its root token is not at "
+                                   f"{token_path}; pass the kernel's --state-dir (or set "
+                                   "LLMOS_STATE_DIR), from a user that can read it")
         return cls(handle, token_path.read_text().strip())
 
     async def call(self, method: str, *args, **kwargs) -> Any:

@@ -40,13 +40,14 @@ from llmos_kernel.mailbox import MailboxStore
 from llmos_kernel.messages import UNTYPED, encode
 from llmos_kernel.notices import SCHEMAS
 from llmos_kernel.outbox import Outboxes
-from llmos_kernel.paths import DEFAULT_NAME, ROOT_TOKEN_FILE
+from llmos_kernel.paths import DEFAULT_NAME, ROOT_TOKEN_FILE, publish_state_dir
 from llmos_kernel.processes import ProcessManager
 from llmos_kernel.proctable import Process, ProcessTable
 from llmos_kernel.services.agent_tools import AgentTools
 from llmos_kernel.services.approvals import ApprovalQueue
 from llmos_kernel.services.fs import FileSystem
 from llmos_kernel.services.memory import MemoryService
+from llmos_kernel.services.net import NetService
 from llmos_kernel.services.registry import Services
 from llmos_kernel.services.system_tools import file_and_kv_tools
 from llmos_kernel.services.tools import ToolRegistry, builtin_tools
@@ -114,13 +115,15 @@ class Kernel:
             table=table, outboxes=outboxes, procs=procs, ipc=ipc, fs=fs, tools=tools,
             agent_tools=agent_tools, llm=LLMService(cfg.llm, cfg.name, outboxes),
             memory=MemoryService(self.state_dir / "memory.db", cfg.memory_model),
-            approvals=approvals, log_dir=self.state_dir / "logs")
+            approvals=approvals, log_dir=self.state_dir / "logs",
+            net=NetService(self.state_dir / "logs"))
         self.services.llm.on_usage = self.services.charge_tokens
         self.channel = HostChannel(self.services, self.root_token)
         self._ready: asyncio.Future | None = None
         self._phase = "starting"  # what _started is doing: a starting kernel's progress
+        publish_state_dir(cfg.name, self.state_dir)
         # Start serving by ourselves, also after Ray restarts this actor from scratch.
-        ray.get_runtime_context().current_actor.ready.remote()
+        ray.get_runtime_context().current_actor.ready.remote(self.root_token)
 
     def _root_token(self) -> str:
         """A new token; after Ray restarts the actor, the one its drivers already hold."""
@@ -151,9 +154,10 @@ class Kernel:
                 raise
         await asyncio.shield(self._ready)
 
-    async def ready(self) -> wire.Result:
+    async def ready(self, token: str) -> wire.Result:
         """Load the model, start hosts and recovered processes; returns status."""
         try:
+            self._check_root(token)
             await self._started()
         except LlmosError as e:
             return wire.failure(e)
@@ -342,12 +346,40 @@ class Kernel:
                 "host_channel": self.channel.stats,
                 **s.llm.status()}
 
-    async def shutdown(self) -> None:
+    @answer
+    async def net_log(self, token: str, pid: Any = None, limit: int = 100) -> list:
+        """The last ``limit`` network requests processes made (of ``pid``), oldest first."""
+        self._check_root(token)
+        return self.services.net.history(
+            None if pid is None else self.services.table.find(pid).pid, limit)
+
+    @answer
+    async def actors(self, token: str) -> dict:
+        """What each agent host and the model shard report about themselves, asked live
+        with their own secrets (their methods answer no one else)."""
+        self._check_root(token)
+        hosts = {h: i for h, i in self.services.procs.hosts.items() if i.handle is not None}
+        infos = await asyncio.gather(*(i.handle.info.remote(i.secret) for i in hosts.values()),
+                                     return_exceptions=True)
+        return {"hosts": {h: (info if isinstance(info, dict) else {"error": str(info)})
+                          for h, info in zip(hosts, infos)},
+                "shard": await self.services.llm.shard_status()}
+
+    async def shutdown(self, token: str) -> wire.Result:
+        """Stop every agent host and the model shard (the kernel actor itself is then
+        killed by whoever asked)."""
+        try:
+            self._check_root(token)
+        except LlmosError as e:
+            return wire.failure(e)
         for info in list(self.services.procs.hosts.values()):
             if info.handle is not None:
                 with contextlib.suppress(Exception):
                     ray.kill(info.handle)
         await self.services.llm.stop()
+        await self.services.net.close()
+        return wire.ok(None)
+
 
 
 def _typed_payload(type_: str, version: int, fields: Any) -> bytes:

@@ -19,7 +19,12 @@ import ray
 from llmos_kernel import wire
 from llmos_kernel.errors import AlreadyExists, Unavailable
 from llmos_kernel.kernel import KernelConfig, RemoteKernel
-from llmos_kernel.paths import NAMESPACE, ROOT_TOKEN_FILE
+from llmos_kernel.paths import (
+    NAMESPACE,
+    ROOT_TOKEN_FILE,
+    default_state_dir,
+    published_state_dir,
+)
 
 HEAD_FILE = "ray_head.json"
 
@@ -81,9 +86,17 @@ def start_kernel(cfg: KernelConfig, *, detached: bool = True,
         name=cfg.name, namespace=NAMESPACE, lifetime="detached" if detached else None,
         num_cpus=0, max_concurrency=10_000, max_restarts=-1,  # back from its state dir
     ).remote(cfg)
-    ready = handle.ready.remote()
     if on_phase is not None:
-        _follow_boot(handle, ready, Path(cfg.state_dir) / ROOT_TOKEN_FILE, on_phase)
+        on_phase("creating the kernel actor")
+    try:  # the constructor writes the root token that every kernel method asks for
+        ray.get(handle.__ray_ready__.remote())
+    except ray.exceptions.RayActorError as e:
+        ray.kill(handle)
+        raise Unavailable(f"the kernel actor failed to start: {e}") from None
+    token = (Path(cfg.state_dir) / ROOT_TOKEN_FILE).read_text().strip()
+    ready = handle.ready.remote(token)
+    if on_phase is not None:
+        _follow_boot(handle, ready, token, on_phase)
     reply = ray.get(ready)
     if reply.error is not None:
         ray.kill(handle)
@@ -91,15 +104,14 @@ def start_kernel(cfg: KernelConfig, *, detached: bool = True,
     return handle
 
 
-def _follow_boot(handle, ready: ray.ObjectRef, token_file: Path,
+def _follow_boot(handle, ready: ray.ObjectRef, token: str,
                  on_phase: Callable[[str], None]) -> None:
-    last = None
+    last = "creating the kernel actor"
     while not ray.wait([ready], timeout=0.5)[0]:
-        try:  # the token file is written by the actor's constructor: absent or stale at first
-            phase = ray.get(handle.boot_status.remote(token_file.read_text().strip()),
-                            timeout=5)["phase"]
-        except (OSError, ray.exceptions.RayError, TimeoutError):
-            phase = "creating the kernel actor"
+        try:
+            phase = ray.get(handle.boot_status.remote(token), timeout=5)["phase"]
+        except (ray.exceptions.RayError, TimeoutError):
+            phase = last
         if phase != last:
             on_phase(phase)
             last = phase
@@ -109,9 +121,11 @@ def stop_kernel(name: str, state_dir: Path | None = None) -> bool:
     """Stop the kernel (and its shard); stop the local Ray head if llmos started it."""
     handle = find_kernel(name)
     if handle is not None:
-        try:
-            ray.get(handle.shutdown.remote(), timeout=30)
-        except (ray.exceptions.RayError, TimeoutError):
+        try:  # its hosts and shard first; without the token, killing the kernel takes them
+            where = state_dir or published_state_dir(name) or default_state_dir()
+            token = (where / ROOT_TOKEN_FILE).read_text().strip()
+            ray.get(handle.shutdown.remote(token), timeout=30)
+        except (OSError, ray.exceptions.RayError, TimeoutError):
             pass
         ray.kill(handle, no_restart=True)
     head = state_dir / HEAD_FILE if state_dir else None

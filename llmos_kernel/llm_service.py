@@ -13,6 +13,7 @@ import asyncio
 import collections
 import dataclasses
 import logging
+import secrets
 import time
 import uuid
 from collections.abc import Callable
@@ -50,6 +51,7 @@ class LLMService:
         self.on_usage = on_usage or (lambda owner, usage: None)
         self.client_of: dict[str, tuple[str, int]] = {}  # request id -> (client, owner pid)
         self.shard = None
+        self._shard_secret = secrets.token_hex(16)  # what the shard's methods ask of callers
         self.shard_restarts: collections.deque[float] = collections.deque()
         self.total_shard_restarts = 0
         self.failed: str | None = None
@@ -80,12 +82,13 @@ class LLMService:
             {"name": shard_name, "namespace": "llmos", "num_cpus": 0, "max_restarts": 0,
              "num_gpus": 1 if self.cfg.device.startswith("cuda") else 0,
              "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(threads or 2)}}},
-            self.model_path, self.dtype, self.cfg.device, None, threads,
+            self._shard_secret, self.model_path, self.dtype, self.cfg.device, None, threads,
             self.cfg.kernels.to_dict())
-        self.shard_info = await self.shard.info.remote()
+        self.shard_info = await self.shard.info.remote(self._shard_secret)
         self.phase = (f"allocating the KV pool ({self.plan.num_blocks} blocks of "
                       f"{self.plan.block_size} tokens)")
-        await self.shard.allocate_kv.remote(self.plan.num_blocks, self.plan.block_size)
+        await self.shard.allocate_kv.remote(self._shard_secret, self.plan.num_blocks,
+                                            self.plan.block_size)
         self.phase = "ready"
         self._kv_cold = True  # a new pool: faulted in while the kernel is idle (see _loop)
 
@@ -225,7 +228,7 @@ class LLMService:
             if not self.engine.scheduler.has_work():
                 if self._kv_cold:  # idle: fault in a little more of the pool, then look again
                     try:
-                        self._kv_cold = await self.shard.warm_kv.remote()
+                        self._kv_cold = await self.shard.warm_kv.remote(self._shard_secret)
                     except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
                         self._kv_cold = False  # the next step finds it dead and restarts it
                     continue
@@ -239,7 +242,7 @@ class LLMService:
                 continue
             started = time.perf_counter()
             try:
-                out = await self.shard.execute.remote(plan)
+                out = await self.shard.execute.remote(self._shard_secret, plan)
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
                 await self._recover_shard(e)
                 continue
@@ -296,6 +299,15 @@ class LLMService:
                 "max_batch_tokens": sched.max_batch_tokens, "max_seqs": sched.max_seqs}
 
     # -- status ---------------------------------------------------------------
+    async def shard_status(self) -> dict:
+        """The shard's own report, asked now (its pid changes when it is restarted)."""
+        if self.shard is None:
+            return {"error": "no model shard yet"}
+        try:
+            return await self.shard.info.remote(self._shard_secret)
+        except ray.exceptions.RayError as e:
+            return {"error": str(e)}
+
     def throughput(self, window_s: float = 10.0) -> float:
         now = time.monotonic()
         while self._meter and now - self._meter[0][0] > window_s:

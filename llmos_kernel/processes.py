@@ -19,7 +19,7 @@ from typing import Any
 
 import ray
 
-from llmos_kernel import journal, spawn_actors, wire
+from llmos_kernel import journal, net_allowlist, spawn_actors, wire
 from llmos_kernel.errors import (
     AlreadyExists,
     InvalidArgument,
@@ -100,14 +100,15 @@ class ProcessManager:
         self.hosts[host_id] = info
         path = None if self.journal_dir is None else \
             str(journal.journal_path(self.journal_dir, host_id))
-        started = await handle.start.remote(path, ray.get_runtime_context().get_node_id())
+        started = await handle.start.remote(secret, path,
+                                            ray.get_runtime_context().get_node_id())
         info.sandbox = bool(started.get("sandbox"))
         asyncio.get_running_loop().create_task(self._watch(info))
         return info
 
     async def _watch(self, info: HostInfo) -> None:
         try:
-            await info.handle.lifetime.remote()
+            await info.handle.lifetime.remote(info.secret)
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
             if self.hosts.get(info.host_id) is info:
                 log.warning("agent host %s died: %s", info.host_id, e)
@@ -214,7 +215,7 @@ class ProcessManager:
         if not isinstance(spec, dict):
             raise InvalidArgument("spawn takes a dict of options")
         known = {"program", "args", "name", "priority", "quotas", "restart", "tools", "approval",
-                 "trap_exits", "isolated", "resources", "host", "sandbox", "scratch"}
+                 "trap_exits", "isolated", "resources", "host", "sandbox", "scratch", "net"}
         unknown = set(spec) - known
         if unknown:
             raise InvalidArgument(f"unknown spawn option(s): {', '.join(sorted(unknown))}")
@@ -254,6 +255,9 @@ class ProcessManager:
         if parent is not None and parent.tools is not None:
             tools = [t for t in (tools if tools is not None else parent.tools)
                      if t in parent.tools]
+        net_hosts = net_allowlist.check_allowlist(spec.get("net"))
+        if parent is not None and not parent.attached:  # a driver speaks for its user
+            net_hosts = net_allowlist.narrow(net_hosts, parent.net)
         approval = spec.get("approval", "ask")
         if approval not in APPROVAL_POLICIES:
             raise InvalidArgument(f"approval must be one of {', '.join(APPROVAL_POLICIES)}")
@@ -273,6 +277,7 @@ class ProcessManager:
                 "isolated": bool(spec.get("isolated", False)) or bool(resources),
                 "resources": resources, "placement": placement,
                 "sandbox": sandbox, "scratch": sandbox and bool(spec.get("scratch", False)),
+                "net": net_hosts,
                 "parent": parent.pid if parent is not None else KERNEL_PID,
                 "tenant": parent.tenant if parent is not None else secrets.token_hex(4)}
 

@@ -101,6 +101,7 @@ class Process:
     isolated: bool = False
     sandbox: bool = False  # runs in a sandboxed child of its host (actors.sandbox)
     scratch: bool = False  # with a private writable dir there
+    net: list[str] = field(default_factory=list)  # hosts net.fetch may reach (none: nowhere)
     resources: dict = field(default_factory=dict)
     placement: str | None = None  # the shared host it asked to run on
     host: str | None = None
@@ -129,7 +130,8 @@ class Process:
         return {"pid": self.pid, "name": self.name, "parent": self.parent, "status": self.status,
                 "priority": self.priority, "host": self.host, "restarts": len(self.restarts),
                 "tokens_used": self.tokens_used, "program": program_label(self.program),
-                "created": self.created, "exit": self.exit}
+                "created": self.created, "exit": self.exit, "sandbox": self.sandbox,
+                "net": self.net}
 
 
 def program_label(program: dict) -> str:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from llmos_kernel.errors import InvalidArgument, NotFound, QuotaExceeded
+from llmos_kernel.errors import InvalidArgument, NotFound, QuotaExceeded, Unavailable
 from llmos_kernel.proctable import Process
 
 if TYPE_CHECKING:
@@ -392,3 +392,12 @@ def _check_memory_quota(store, proc: Process, adding: int = 1) -> None:
     if held + adding > proc.quotas.memory_items:
         raise QuotaExceeded(f"process {proc.pid} holds {held} memories and its quota is "
                             f"{proc.quotas.memory_items}; delete some first")
+
+
+# -- net ---------------------------------------------------------------------------
+@syscall("net.fetch", ("url",), ("method", "headers", "body", "timeout", "max_bytes"),
+         slow=True)
+async def net_fetch(s: Services, proc: Process, args: dict, handling: str | None) -> dict:
+    if s.net is None:
+        raise Unavailable("this kernel has no network service")
+    return await s.net.fetch(proc.pid, proc.net, args)

@@ -1,6 +1,6 @@
 """The syscall layer: the only door from an agent program to the world.
 
-    from syscalls import llm, fs, proc, ipc, tools, memory
+    from syscalls import llm, fs, proc, ipc, tools, memory, net
 
 Every call acts as the calling process (the kernel knows it by the
 capability it issued at spawn; a program never names itself) and raises a
@@ -11,9 +11,9 @@ A plain script becomes a process with ``await syscalls.attach()``.
 
 from __future__ import annotations
 
-from syscalls import fs, ipc, llm, memory, proc, tools
+from syscalls import fs, ipc, llm, memory, net, proc, tools
 
-__all__ = ["attach", "fs", "ipc", "llm", "memory", "proc", "tools"]
+__all__ = ["attach", "fs", "ipc", "llm", "memory", "net", "proc", "tools"]
 
 
 async def attach(name: str | None = None, *, priority: int = 0, kernel: str = "kernel",

@@ -72,7 +72,7 @@ async def spawn(program: Any, args: dict | None = None, *, name: str | None = No
                 restart: dict | str | None = None, tools: list[str] | None = None,
                 approval: str | None = None, trap_exits: bool = False, isolated: bool = False,
                 resources: dict | None = None, host: str | None = None, sandbox: bool = False,
-                scratch: bool = False) -> int:
+                scratch: bool = False, net: list[str] | None = None) -> int:
     """Start a child process; returns its pid. You become its supervisor.
 
     ``restart`` is a restart type ("permanent", "transient", "temporary") or a dict
@@ -83,11 +83,13 @@ async def spawn(program: Any, args: dict | None = None, *, name: str | None = No
     its syscalls (no files, sockets or processes of its own; rlimits from ``quotas``:
     memory_bytes, cpu_s, open_files, file_bytes); ``scratch`` gives it a private writable
     directory there. A sandboxed process's children are sandboxed too.
+    ``net`` lists the hosts its ``net.fetch`` may reach ("api.example.com",
+    "localhost:8080", "*.example.org"); none by default, and never more than yours.
     """
     spec: dict[str, Any] = {"program": program_spec(program), "args": args or {}}
     for key, value in (("name", name), ("priority", priority), ("quotas", quotas),
                        ("tools", tools), ("approval", approval), ("resources", resources),
-                       ("host", host)):
+                       ("host", host), ("net", net)):
         if value is not None:
             spec[key] = value
     if restart is not None:

@@ -129,6 +129,14 @@ class KernelHarness:
         token = (self.state_dir / "root.token").read_text()
         return unwrap(ray.get(getattr(self.handle, method).remote(token, *args), timeout=timeout))
 
+    async def actors(self) -> dict:
+        """What the agent hosts and the model shard say of themselves, asked through the
+        kernel (they answer no one else): ``{"hosts": {id: info}, "shard": info}``."""
+        from llmos_kernel.client import unwrap
+
+        token = (self.state_dir / "root.token").read_text()
+        return unwrap(await self.handle.actors.remote(token))
+
     def close(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
 

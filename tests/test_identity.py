@@ -7,6 +7,7 @@ hosts. Nothing a caller puts in the arguments can change who it is.
 
 from __future__ import annotations
 
+import inspect
 import secrets
 import uuid
 
@@ -194,12 +195,69 @@ def test_an_agent_is_limited_to_its_tools_paths_memory_and_children(kernel):
     assert kernel.run(tools.call("calculator", expression="1 + 1")) == 2  # the driver is alive
 
 
-@pytest.mark.parametrize("method,args", [
-    ("approvals", ()), ("decide", ("deadbeef", True)), ("ps", ()), ("status", ()),
-    ("spawn", ({"program": {"kind": "module", "ref": "syscall_agents:probe"}},)),
-    ("attach", ("some-host", "impostor")),
-])
-def test_the_driver_api_needs_the_root_token(kernel, method, args):
-    for bad in ("not-the-token", "", None, 0):
-        reply = ray.get(getattr(kernel.handle, method).remote(bad, *args), timeout=60)
-        assert reply.error.type == "PermissionDenied", reply
+def _remote_methods(cls) -> dict[str, inspect.Signature]:
+    """Every method a Ray caller can invoke on an actor of ``cls`` (Ray's own ``__ray_*__``
+    aside), with its signature."""
+    return {name: inspect.signature(fn) for name, fn in inspect.getmembers(cls, callable)
+            if not name.startswith("_")}
+
+
+def _anonymous_args(sig: inspect.Signature, credential: object, host_id: str) -> list:
+    """Arguments a caller without a credential would send: a wrong one where the method
+    wants a token or secret, a real host id where it wants one, plausible values elsewhere."""
+    plausible = {"int": 1, "float": 0.1, "bool": True, "dict": {}, "list": [], "bytes": b""}
+    args = []
+    for name, param in list(sig.parameters.items())[1:]:
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD, param.KEYWORD_ONLY):
+            continue
+        if name in ("token", "secret"):
+            args.append(credential)
+        elif name == "host_id":
+            args.append(host_id)
+        elif param.default is not param.empty:
+            args.append(param.default)
+        else:
+            kind = str(param.annotation).split(" |")[0]
+            args.append(plausible.get(kind, "x"))
+    return args
+
+
+def _refused(call) -> str:
+    """What came back from an anonymous call: the error type, or what it returned instead."""
+    try:
+        reply = ray.get(call, timeout=60)
+    except ray.exceptions.RayTaskError as e:
+        return type(e.cause).__name__ if e.cause is not None else repr(e)
+    except ray.exceptions.GetTimeoutError:
+        return "no answer within 60 s"
+    if isinstance(reply, bytes):
+        reply = wire.decode_answer(reply)
+    error = getattr(reply, "error", None)
+    return error.type if error is not None else f"answered: {reply!r}"[:200]
+
+
+def test_no_actor_method_answers_an_anonymous_caller(kernel):
+    """Every public method of the kernel, its model shard and its agent hosts, called by
+    someone on the cluster who holds no credential (a wrong one, an empty one, none), is
+    refused with PermissionDenied. The methods are enumerated, so a method added without a
+    check fails here."""
+    from actors.agent_host import _HostActor
+    from actors.model_shard import ModelShard
+    from llmos_kernel.kernel import Kernel
+
+    host_id = kernel.call("status")["processes"]["shared_hosts"][0]
+    actors = {"kernel": (kernel.handle, Kernel),
+              "shard": (ray.get_actor(f"{kernel.name}-shard-0", namespace="llmos"), ModelShard),
+              "host": (ray.get_actor(host_id, namespace="llmos"), _HostActor)}
+    answered = {}
+    for label, (handle, cls) in actors.items():
+        methods = _remote_methods(cls)
+        assert methods, f"no public methods found on {cls.__name__}"
+        for name, sig in methods.items():
+            for credential in ("not-the-token", "", None):
+                got = _refused(getattr(handle, name).remote(
+                    *_anonymous_args(sig, credential, host_id)))
+                if got != "PermissionDenied":
+                    answered[f"{label}.{name}({credential!r})"] = got
+    assert not answered, f"methods that did not refuse an anonymous caller: {answered}"
+    assert kernel.call("status")["name"] == kernel.name  # and the kernel serves its owner

@@ -7,7 +7,6 @@ import os
 import signal
 
 import pytest
-import ray
 
 from llmos_kernel.bench.prompts import chat_prompts
 from llmos_kernel.client import KernelClient
@@ -79,8 +78,7 @@ def test_cancelling_an_unknown_request_is_a_typed_error(kernel, client):
 
 def test_kernel_restarts_a_killed_shard_and_finishes_every_request(kernel, client, alone):
     async def run():
-        shard = ray.get_actor(f"{kernel.name}-shard-0", namespace="llmos")
-        pid = (await shard.info.remote())["pid"]
+        pid = (await kernel.actors())["shard"]["pid"]
         generated = (await client.status())["engine"]["tokens_generated"]
         tasks = [asyncio.ensure_future(client.generate(messages=m, **greedy()))
                  for m in MESSAGES]

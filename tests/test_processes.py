@@ -12,7 +12,6 @@ import time
 import uuid
 
 import pytest
-import ray
 from checks import reports, table, until
 from workers import Cmd, Commanded, forge, idle, linked_to, supervise, try_kill
 
@@ -27,9 +26,8 @@ def _tag() -> str:
 def test_a_thousand_agents_alive_at_once(kernel):
     """1,000 idle agents spawned at once all run (ps lists them, their hosts hold them)."""
     async def held_by(hosts: set[str]) -> int:
-        infos = await asyncio.gather(*(ray.get_actor(h, namespace="llmos").info.remote()
-                                       for h in hosts))
-        return sum(i["agents"] for i in infos)
+        infos = (await kernel.actors())["hosts"]
+        return sum(infos[h]["agents"] for h in hosts)
 
     async def spawn():
         started = time.perf_counter()

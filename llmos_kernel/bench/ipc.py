@@ -136,22 +136,22 @@ async def _hosts(client) -> list[str]:
     return status["processes"]["shared_hosts"]
 
 
-async def _host_info(host_ids: list[str]) -> list[dict]:
-    return await asyncio.gather(*(ray.get_actor(h, namespace="llmos").info.remote()
-                                  for h in host_ids))
+async def _host_info(client, host_ids: list[str]) -> list[dict]:
+    hosts = (await client.call("actors"))["hosts"]
+    return [hosts[h] for h in host_ids]
 
 
 async def spawn_idle(client, agents: int) -> dict:
     """Spawn ``agents`` idle agents at once; time until their hosts run them all."""
     hosts = await _hosts(client)
-    before = await _host_info(hosts)
+    before = await _host_info(client, hosts)
     start = time.perf_counter()
     pids = await asyncio.gather(*(proc.spawn(idle) for _ in range(agents)))
-    while sum(i["agents"] for i in await _host_info(hosts)) < sum(
+    while sum(i["agents"] for i in await _host_info(client, hosts)) < sum(
             i["agents"] for i in before) + agents:
         await asyncio.sleep(0.02)
     elapsed = time.perf_counter() - start
-    after = await _host_info(hosts)
+    after = await _host_info(client, hosts)
     alive = sum(1 for p in await proc.ps() if p["pid"] in set(pids) and p["status"] == "running")
     rss = sum(i["rss_bytes"] for i in after) - sum(i["rss_bytes"] for i in before)
     return {"pids": pids, "spawn_s": elapsed, "spawn_per_s": agents / elapsed,
@@ -260,7 +260,7 @@ def run(*, agents: int = 1000, messages: int = 60, pairs: int = 300, kernel: str
         result.update(ray_baseline(pairs, messages))
     finally:
         if own:
-            ray.get(handle.shutdown.remote())
+            ray.get(handle.shutdown.remote(client.token))
             ray.kill(handle)
     result.update(agents=agents, pairs=pairs, messages=messages)
     return result

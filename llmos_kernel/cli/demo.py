@@ -61,8 +61,10 @@ def _parse_args(pairs: tuple[str, ...], names: list[str]) -> dict[str, dict[str,
                    "repeatable.")
 @click.option("--json", "as_json", is_flag=True,
               help="End with every demo's exit record as one JSON object.")
+@click.option("--sandbox", is_flag=True,
+              help="Run each demo (and so every process it starts) sandboxed.")
 def demo(names: tuple[str, ...], list_only: bool, model: str, kernel: str | None,
-         state_dir: Path | None, pairs: tuple[str, ...], as_json: bool) -> None:
+         state_dir: Path | None, pairs: tuple[str, ...], as_json: bool, sandbox: bool) -> None:
     """Run the demo agents (all, or the NAMEs given) on the real model.
 
     Starts a local kernel for them unless --kernel names a running one.
@@ -83,16 +85,16 @@ def demo(names: tuple[str, ...], list_only: bool, model: str, kernel: str | None
         from llmos_kernel.client import KernelClient
 
         client = KernelClient.connect(kernel, state_dir=state_dir)
-        records = asyncio.run(_run_all(client, chosen, args))
+        records = asyncio.run(_run_all(client, chosen, args, sandbox))
     else:
-        records = _with_own_kernel(model, state_dir, chosen, args)
+        records = _with_own_kernel(model, state_dir, chosen, args, sandbox)
     if as_json:
         click.echo(json.dumps(records, indent=2, default=str))
     if any(r.get("reason") != "normal" for r in records.values()):
         raise SystemExit(1)
 
 
-def _with_own_kernel(model: str, state_dir: Path | None, chosen, args) -> dict:
+def _with_own_kernel(model: str, state_dir: Path | None, chosen, args, sandbox: bool) -> dict:
     import ray
 
     from llmos_kernel.cli.progress import Phases, build_c_kernels
@@ -117,21 +119,24 @@ def _with_own_kernel(model: str, state_dir: Path | None, chosen, args) -> dict:
     click.echo(f"kernel 'demo' ready on {model} in {took:.1f}s (state in {state})", err=True)
     try:
         client = KernelClient(handle, (state / "root.token").read_text().strip())
-        return asyncio.run(_run_all(client, chosen, args))
+        return asyncio.run(_run_all(client, chosen, args, sandbox))
     finally:
         ray.kill(handle)
         ray.shutdown()
 
 
-async def _run_all(client, chosen, args) -> dict[str, dict]:
+async def _run_all(client, chosen, args, sandbox: bool = False) -> dict[str, dict]:
     from syscalls.proc import program_spec
 
     records: dict[str, dict] = {}
     for d in chosen:
         click.secho(f"\n== {d.name}: {d.shows}", bold=True)
         started = time.perf_counter()
-        pid = await client.call("spawn", {"program": program_spec(d.program),
-                                          "args": args[d.name], "name": f"demo-{d.name}"})
+        spec = {"program": program_spec(d.program), "args": args[d.name],
+                "name": f"demo-{d.name}"}
+        if sandbox:
+            spec["sandbox"] = True
+        pid = await client.call("spawn", spec)
         exit_ = await _follow(client, pid)
         exit_["seconds"] = round(time.perf_counter() - started, 1)
         records[d.name] = exit_

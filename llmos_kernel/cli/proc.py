@@ -68,10 +68,16 @@ def _print_json(value: Any) -> None:
 @click.option("--restart", type=click.Choice(["temporary", "transient", "permanent"]),
               default=None, help="What the kernel does when it exits (default: temporary).")
 @click.option("--detach", is_flag=True, help="Print the pid and return at once.")
+@click.option("--sandbox", is_flag=True, help="Run it confined: no files, sockets or "
+              "processes of its own, only its syscalls.")
+@click.option("--net", "net_hosts", multiple=True, metavar="HOST",
+              help="A host its net.fetch may reach (host, host:port or *.domain); "
+                   "repeatable. None by default.")
 @_kernel_option("--kernel")
 @state_dir_option
 def run(program: str, process_name: str | None, priority: int | None, args: tuple[str, ...],
-        restart: str | None, detach: bool, kernel: str, state_dir: Path | None) -> None:
+        restart: str | None, detach: bool, sandbox: bool, net_hosts: tuple[str, ...],
+        kernel: str, state_dir: Path | None) -> None:
     """Start PROGRAM (a file.py, file.py:entry or module:function) as a process.
 
     Prints its pid; unless --detach, then waits and prints its exit record as JSON (exit
@@ -82,7 +88,8 @@ def run(program: str, process_name: str | None, priority: int | None, args: tupl
     spec: dict[str, Any] = {"program": program_spec(program),
                             "args": dict(parse_arg(a) for a in args)}
     for key, value in (("name", process_name), ("priority", priority),
-                       ("restart", {"restart": restart} if restart else None)):
+                       ("restart", {"restart": restart} if restart else None),
+                       ("sandbox", sandbox or None), ("net", list(net_hosts) or None)):
         if value is not None:
             spec[key] = value
     pid = _call(kernel, state_dir, "spawn", spec)
@@ -106,12 +113,13 @@ def ps(include_exited: bool, as_json: bool, kernel: str, state_dir: Path | None)
         _print_json(rows)
         return
     now = time.time()
-    table = [("PID", "NAME", "STATUS", "PARENT", "PRIO", "RESTARTS", "AGE", "HOST", "PROGRAM")]
+    table = [("PID", "NAME", "STATUS", "PARENT", "PRIO", "RESTARTS", "AGE", "HOST", "SANDBOX",
+              "PROGRAM")]
     for p in rows:
         status = p["status"] if p["status"] != "exited" else f"exited({p['exit']['reason']})"
         table.append((str(p["pid"]), p["name"] or "-", status, str(p["parent"]),
                       str(p["priority"]), str(p["restarts"]), f"{now - p['created']:.0f}s",
-                      p["host"] or "-", p["program"]))
+                      p["host"] or "-", "yes" if p.get("sandbox") else "-", p["program"]))
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]) - 1)]
     for row in table:
         click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1])
@@ -207,6 +215,34 @@ def _decide(approve_it: bool):
     return decide
 
 
+@click.group()
+def net() -> None:
+    """Network requests processes made with net.fetch."""
+
+
+@net.command(name="log")
+@click.option("--pid", "target", default=None, help="Only this process's (pid or name).")
+@click.option("--limit", type=int, default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of lines.")
+@_kernel_options
+def net_log(target: str | None, limit: int, as_json: bool, kernel: str,
+            state_dir: Path | None) -> None:
+    """The last requests, allowed or refused, oldest first."""
+    rows = _call(kernel, state_dir, "net_log", None if target is None else _target(target),
+                 limit)
+    if as_json:
+        _print_json(rows)
+        return
+    if not rows:
+        click.echo("no network requests yet", err=True)
+    for r in rows:
+        when = time.strftime("%H:%M:%S", time.localtime(r["at"]))
+        status = r.get("status", r["outcome"])
+        extra = f"  {r['reason']}" if r["outcome"] != "ok" and r.get("reason") else ""
+        click.echo(f"{when}  pid {r['pid']}  {r['method']} {r['url']}  {status}  "
+                   f"{r.get('bytes', 0)} B  {r['seconds'] * 1e3:.0f} ms{extra}")
+
+
 approve = _decide(True)
 deny = _decide(False)
-COMMANDS = [run, ps, kill, logs, send, approvals, approve, deny]
+COMMANDS = [run, ps, kill, logs, send, approvals, approve, deny, net]

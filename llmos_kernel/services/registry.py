@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # types only: this module must not pull the services' imports
     from llmos_kernel.services.approvals import ApprovalQueue
     from llmos_kernel.services.fs import FileSystem
     from llmos_kernel.services.memory import MemoryService
+    from llmos_kernel.services.net import NetService
     from llmos_kernel.services.tools import ToolRegistry
     from llmos_kernel.wire import Usage
 
@@ -38,6 +39,7 @@ class Services:
     memory: MemoryService  # long-term memories, embeddings
     approvals: ApprovalQueue  # dangerous tool calls waiting for a person
     log_dir: Path  # one file of output per process
+    net: NetService | None = None  # net.fetch for processes allowed some hosts
 
     def spawned(self, proc: Process) -> None:
         """A process was created: give it its file quota."""
