@@ -41,7 +41,8 @@ def _llmos(kernel, *args: str) -> str:
 
 @pytest.mark.parametrize("verb, decision", [("approve", "approved"), ("deny", "denied")])
 def test_the_dangerous_call_waits_for_a_person(kernel, verb, decision):
-    pid = kernel.run(proc.spawn("demos.approvals:main", {}, name=f"demo-approvals-{verb}"))
+    pid = kernel.run(proc.spawn("demos.approvals:main", {},
+                                sandbox=True, scratch=True, name=f"demo-approvals-{verb}"))
     request = _held_call(kernel, pid)
     assert (request["tool"], request["args"]) == ("delete_file", {"path": WANTED})
     time.sleep(1.0)

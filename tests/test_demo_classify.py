@@ -19,7 +19,8 @@ LABELS = {"sentiment": {"positive", "negative"},
 
 
 def test_constrained_labels_beat_the_majority_class(kernel):
-    pid = kernel.run(proc.spawn("demos.classify:main", {}, name="demo-classify"))
+    pid = kernel.run(proc.spawn("demos.classify:main", {},
+                                sandbox=True, scratch=True, name="demo-classify"))
     exit_ = kernel.run(proc.wait(pid, timeout=600), timeout=660)
     assert exit_["reason"] == "normal", exit_
     result, metrics = exit_["result"], exit_["result"]["metrics"]

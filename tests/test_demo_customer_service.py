@@ -17,7 +17,8 @@ from syscalls import proc
 
 
 def test_answers_cite_their_faq_entry_and_the_rest_reach_the_human_queue(kernel):
-    pid = kernel.run(proc.spawn("demos.customer_service:main", {}, name="demo-customer-service"))
+    pid = kernel.run(proc.spawn("demos.customer_service:main", {},
+                                sandbox=True, scratch=True, name="demo-customer-service"))
     exit_ = kernel.run(proc.wait(pid, timeout=600), timeout=660)
     assert exit_["reason"] == "normal", exit_
     result = exit_["result"]

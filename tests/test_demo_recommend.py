@@ -16,7 +16,8 @@ from syscalls import proc
 
 
 def test_recommendations_are_unread_books_explained_by_a_liked_one(kernel):
-    pid = kernel.run(proc.spawn("demos.recommend:main", {}, name="demo-recommend"))
+    pid = kernel.run(proc.spawn("demos.recommend:main", {},
+                                sandbox=True, scratch=True, name="demo-recommend"))
     exit_ = kernel.run(proc.wait(pid, timeout=600), timeout=660)
     assert exit_["reason"] == "normal", exit_
     result = exit_["result"]

@@ -63,7 +63,8 @@ def test_turn_on_the_living_room_light_switches_that_light_and_no_other(kernel):
 
 
 def test_the_demo_carries_out_the_shipped_commands_far_better_than_the_models_own_choice(kernel):
-    pid = kernel.run(proc.spawn("demos.smart_home:main", {}, name="test-smart-home"))
+    pid = kernel.run(proc.spawn("demos.smart_home:main", {},
+                                sandbox=True, scratch=True, name="test-smart-home"))
     exit_ = kernel.run(proc.wait(pid, timeout=600), timeout=660)
     assert exit_["reason"] == "normal", exit_
     report = exit_["result"]

@@ -21,7 +21,8 @@ from syscalls import proc
 
 
 def test_summary_is_short_on_topic_and_overlaps_the_reference(kernel):
-    pid = kernel.run(proc.spawn("demos.summarize:main", {}, name="demo-summarize"))
+    pid = kernel.run(proc.spawn("demos.summarize:main", {},
+                                sandbox=True, scratch=True, name="demo-summarize"))
     exit_ = kernel.run(proc.wait(pid, timeout=600), timeout=660)
     assert exit_["reason"] == "normal", exit_
     result, metrics = exit_["result"], exit_["result"]["metrics"]

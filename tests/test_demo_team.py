@@ -8,7 +8,8 @@ from syscalls import proc
 
 
 def test_team_finishes_the_document_although_a_writer_crashed(kernel):
-    pid = kernel.run(proc.spawn("demos.team:main", {}, name="demo-team"))
+    pid = kernel.run(proc.spawn("demos.team:main", {},
+                                sandbox=True, scratch=True, name="demo-team"))
     exit_ = kernel.run(proc.wait(pid, timeout=600), timeout=660)
     assert exit_["reason"] == "normal", exit_
     result = exit_["result"]

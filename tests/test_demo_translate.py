@@ -23,7 +23,8 @@ MARGIN = {"zh_en": 15.0, "en_zh": 1.0}
 
 
 def test_translations_beat_copying_and_unrelated_sentences(kernel):
-    pid = kernel.run(proc.spawn("demos.translate:main", {}, name="demo-translate"))
+    pid = kernel.run(proc.spawn("demos.translate:main", {},
+                                sandbox=True, scratch=True, name="demo-translate"))
     exit_ = kernel.run(proc.wait(pid, timeout=600), timeout=660)
     assert exit_["reason"] == "normal", exit_
     result, metrics = exit_["result"], exit_["result"]["metrics"]

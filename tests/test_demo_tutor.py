@@ -24,7 +24,8 @@ def test_the_rubric_counts_key_points_by_whole_words():
 
 
 def test_lessons_follow_the_difficulty_rule_and_grades_agree_with_the_labels(kernel):
-    pid = kernel.run(proc.spawn("demos.tutor:main", {}, name="test-tutor"))
+    pid = kernel.run(proc.spawn("demos.tutor:main", {},
+                                sandbox=True, scratch=True, name="test-tutor"))
     exit_ = kernel.run(proc.wait(pid, timeout=600), timeout=660)
     assert exit_["reason"] == "normal", exit_
     report = exit_["result"]

@@ -62,7 +62,8 @@ def _parse_args(pairs: tuple[str, ...], names: list[str]) -> dict[str, dict[str,
 @click.option("--json", "as_json", is_flag=True,
               help="End with every demo's exit record as one JSON object.")
 @click.option("--sandbox", is_flag=True,
-              help="Run each demo (and so every process it starts) sandboxed.")
+              help="Run each demo (and so every process it starts) sandboxed, with a "
+                   "scratch dir.")
 def demo(names: tuple[str, ...], list_only: bool, model: str, kernel: str | None,
          state_dir: Path | None, pairs: tuple[str, ...], as_json: bool, sandbox: bool) -> None:
     """Run the demo agents (all, or the NAMEs given) on the real model.
@@ -134,8 +135,8 @@ async def _run_all(client, chosen, args, sandbox: bool = False) -> dict[str, dic
         started = time.perf_counter()
         spec = {"program": program_spec(d.program), "args": args[d.name],
                 "name": f"demo-{d.name}"}
-        if sandbox:
-            spec["sandbox"] = True
+        if sandbox:  # with a scratch dir: some libraries want a temporary directory
+            spec.update(sandbox=True, scratch=True)
         pid = await client.call("spawn", spec)
         exit_ = await _follow(client, pid)
         exit_["seconds"] = round(time.perf_counter() - started, 1)
