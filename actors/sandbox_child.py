@@ -42,6 +42,7 @@ from actors import sandbox_policy
 from actors import sandbox_protocol as protocol
 from llmos_kernel import wire
 from llmos_kernel.errors import InvalidArgument
+from llmos_kernel.messages import new_message_id
 
 if TYPE_CHECKING:
     from actors.runtime import AgentRuntime
@@ -141,16 +142,27 @@ class ChildHost:
         self.writer.write(protocol.frame(msg))
 
     async def syscall(self, agent: AgentRuntime, name: str, args: dict) -> Any:
+        awaited = None
+        if name == "ipc.send" and args.get("reply_to") == "call":
+            # Name the request here and mark it awaited before it leaves, as a host does
+            # for its own agents: its reply may arrive ahead of the send's answer, and the
+            # behaviour's receive loop must leave that reply to the waiting call.
+            args.setdefault("id", new_message_id())
+            awaited = f"{agent.pid}:{args['id']}"
+            agent.awaiting.add(awaited)
         call = next(self._ids)
-        msg = protocol.Call(call, name, wire.encode_args(args), agent.handling)
         future = asyncio.get_running_loop().create_future()
         self.calls[call] = future
         try:
             try:
-                self.send(msg)
+                self.send(protocol.Call(call, name, wire.encode_args(args), agent.handling))
             except protocol.ProtocolError as e:
                 raise InvalidArgument(str(e)) from None
             return wire.unwrap(await future)
+        except BaseException:
+            if awaited is not None:
+                agent.awaiting.discard(awaited)
+            raise
         finally:
             self.calls.pop(call, None)
 

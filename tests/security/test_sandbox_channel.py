@@ -12,7 +12,7 @@ import pytest
 from actors import sandbox_protocol as protocol
 from actors.sandbox import Sandbox, launch
 from llmos_kernel import wire
-from llmos_kernel.messages import Envelope
+from llmos_kernel.messages import Envelope, new_message_id
 from security.harness import FakeHost, program, run, until
 
 
@@ -87,6 +87,50 @@ def test_a_behaviour_receives_pushed_messages_and_its_replies_are_acknowledged()
     assert report.reason == "normal" and report.result == [1, 2]
     replies = [reply for _, reply in host.acks]
     assert [r["to"] for r in replies] == [3, 3] and all(r["payload"] for r in replies)
+
+
+def test_a_behaviours_own_call_gets_its_reply_even_when_it_arrives_before_the_send_ok():
+    """The reply to a call the behaviour's background task made may reach the child before
+    the answer to the send itself (the host pushes chunk items before batch results): the
+    behaviour's receive loop must leave it to the call, not hand it to on_message."""
+    async def scenario():
+        box = None
+
+        def send(args):
+            sent_id = f"7:{args.get('id') or new_message_id()}"  # as a host names it
+            reply = Envelope.new({"answer": 42}, sender=3, receiver=7, correlation_id=sent_id)
+            box.push(wire.Deliver(7, reply.to_wire()))  # down the socket before the answer
+            stop = Envelope.new({"stop": True}, sender=3, receiver=7)
+            asyncio.get_running_loop().call_later(0.5, box.push, wire.Deliver(7, stop.to_wire()))
+            return {"id": sent_id, "to": 3}
+
+        host = FakeHost({"ipc.send": send})
+        box = Sandbox(host, 7, program("""
+            import asyncio
+            from syscalls import ipc
+
+            class Agent:
+                def init(self):
+                    self.handled, self.reply = [], None
+                    asyncio.get_running_loop().create_task(self.ask())
+                async def ask(self):
+                    self.reply = (await ipc.call(3, {"q": 1}, timeout=5)).body
+                def on_message(self, msg):
+                    if msg.body == {"stop": True}:
+                        self.stopped = True
+                        self.result = {"reply": self.reply, "handled": self.handled}
+                    else:
+                        self.handled.append(msg.body)
+        """))
+        await box.start()
+        try:
+            return await asyncio.wait_for(box.wait(), 30)
+        finally:
+            await box.close()
+
+    report = asyncio.run(scenario())
+    assert report.reason == "normal", report
+    assert report.result == {"reply": {"answer": 42}, "handled": []}
 
 
 def test_tools_run_in_the_child_and_one_it_never_answered_fails_when_it_exits():
