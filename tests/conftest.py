@@ -141,6 +141,19 @@ class KernelHarness:
         self.loop.call_soon_threadsafe(self.loop.stop)
 
 
+@pytest.fixture
+def sandbox_available() -> None:
+    """Skips a test of sandboxed processes where the kernel could not run one (no Landlock
+    or libseccomp); the development machines and CI have both."""
+    from actors.sandbox_policy import check_available
+    from llmos_kernel.errors import LlmosError
+
+    try:
+        check_available()
+    except LlmosError as e:  # pragma: no cover
+        pytest.skip(f"no sandbox on this machine: {e}")
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray instance for the session; agent hosts can import tests/agents/*."""

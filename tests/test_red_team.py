@@ -18,17 +18,9 @@ import attacks
 import pytest
 from workers import Cmd
 
-from actors.sandbox_policy import check_available
-from llmos_kernel.errors import LlmosError
 from syscalls import ipc, proc
 
-
-@pytest.fixture(autouse=True)
-def sandbox_available() -> None:
-    try:
-        check_available()
-    except LlmosError as e:  # pragma: no cover - the development machines have Landlock
-        pytest.skip(f"no sandbox on this machine: {e}")
+pytestmark = pytest.mark.usefixtures("sandbox_available")
 
 
 @pytest.fixture(scope="module")

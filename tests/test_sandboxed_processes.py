@@ -10,17 +10,10 @@ from __future__ import annotations
 import pytest
 from checks import until
 
-from actors.sandbox_policy import check_available
-from llmos_kernel.errors import LlmosError, ToolError
+from llmos_kernel.errors import ToolError
 from syscalls import ipc, proc, tools
 
-
-@pytest.fixture(autouse=True)
-def sandbox_available() -> None:
-    try:
-        check_available()
-    except LlmosError as e:  # pragma: no cover - the development machines have Landlock
-        pytest.skip(f"no sandbox on this machine: {e}")
+pytestmark = pytest.mark.usefixtures("sandbox_available")
 
 
 def test_a_sandboxed_agent_chats_writes_files_and_talks_to_an_unsandboxed_one(kernel):
