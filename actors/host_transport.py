@@ -36,6 +36,7 @@ POLL_TIMEOUT_S = 5.0
 KERNEL_RESTART_WAIT_S = 60.0  # how long a driver's host retries a kernel that went away
 RETRY_DELAY_S = 0.5
 BATCHES_IN_FLIGHT = 2
+EXPECT_HOLD_S = 0.001  # longest a batch waits for a call expected to come (see expect)
 RETRYABLE = frozenset({"ipc.send", "ipc.publish", "ipc.ack", "ipc.subscribe", "ipc.unsubscribe",
                        "ipc.adopt"})
 
@@ -75,6 +76,8 @@ class KernelLink:
         self._setback: dict[int, _Batch] = {}  # batches to send again, by number
         self._unsent_logs: dict[int, str] = {}  # output of batches that must go again
         self._down_since: float | None = None
+        self._expected: dict[Any, float] = {}  # who is expected to call soon, since when
+        self._hold_timer: asyncio.TimerHandle | None = None
 
     def start(self) -> None:
         if not self._tasks:
@@ -90,6 +93,17 @@ class KernelLink:
 
     def wake(self) -> None:
         self._wake.set()
+
+    def expect(self, who: Any, soon: bool) -> None:
+        """``who`` (a sandboxed process's child, just answered) is expected to make its next
+        call soon, or no longer is. A batch waits for expected calls, at most
+        EXPECT_HOLD_S: agents in this process resume together and their calls leave in one
+        batch, but children answered together call back a little apart, and without the
+        wait each would take a batch (a Ray call) of its own."""
+        if soon:
+            self._expected.setdefault(who, time.monotonic())
+        elif self._expected.pop(who, None) is not None and not self._expected:
+            self._wake.set()
 
     # -- calls --------------------------------------------------------------------
     def call(self, capability: str, name: str, args: dict,
@@ -145,6 +159,8 @@ class KernelLink:
             if self._setback or len(self._in_flight) >= BATCHES_IN_FLIGHT or not (
                     self.ops or self.exits or self.logging or self._unsent_logs):
                 continue
+            if self._hold():
+                continue
             batch = _Batch(self.ops, self.exits, self._unsent_logs)
             self.ops, self.exits, self._unsent_logs = [], [], {}
             for agent in self.logging:
@@ -155,6 +171,22 @@ class KernelLink:
             seq, self._seq = self._seq, self._seq + 1
             self._in_flight.add(seq)
             asyncio.get_running_loop().create_task(self._send(seq, batch))
+
+    def _hold(self) -> bool:
+        """Whether to wait a little longer for expected calls (and wake when it is over)."""
+        if not self._expected:
+            return False
+        now = time.monotonic()
+        for who, since in list(self._expected.items()):
+            if now - since >= EXPECT_HOLD_S:
+                del self._expected[who]
+        if not self._expected:
+            return False
+        if self._hold_timer is None or self._hold_timer.cancelled() or \
+                self._hold_timer.when() <= asyncio.get_running_loop().time():
+            self._hold_timer = asyncio.get_running_loop().call_later(
+                EXPECT_HOLD_S - (now - min(self._expected.values())), self._wake.set)
+        return True
 
     async def _send(self, seq: int, batch: _Batch) -> None:
         try:

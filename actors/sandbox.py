@@ -37,7 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -125,7 +125,8 @@ class Sandbox:
     def __init__(self, host: SandboxHost, pid: int, program: wire.Program,
                  args: dict | None = None, *, name: str | None = None, mailbox: int = 10_000,
                  limits: Limits | None = None, scratch: bool = False,
-                 import_paths: Sequence[str] = (), host_id: str = "sandbox"):
+                 import_paths: Sequence[str] = (), host_id: str = "sandbox",
+                 expect: Callable[[bool], None] | None = None):
         self.host, self.pid, self.program, self.args = host, pid, program, args or {}
         self.name, self.mailbox, self.host_id = name, mailbox, host_id
         self.limits = limits or Limits()
@@ -145,6 +146,10 @@ class Sandbox:
         self._violation: str | None = None
         self._killing = False
         self._pidfd = -1
+        # told True when an answer goes down (its next call is likely on its way), False
+        # when the child is heard from or gone: the host's batching waits for it briefly
+        self._expect = expect
+        self._expected = False
 
     @property
     def alive(self) -> bool:
@@ -285,11 +290,13 @@ class Sandbox:
                 except Exception:
                     log.exception("sandbox of pid %s: the host failed on a %s", self.pid,
                                   type(msg).__name__)
+                self._heard()  # after a call's op is queued: the batch can take it
         except protocol.ProtocolError as e:
             self._violate(str(e))
         except (asyncio.IncompleteReadError, OSError):
             pass  # the child exited (or was killed)
         finally:
+            self._heard()
             if self._writer is not None:
                 self._writer.close()
             for call in self._tool_calls:  # no answer can come now
@@ -341,6 +348,14 @@ class Sandbox:
 
     def _answer(self, call: int, result: wire.Result) -> None:
         self._send(protocol.Answer(call, wire.encode_result(result)))
+        if self._expect is not None and not self._expected and self.alive:
+            self._expected = True
+            self._expect(True)
+
+    def _heard(self) -> None:
+        if self._expected:
+            self._expected = False
+            self._expect(False)
 
     def _violate(self, reason: str) -> None:
         if self._violation is None:

@@ -111,7 +111,8 @@ async def run(host: AgentHost, agent: SandboxedAgent, order: wire.Spawn, spares:
         box = agent.box = Sandbox(
             Relay(host, agent), order.pid, order.program, order.args, name=order.name,
             mailbox=order.mailbox, limits=Limits.from_quotas(order.limits),
-            scratch=order.scratch, host_id=host.host_id)
+            scratch=order.scratch, host_id=host.host_id,
+            expect=lambda soon: host.link.expect(agent, soon))
         await box.start(spares.take())
     except LlmosError as e:
         report = wire.ExitReport(order.pid, "error", error={

@@ -7,10 +7,13 @@ in the state dir so ``llmos kernel stop`` can take it down again.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -47,6 +50,19 @@ def connect_ray(address: str | None = None, *, start_head: bool = False,
                               "start one with: llmos kernel start") from None
     _start_local_head(state_dir)
     ray.init(address="auto", namespace=NAMESPACE, logging_level="ERROR", log_to_driver=False)
+    if state_dir is not None:  # what stop_kernel stops: this head, not other Ray instances
+        (state_dir / HEAD_FILE).write_text(json.dumps({
+            "started_by": "llmos", "gcs_address": ray.get_runtime_context().gcs_address,
+            "session_dir": _session_dir()}))
+
+
+def _session_dir() -> str | None:
+    """The Ray session directory of the cluster this driver joined (every process of that
+    cluster names it on its command line)."""
+    try:
+        return ray._private.worker.global_worker.node.get_session_dir_path()
+    except AttributeError:  # a Ray without that private path: stop falls back to ray stop
+        return None
 
 
 def _ray_cli(*args: str) -> subprocess.CompletedProcess:
@@ -63,7 +79,7 @@ def _start_local_head(state_dir: Path | None) -> None:
         raise Unavailable(f"could not start a local Ray head: {tail[0]}")
     if state_dir is not None:
         state_dir.mkdir(parents=True, exist_ok=True)
-        (state_dir / HEAD_FILE).write_text(json.dumps({"started_by": "llmos"}))
+        (state_dir / HEAD_FILE).write_text(json.dumps({"started_by": "llmos"}))  # until joined
 
 
 def find_kernel(name: str) -> ray.actor.ActorHandle | None:
@@ -131,6 +147,58 @@ def stop_kernel(name: str, state_dir: Path | None = None) -> bool:
     head = state_dir / HEAD_FILE if state_dir else None
     if head is not None and head.exists():
         ray.shutdown()
-        _ray_cli("stop")
+        try:
+            session = json.loads(head.read_text()).get("session_dir")
+        except ValueError:
+            session = None
+        if session:
+            _stop_session(session)
+            _forget_address(json.loads(head.read_text()).get("gcs_address"))
+        else:  # a head recorded before its session was: every Ray instance of this user
+            _ray_cli("stop")
         head.unlink()
     return handle is not None
+
+
+def _forget_address(gcs_address: str | None) -> None:
+    """Remove the note that makes ``ray.init(address="auto")`` on this machine join the
+    instance just stopped (``ray stop`` removes it too), if it still names that one."""
+    from ray._common.utils import get_ray_address_file
+
+    path = Path(get_ray_address_file(None))
+    with contextlib.suppress(OSError):
+        if gcs_address and path.read_text().strip() == gcs_address:
+            path.unlink()
+
+
+def _stop_session(session_dir: str, grace_s: float = 10.0) -> None:
+    """Stop the processes of one Ray instance (those naming its session directory), and
+    only those: ``ray stop`` would also stop every other Ray instance on the machine."""
+    def members() -> set[int]:
+        """Its processes, and every process they started (workers name no session)."""
+        named, parent = set(), {}
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) == os.getpid():
+                continue
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if session_dir.encode() in f.read():
+                        named.add(int(entry))
+                with open(f"/proc/{entry}/stat") as f:
+                    parent[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                pass
+        found, grew = set(named), True
+        while grew:
+            more = {pid for pid, ppid in parent.items() if ppid in found} - found
+            found |= more
+            grew = bool(more)
+        return found
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in members():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + grace_s
+        while members() and time.monotonic() < deadline:
+            time.sleep(0.1)
