@@ -10,10 +10,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,6 +26,7 @@ from llmos_kernel.paths import (
     default_state_dir,
     published_state_dir,
 )
+from llmos_kernel.session_stop import stop_session
 
 HEAD_FILE = "ray_head.json"
 
@@ -152,7 +151,7 @@ def stop_kernel(name: str, state_dir: Path | None = None) -> bool:
         except ValueError:
             session = None
         if session:
-            _stop_session(session)
+            stop_session(session)
             _forget_address(json.loads(head.read_text()).get("gcs_address"))
         else:  # a head recorded before its session was: every Ray instance of this user
             _ray_cli("stop")
@@ -169,36 +168,3 @@ def _forget_address(gcs_address: str | None) -> None:
     with contextlib.suppress(OSError):
         if gcs_address and path.read_text().strip() == gcs_address:
             path.unlink()
-
-
-def _stop_session(session_dir: str, grace_s: float = 10.0) -> None:
-    """Stop the processes of one Ray instance (those naming its session directory), and
-    only those: ``ray stop`` would also stop every other Ray instance on the machine."""
-    def members() -> set[int]:
-        """Its processes, and every process they started (workers name no session)."""
-        named, parent = set(), {}
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit() or int(entry) == os.getpid():
-                continue
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    if session_dir.encode() in f.read():
-                        named.add(int(entry))
-                with open(f"/proc/{entry}/stat") as f:
-                    parent[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                pass
-        found, grew = set(named), True
-        while grew:
-            more = {pid for pid, ppid in parent.items() if ppid in found} - found
-            found |= more
-            grew = bool(more)
-        return found
-
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in members():
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, sig)
-        deadline = time.monotonic() + grace_s
-        while members() and time.monotonic() < deadline:
-            time.sleep(0.1)

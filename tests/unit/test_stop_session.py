@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 
-from llmos_kernel.launcher import _stop_session
+from llmos_kernel.session_stop import stop_session
 
 # a stand-in for a raylet: names its session on its command line and starts a worker
 # (whose command line names nothing), then waits
@@ -54,7 +54,7 @@ def test_only_the_named_session_and_its_descendants_stop(tmp_path):
     worker, bystanders_worker = _children(member.pid)[0], _children(bystander.pid)[0]
     try:
         began = time.monotonic()
-        _stop_session(str(ours), grace_s=5.0)
+        stop_session(str(ours), grace_s=5.0)
         assert time.monotonic() - began < 5.0  # they went on SIGTERM
         member.wait(5)
         assert not _alive(worker), "a process the session started was left running"
