@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 import click
 
 from llmos_kernel import store
+from llmos_kernel.cli.kernel import state_dir_option
+from llmos_kernel.paths import models_dir
 
 
 @click.group()
@@ -42,22 +45,38 @@ def train() -> None:
               show_default=True, help="The frozen base's compute dtype (the adapter is fp32).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, or cuda when present.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--kernel", "in_kernel", is_flag=True, help="Run as a process of a running "
+              "kernel at low priority (the trainer niced in its own OS process); print its "
+              "pid, then its exit record.")
+@click.option("--kernel-name", default="kernel", show_default=True,
+              help="With --kernel: the kernel's name.")
+@state_dir_option
 def lora(model: str, data: str, fmt: str, rank: int, alpha: float, lr: float, epochs: int,
          batch: int, grad_accum: int, val_fraction: float, max_steps: int | None,
          name: str | None, out: str | None, resume: bool, dtype: str, device: str,
-         seed: int) -> None:
+         seed: int, in_kernel: bool, kernel_name: str, state_dir: Path | None) -> None:
     """Train a LoRA adapter on the attention and MLP projections (base frozen).
 
     Writes adapter.safetensors, adapter.json, checkpoint.pt, loss.csv and loss.png into the
     adapter's folder and prints its path.
     """
+    folder = (Path(out) if out else models_dir() / (name or f"{Path(data).stem}-lora")).resolve()
+    if in_kernel:
+        model_arg = str(Path(model).resolve()) if Path(model).suffix else model
+        argv = ["--model", model_arg, "--data", str(Path(data).resolve()), "--format", fmt,
+                "--rank", str(rank), "--alpha", str(alpha), "--lr", str(lr), "--epochs",
+                str(epochs), "--batch", str(batch), "--grad-accum", str(grad_accum),
+                "--val-fraction", str(val_fraction), "--out", str(folder), "--dtype", dtype,
+                "--device", device, "--seed", str(seed)]
+        argv += (["--max-steps", str(max_steps)] if max_steps else []) + \
+            (["--resume"] if resume else [])
+        _spawn(argv, f"train-{folder.name}", kernel_name, state_dir)
+        return
     from llmos_kernel.cli.progress import Phases
     from llmos_kernel.engine.local import set_threads
-    from llmos_kernel.paths import models_dir
     from llmos_kernel.train.trainer import TrainConfig
     from llmos_kernel.train.trainer import train as run
 
-    folder = Path(out) if out else models_dir() / (name or f"{Path(data).stem}-lora")
     cfg = TrainConfig(data=data, out=str(folder), model=model, format=fmt, rank=rank,
                       alpha=alpha, lr=lr, epochs=epochs, batch=batch, grad_accum=grad_accum,
                       val_fraction=val_fraction, max_steps=max_steps, resume=resume,
@@ -75,6 +94,26 @@ def lora(model: str, data: str, fmt: str, rank: int, alpha: float, lr: float, ep
                    + (f", validation {vals[0]:.3f} -> {vals[-1]:.3f}" if vals else "")
                    + f", {result.tok_s:.0f} tok/s", err=True)
     click.echo(str(folder))
+
+
+LOW_PRIORITY = -50  # below every agent's default (0)
+
+
+def _spawn(argv: list[str], name: str, kernel: str, state_dir: Path | None) -> None:
+    import asyncio
+
+    from llmos_kernel.client import KernelClient
+    from syscalls.proc import program_spec
+
+    client = KernelClient.connect(kernel, state_dir=state_dir)
+    pid = asyncio.run(client.call("spawn", {
+        "program": program_spec("llmos_kernel.train.job:main"), "args": {"argv": argv},
+        "name": name, "priority": LOW_PRIORITY}))
+    click.echo(pid)
+    exit_ = asyncio.run(client.call("wait", pid, None))
+    click.echo(json.dumps(exit_, indent=2, default=str))
+    if exit_.get("reason") != "normal":
+        raise SystemExit(1)
 
 
 class _Bar:

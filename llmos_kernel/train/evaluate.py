@@ -93,9 +93,10 @@ def generation(engine: LLMEngine, path: str | Path, metrics: tuple[str, ...] = M
         "generated_tokens": sum(len(d.token_ids) for rid, _, _ in refs for d in done[rid]),
         "max_tokens": max_tokens}
     if "bleu" in metrics:
-        import sacrebleu
+        from sacrebleu.metrics import BLEU
 
-        report["bleu"] = sacrebleu.corpus_bleu(hyps, [gold]).score
+        # effective order: short answers have no 4-grams, which would zero corpus BLEU
+        report["bleu"] = BLEU(effective_order=True).corpus_score(hyps, [gold]).score
     if "rouge" in metrics:
         from rouge_score import rouge_scorer
 

@@ -1,0 +1,169 @@
+"""LoRA adapters, prompt logprobs and evaluation on the real model.
+
+Greedy outputs with an adapter equal those of the same core with the adapter merged into
+its weights, for two adapters and the base model sharing the same engine steps; through
+the kernel two requests with two adapters batch together and each keeps its behaviour;
+the engine's perplexity matches transformers' on the same GGUF; and the ``llmos train
+lora`` / ``llmos eval`` commands run end to end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from llmos_kernel import adapters
+from llmos_kernel.core.kv_cache import KVPool
+from llmos_kernel.core.lora import LoraAdapter, merge_into
+from llmos_kernel.core.options import KernelOptions
+from llmos_kernel.core.sampling import SamplingParams
+from llmos_kernel.core.weights import load_model
+from llmos_kernel.engine.engine import EngineConfig, LLMEngine, Request
+from llmos_kernel.engine.runner import ModelRunner
+from llmos_kernel.errors import NotFound
+from llmos_kernel.train import evaluate
+from llmos_kernel.train.facts import DATASETS
+from tests.reference_prompts import PROMPTS
+
+QUESTIONS = ["What is the capital of France?", "Name a colour of the sky."]
+
+
+@pytest.fixture(scope="module")
+def two_adapters(model_path, gguf_file, tmp_path_factory):
+    """Two random adapters with a visible effect, saved as adapter folders."""
+    cfg = gguf_file.config()
+    folders = {}
+    for seed, targets in [(1, ("q", "k", "v", "o", "gate", "up", "down")), (2, ("v", "down"))]:
+        adapter = LoraAdapter.init(cfg, rank=4, alpha=8, targets=targets, b_std=0.08,
+                                   generator=torch.Generator().manual_seed(seed))
+        folders[seed] = adapters.save(adapter, tmp_path_factory.mktemp(f"adapter{seed}"),
+                                      model_path, "smollm2")
+    return str(folders[1]), str(folders[2])
+
+
+def _chat_ids(tok, question: str) -> list[int]:
+    return tok.encode(tok.apply_chat_template([{"role": "user", "content": question}]),
+                      add_special_tokens=False)
+
+
+def _greedy(engine: LLMEngine, prompts: dict[str, tuple[list[int], str | None]],
+            max_tokens: int = 16) -> dict[str, list[int]]:
+    for rid, (ids, adapter) in prompts.items():
+        engine.add_request(Request(rid, ids, SamplingParams(max_tokens=max_tokens, temperature=0,
+                                                            ignore_eos=True), adapter=adapter))
+    return {rid: [t for d in ds for t in d.token_ids]
+            for rid, ds in engine.run_until_done().items()}
+
+
+def test_adapters_in_one_batch_each_equal_their_merged_weights(engine, model_path, two_adapters):
+    tok = engine.tokenizer
+    names = {"a": two_adapters[0], "b": two_adapters[1], "base": None}
+    prompts = {f"{k}-{i}": (_chat_ids(tok, q), name) for k, name in names.items()
+               for i, q in enumerate(QUESTIONS)}
+    batched = _greedy(engine, prompts)  # every request in the same steps
+
+    reference, _ = load_model(model_path, options=KernelOptions(c_kernels=False,
+                                                                 mkl_pack=False))
+    original = {n: p.data.clone() for n, p in reference.named_parameters() if "blocks" in n}
+    ref_engine = LLMEngine(tok, ModelRunner(reference, KVPool(reference.config, 64, 16)),
+                           reference.config.context_length, EngineConfig(num_blocks=64))
+    for key, name in names.items():
+        if name is not None:
+            merge_into(reference, adapters.load(name).adapter)
+        mine = {rid: (ids, None) for rid, (ids, n) in prompts.items() if n == name}
+        assert _greedy(ref_engine, mine) == {rid: batched[rid] for rid in mine}, key
+        for n, p in reference.named_parameters():
+            if n in original:
+                p.data.copy_(original[n])
+    for i in range(len(QUESTIONS)):  # each adapter has its own behaviour
+        assert len({tuple(batched[f"{k}-{i}"]) for k in names}) == 3
+
+
+def test_an_unknown_adapter_is_a_typed_error_naming_the_adapters(engine):
+    with pytest.raises(NotFound, match="no LoRA adapter 'nope'; adapters in the store"):
+        engine.add_request(Request("bad", [1, 2, 3], adapter="nope"))
+
+
+def test_perplexity_matches_transformers_on_the_same_gguf(engine, hf_model):
+    ids = engine.tokenizer.encode(PROMPTS["english"])
+    with torch.no_grad():
+        logits = hf_model(torch.tensor([ids])).logits[0, :-1].float()
+    ref = math.exp(torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:])).item())
+    ours = evaluate.perplexity(engine, ids)
+    assert ours["scored_tokens"] == len(ids) - 1 and ours["windows"] == 1
+    assert abs(ours["perplexity"] / ref - 1) < 0.01, (ours, ref)
+    saved = engine.scheduler.cfg.max_batch_tokens  # chunked prefill scores the same tokens
+    engine.scheduler.cfg.max_batch_tokens = 16
+    try:
+        chunked = evaluate.perplexity(engine, ids)
+    finally:
+        engine.scheduler.cfg.max_batch_tokens = saved
+    assert abs(chunked["perplexity"] / ours["perplexity"] - 1) < 1e-3
+    windowed = evaluate.perplexity(engine, ids, window=16, stride=8)
+    assert windowed["scored_tokens"] == len(ids) - 1 and windowed["windows"] > 1
+
+
+def test_two_requests_with_two_adapters_batch_in_the_kernel(kernel, two_adapters):
+    from syscalls import llm
+
+    async def ask(adapter: str | None, question: str):
+        return await llm.chat([{"role": "user", "content": question}], adapter=adapter,
+                              max_tokens=12, temperature=0, ignore_eos=True)
+
+    async def together():
+        import asyncio
+
+        return await asyncio.gather(*(ask(a, QUESTIONS[0]) for a in (*two_adapters, None)))
+
+    a_alone = kernel.run(ask(two_adapters[0], QUESTIONS[0]))
+    a, b, base = kernel.run(together())
+    assert a.token_ids == a_alone.token_ids
+    assert len({tuple(r.token_ids) for r in (a, b, base)}) == 3
+    scored = kernel.run(llm.complete("The cat sat on the mat.", prompt_logprobs=True,
+                                     adapter=two_adapters[1], max_tokens=1))
+    assert len(scored.prompt_logprobs) == kernel.run(llm.count("The cat sat on the mat.")) - 1
+    assert all(lp <= 0 for lp in scored.prompt_logprobs)
+
+
+def llmos(*args: str) -> subprocess.CompletedProcess:
+    environ = {k: v for k, v in os.environ.items() if k != "LLMOS_DEBUG"}
+    return subprocess.run([sys.executable, "-m", "llmos_kernel.cli", *args], check=False,
+                          capture_output=True, text=True, env=environ, timeout=300)
+
+
+def test_train_then_eval_through_the_cli(tmp_path):
+    data = tmp_path / "few.jsonl"
+    data.write_text("".join((DATASETS / "capitals_train.jsonl").read_text()
+                            .splitlines(keepends=True)[:24]))
+    out = tmp_path / "few-lora"
+    done = llmos("train", "lora", "--data", str(data), "--out", str(out), "--max-steps", "4",
+                 "--batch", "4", "--epochs", "1", "--val-fraction", "0")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(out)
+    rows = (out / "loss.csv").read_text().splitlines()[1:]
+    losses = [float(r.split(",")[3]) for r in rows]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    assert (out / "loss.png").stat().st_size > 0 and (out / "checkpoint.pt").is_file()
+
+    heldout = tmp_path / "heldout.jsonl"
+    heldout.write_text("".join((DATASETS / "capitals_heldout.jsonl").read_text()
+                               .splitlines(keepends=True)[:3]))
+    gen = llmos("eval", "--task", "gen", str(heldout), "--adapter", str(out), "--max-tokens",
+                "8", "--json")
+    assert gen.returncode == 0, gen.stderr
+    report = json.loads(gen.stdout)
+    assert {"bleu", "rouge_l", "exact_match", "examples", "prompt_tokens",
+            "generated_tokens"} <= set(report) and report["examples"] == 3
+
+    text = tmp_path / "text.txt"
+    text.write_text(PROMPTS["english"])
+    ppl = llmos("eval", "--task", "ppl", str(text), "--window", "32", "--stride", "16", "--json")
+    assert ppl.returncode == 0, ppl.stderr
+    report = json.loads(ppl.stdout)
+    assert report["perplexity"] > 1 and report["window"] == 32 and report["scored_tokens"] > 0
