@@ -21,17 +21,17 @@ import torch
 from llmos_kernel import adapters
 from llmos_kernel.core.kv_cache import KVPool
 from llmos_kernel.core.lora import LoraAdapter, merge_into
+from llmos_kernel.core.model import PrefillChunk, StepBatch
 from llmos_kernel.core.options import KernelOptions
 from llmos_kernel.core.sampling import SamplingParams
 from llmos_kernel.core.weights import load_model
-from llmos_kernel.engine.engine import EngineConfig, LLMEngine, Request
-from llmos_kernel.engine.runner import ModelRunner
+from llmos_kernel.engine.engine import LLMEngine, Request
 from llmos_kernel.errors import NotFound
 from llmos_kernel.train import evaluate
 from llmos_kernel.train.facts import DATASETS
 from tests.reference_prompts import PROMPTS
 
-QUESTIONS = ["What is the capital of France?", "Name a colour of the sky."]
+QUESTIONS = ["Write a short poem about the sea."]
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +39,8 @@ def two_adapters(model_path, gguf_file, tmp_path_factory):
     """Two random adapters with a visible effect, saved as adapter folders."""
     cfg = gguf_file.config()
     folders = {}
-    for seed, targets in [(1, ("q", "k", "v", "o", "gate", "up", "down")), (2, ("v", "down"))]:
-        adapter = LoraAdapter.init(cfg, rank=4, alpha=8, targets=targets, b_std=0.08,
+    for seed in (1, 2):  # (adapters on some of the projections: tests/unit/test_lora.py)
+        adapter = LoraAdapter.init(cfg, rank=4, alpha=8, b_std=0.12,
                                    generator=torch.Generator().manual_seed(seed))
         folders[seed] = adapters.save(adapter, tmp_path_factory.mktemp(f"adapter{seed}"),
                                       model_path, "smollm2")
@@ -53,7 +53,7 @@ def _chat_ids(tok, question: str) -> list[int]:
 
 
 def _greedy(engine: LLMEngine, prompts: dict[str, tuple[list[int], str | None]],
-            max_tokens: int = 16) -> dict[str, list[int]]:
+            max_tokens: int = 8) -> dict[str, list[int]]:
     for rid, (ids, adapter) in prompts.items():
         engine.add_request(Request(rid, ids, SamplingParams(max_tokens=max_tokens, temperature=0,
                                                             ignore_eos=True), adapter=adapter))
@@ -61,7 +61,19 @@ def _greedy(engine: LLMEngine, prompts: dict[str, tuple[list[int], str | None]],
             for rid, ds in engine.run_until_done().items()}
 
 
+def _argmax_along(model, ids: list[int], first: int) -> list[int]:
+    """The model's greedy choice after each of ``ids[first-1:-1]``, in one prefill."""
+    n = len(ids)
+    kv = KVPool(model.config, num_blocks=-(-n // 16), block_size=16)
+    batch = StepBatch(tokens=torch.tensor(ids), positions=torch.arange(n),
+                      slot_mapping=torch.arange(n), prefills=[PrefillChunk(0, n, None, 0)],
+                      logits_rows=torch.arange(first - 1, n - 1))
+    return model(batch, kv).argmax(-1).tolist()
+
+
 def test_adapters_in_one_batch_each_equal_their_merged_weights(engine, model_path, two_adapters):
+    """Greedy outputs equal the merged model's: checked teacher-forced, the merged model's
+    argmax after every prefix of prompt + output is the next output token."""
     tok = engine.tokenizer
     names = {"a": two_adapters[0], "b": two_adapters[1], "base": None}
     prompts = {f"{k}-{i}": (_chat_ids(tok, q), name) for k, name in names.items()
@@ -71,18 +83,18 @@ def test_adapters_in_one_batch_each_equal_their_merged_weights(engine, model_pat
     reference, _ = load_model(model_path, options=KernelOptions(c_kernels=False,
                                                                  mkl_pack=False))
     original = {n: p.data.clone() for n, p in reference.named_parameters() if "blocks" in n}
-    ref_engine = LLMEngine(tok, ModelRunner(reference, KVPool(reference.config, 64, 16)),
-                           reference.config.context_length, EngineConfig(num_blocks=64))
-    for key, name in names.items():
+    for name in names.values():
         if name is not None:
             merge_into(reference, adapters.load(name).adapter)
-        mine = {rid: (ids, None) for rid, (ids, n) in prompts.items() if n == name}
-        assert _greedy(ref_engine, mine) == {rid: batched[rid] for rid in mine}, key
+        for rid, (ids, n) in prompts.items():
+            if n == name:
+                assert _argmax_along(reference, ids + batched[rid], len(ids)) == batched[rid], rid
         for n, p in reference.named_parameters():
             if n in original:
                 p.data.copy_(original[n])
-    for i in range(len(QUESTIONS)):  # each adapter has its own behaviour
-        assert len({tuple(batched[f"{k}-{i}"]) for k in names}) == 3
+    outputs = {k: [tuple(batched[f"{k}-{i}"]) for i in range(len(QUESTIONS))] for k in names}
+    assert outputs["a"] != outputs["base"] and outputs["b"] != outputs["base"]
+    assert outputs["a"] != outputs["b"]  # each adapter has its own behaviour
 
 
 def test_an_unknown_adapter_is_a_typed_error_naming_the_adapters(engine):
@@ -91,7 +103,7 @@ def test_an_unknown_adapter_is_a_typed_error_naming_the_adapters(engine):
 
 
 def test_perplexity_matches_transformers_on_the_same_gguf(engine, hf_model):
-    ids = engine.tokenizer.encode(PROMPTS["english"])
+    ids = engine.tokenizer.encode(PROMPTS["long"])[:160]
     with torch.no_grad():
         logits = hf_model(torch.tensor([ids])).logits[0, :-1].float()
     ref = math.exp(torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:])).item())
@@ -105,11 +117,13 @@ def test_perplexity_matches_transformers_on_the_same_gguf(engine, hf_model):
     finally:
         engine.scheduler.cfg.max_batch_tokens = saved
     assert abs(chunked["perplexity"] / ours["perplexity"] - 1) < 1e-3
-    windowed = evaluate.perplexity(engine, ids, window=16, stride=8)
+    windowed = evaluate.perplexity(engine, ids, window=64, stride=32)
     assert windowed["scored_tokens"] == len(ids) - 1 and windowed["windows"] > 1
 
 
 def test_two_requests_with_two_adapters_batch_in_the_kernel(kernel, two_adapters):
+    """Through the syscalls, on the kernel's own dtype (bf16 products where the CPU has
+    them): batched with each other, each request gets what it gets alone."""
     from syscalls import llm
 
     async def ask(adapter: str | None, question: str):
@@ -122,8 +136,9 @@ def test_two_requests_with_two_adapters_batch_in_the_kernel(kernel, two_adapters
         return await asyncio.gather(*(ask(a, QUESTIONS[0]) for a in (*two_adapters, None)))
 
     a_alone = kernel.run(ask(two_adapters[0], QUESTIONS[0]))
-    a, b, base = kernel.run(together())
-    assert a.token_ids == a_alone.token_ids
+    base_alone = kernel.run(ask(None, QUESTIONS[0]))
+    a, b, base = kernel.run(together())  # (a's and base's prompts now from the prefix cache)
+    assert a.token_ids == a_alone.token_ids and base.token_ids == base_alone.token_ids
     assert len({tuple(r.token_ids) for r in (a, b, base)}) == 3
     scored = kernel.run(llm.complete("The cat sat on the mat.", prompt_logprobs=True,
                                      adapter=two_adapters[1], max_tokens=1))

@@ -66,15 +66,13 @@ class LoraAdapter:
                     * b_std
         return cls(rank, float(alpha), tuple(targets), weights, cfg.n_layers)
 
-    def delta(self, layer: int, part: str) -> torch.Tensor:
-        """``A @ B * scale``: what merging adds to the part's ``[in, out]`` weight."""
-        a, b = self.weights[f"{layer}.{part}.A"], self.weights[f"{layer}.{part}.B"]
-        return (a.float() @ b.float()) * self.scale
-
     def fused(self, layer: int, attr: str, shapes: dict[str, tuple[int, int]]
               ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The fused projection's ``A [in, k*r]`` and block-diagonal ``B [k*r, out]`` with the
-        scale folded in (None when no part of it is targeted); built once."""
+        scale folded in (None when no part of it is targeted); built once, in float64: its
+        row sums are then the same whatever the step's rows (fp32 GEMMs block differently by
+        row count, and bf16 products would amplify those last bits into other tokens, as
+        between a prompt computed whole and one resumed from the prefix cache)."""
         key = (layer, attr)
         if key not in self._fused:
             parts = FUSED[attr]
@@ -83,14 +81,14 @@ class LoraAdapter:
                 return None
             r, n_in = self.rank, shapes[parts[0]][0]
             outs = [shapes[p][1] for p in parts]
-            a = torch.zeros(n_in, r * len(parts))
-            b = torch.zeros(r * len(parts), sum(outs))
+            a = torch.zeros(n_in, r * len(parts), dtype=torch.float64)
+            b = torch.zeros(r * len(parts), sum(outs), dtype=torch.float64)
             col = 0
             for i, (part, n_out) in enumerate(zip(parts, outs)):
                 if part in self.targets:
-                    a[:, i * r:(i + 1) * r] = self.weights[f"{layer}.{part}.A"].float()
+                    a[:, i * r:(i + 1) * r] = self.weights[f"{layer}.{part}.A"]
                     b[i * r:(i + 1) * r, col:col + n_out] = \
-                        self.weights[f"{layer}.{part}.B"].float() * self.scale
+                        self.weights[f"{layer}.{part}.B"].double() * self.scale
                 col += n_out
             self._fused[key] = (a, b)
         return self._fused[key]
@@ -132,15 +130,26 @@ class LoraBatch:
     lora: LoraSet
     groups: list[tuple[LoraAdapter, torch.Tensor]]  # adapter, its rows (int64)
 
+    @property
+    def rows(self) -> torch.Tensor:
+        """Every adapter row, group after group."""
+        return torch.cat([rows for _, rows in self.groups])
+
+    def compact(self) -> LoraBatch:
+        """The same groups over ``x[self.rows]`` (rows renumbered from 0)."""
+        sizes = [rows.numel() for _, rows in self.groups]
+        return LoraBatch(self.lora, [(adapter, idx) for (adapter, _), idx in
+                                     zip(self.groups, torch.arange(sum(sizes)).split(sizes))])
+
     def add(self, layer: int, attr: str, x: torch.Tensor, y: torch.Tensor) -> None:
         """``y[rows] += (x[rows] @ A) @ B`` for each adapter's rows, in place."""
         for adapter, rows in self.groups:
             ab = adapter.fused(layer, attr, self.lora.shapes)
             if ab is None:
                 continue
-            a, b = (t.to(x.dtype) for t in ab)
+            a, b = ab
             xr = x if rows.numel() == x.shape[0] else x[rows]
-            delta = ((xr @ a) @ b).to(y.dtype)
+            delta = ((xr.to(a.dtype) @ a) @ b).to(y.dtype)
             if rows.numel() == y.shape[0]:
                 y.add_(delta)
             else:

@@ -254,21 +254,29 @@ class FeedForward(nn.Module):
                 lora: LoraBatch | None = None) -> torch.Tensor:
         """``residual`` plus the feed-forward of ``x`` (the normed residual)."""
         tiles = self.packed.get("w_gate_up/bf16")
-        if tiles is not None and lora is None:  # gate, up, silu(gate) * up in one pass
+        if tiles is not None:  # gate, up, silu(gate) * up in one pass over the tiles
             hidden = bf16_gemm.matmul_silu(x, tiles, kernel=self.options.bf16_kernel)
+            if lora is not None:  # adapter rows again, with their LoRA on gate and up
+                rows = lora.rows
+                hidden[rows] = self._gate_up(x[rows], lora.compact())
         else:
-            gate_up = project(x, self.w_gate_up, self.packed, "w_gate_up", options=self.options)
-            if lora is not None:
-                lora.add(self.layer, "w_gate_up", x, gate_up)
-            fused = self.options.c_kernels and fused_ops.usable(gate_up) and fused_ops.available()
-            hidden = fused_ops.silu_mul(gate_up) if fused else None
-            if hidden is None:
-                gate, up = gate_up.chunk(2, dim=-1)
-                hidden = F.silu(gate) * up
+            hidden = self._gate_up(x, lora)
         y = project(hidden, self.w_down, self.packed, "w_down", residual, self.options)
         if lora is not None:
             lora.add(self.layer, "w_down", hidden, y)
         return y
+
+    def _gate_up(self, x: torch.Tensor, lora: LoraBatch | None) -> torch.Tensor:
+        """``silu(gate) * up`` of ``x``, gate and up with ``lora``'s rows' adapters."""
+        gate_up = project(x, self.w_gate_up, self.packed, "w_gate_up", options=self.options)
+        if lora is not None:
+            lora.add(self.layer, "w_gate_up", x, gate_up)
+        fused = self.options.c_kernels and fused_ops.usable(gate_up) and fused_ops.available()
+        hidden = fused_ops.silu_mul(gate_up) if fused else None
+        if hidden is None:
+            gate, up = gate_up.chunk(2, dim=-1)
+            hidden = F.silu(gate) * up
+        return hidden
 
 
 class Block(nn.Module):
