@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import tempfile
 import time
@@ -66,6 +67,10 @@ async def main(args: argparse.Namespace, state: str, name: str) -> None:
         await asyncio.sleep(args.settle)  # the trainer loads and starts its steps
         busy = await ttfts(args.requests, args.agents)
         print(f"TTFT while training:   {summary(busy)}", flush=True)
+        log = await client.call("logs", pid, 0)
+        lines = [ln for ln in str(log.get("text", "")).splitlines() if ln.startswith("step")]
+        print(f"the job (pid {pid}) meanwhile: {lines[0] if lines else 'no step yet'} ... "
+              f"{lines[-1] if lines else ''}", flush=True)
         await client.call("kill", pid, "kill")
 
 
@@ -77,7 +82,9 @@ if __name__ == "__main__":
                         help="Seconds between starting the job and measuring.")
     args = parser.parse_args()
     ray.init(address="local", namespace="llmos", include_dashboard=False,
-             logging_level="ERROR", log_to_driver=False)
+             logging_level="ERROR", log_to_driver=False,
+             runtime_env={"env_vars": {k: os.environ[k] for k in ("PYTHONPATH",)
+                                       if k in os.environ}})
     with tempfile.TemporaryDirectory() as state:
         handle = start_kernel(KernelConfig(state_dir=state, name="ttft-bench", hosts=1,
                                            llm=LLMConfig(kv_budget="256MiB")), detached=False)

@@ -165,6 +165,11 @@ def test_train_then_eval_through_the_cli(tmp_path):
     losses = [float(r.split(",")[3]) for r in rows]
     assert len(losses) == 4 and losses[-1] < losses[0]
     assert (out / "loss.png").stat().st_size > 0 and (out / "checkpoint.pt").is_file()
+    resumed = llmos("train", "lora", "--data", str(data), "--out", str(out), "--max-steps", "6",
+                    "--batch", "4", "--epochs", "2", "--val-fraction", "0", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    steps = [int(r.split(",")[0]) for r in (out / "loss.csv").read_text().splitlines()[1:]]
+    assert steps == [1, 2, 3, 4, 5, 6]
 
     heldout = tmp_path / "heldout.jsonl"
     heldout.write_text("".join((DATASETS / "capitals_heldout.jsonl").read_text()

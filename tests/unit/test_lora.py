@@ -180,3 +180,25 @@ def test_text_lines_need_text(tmp_path):
 def test_exact_match_ignores_case_space_and_end_punctuation():
     assert normalize("  Quellport. ") == normalize("quellport") == "quellport"
     assert normalize("Quell port") != normalize("Quellport")
+
+
+def test_adapters_live_in_the_model_store_with_their_base(tmp_path, monkeypatch):
+    from llmos_kernel import adapters, store
+    from llmos_kernel.errors import NotFound
+
+    monkeypatch.setenv("LLMOS_HOME", str(tmp_path))
+    base = tmp_path / "base.gguf"
+    base.write_bytes(b"GGUF" + bytes(60))
+    ad = adapter(5)
+    adapters.save(ad, tmp_path / "models" / "tiny-lora", base, "tiny")
+    [entry] = store.list_models()
+    assert (entry.name, entry.base, entry.arch) == ("tiny-lora", "tiny", "lora r4")
+    assert entry.params == sum(t.numel() for t in ad.weights.values())
+    loaded = adapters.load("tiny-lora")
+    assert all(torch.equal(loaded.adapter.weights[k], ad.weights[k]) for k in ad.weights)
+    with pytest.raises(NotFound, match="no LoRA adapter 'other'; adapters in the store: "
+                                       "tiny-lora"):
+        adapters.load("other")
+    with pytest.raises(InvalidArgument, match="was trained on tiny"):
+        adapters.check_base(loaded.meta, tmp_path / "models" / "tiny-lora" / "adapter.json",
+                            "tiny-lora")
