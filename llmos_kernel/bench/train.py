@@ -17,7 +17,7 @@ from llmos_kernel import store
 from llmos_kernel.core.lora import LoraAdapter
 from llmos_kernel.core.options import KernelOptions
 from llmos_kernel.core.tokenizer import Tokenizer
-from llmos_kernel.core.weights import bf16_products_available, load_model
+from llmos_kernel.core.weights import load_model, parse_dtype, resolve_dtype
 from llmos_kernel.train.data import IGNORE, load_examples
 from llmos_kernel.train.facts import DATASETS
 from llmos_kernel.train.forward import LoraModel
@@ -30,8 +30,7 @@ def run(model: str = store.DEFAULT_MODEL, steps: int = 5, batch: int = 8, rank: 
         dtype: str = "auto", repeat: int = 2,
         progress: Callable[[str], None] = lambda m: None) -> dict:
     path = store.resolve_model(model)
-    compute = torch.bfloat16 if dtype == "bf16" or (
-        dtype == "auto" and bf16_products_available()) else torch.float32
+    compute = parse_dtype(resolve_dtype(dtype))
     progress("loading our core and transformers' model of the same file")
     ours, gguf = load_model(path, options=KernelOptions(c_kernels=False, mkl_pack=False))
     tok = Tokenizer.from_gguf(gguf.metadata)

@@ -140,6 +140,9 @@ class LLMEngine:
                 f"{self.cfg.num_blocks}; raise the kernel's --kv-budget or shorten the prompt")
         if req.adapter is not None:
             adapters.read_meta(req.adapter)  # NotFound names the adapters there are
+        if req.prompt_logprobs and req.context is not None:
+            raise InvalidArgument("prompt_logprobs scores a whole prompt; it cannot continue "
+                                  "a kept context")
         if parked is not None:
             self.scheduler.unpark(req.context)
         seq = self._new_seq(req, prompt, params)

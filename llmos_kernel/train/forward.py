@@ -25,9 +25,10 @@ class LoraModel:
         self.model, self.adapter, self.dtype = model, adapter, dtype
         self.cfg = model.config
         self.shapes = part_shapes(self.cfg)
+        self.device = model.embed.device
         self.base = {name: p.detach().to(dtype) for name, p in model.named_parameters()}
-        for t in adapter.weights.values():
-            t.requires_grad_(True)
+        for key, t in adapter.weights.items():
+            adapter.weights[key] = t.detach().to(self.device).requires_grad_(True)
 
     def parameters(self) -> list[torch.Tensor]:
         return list(self.adapter.weights.values())
@@ -40,7 +41,8 @@ class LoraModel:
         w = self.adapter.weights
         a = torch.cat([w[f"{layer}.{p}.A"] for p in parts], dim=1).to(x.dtype)
         b = torch.block_diag(*[w[f"{layer}.{p}.B"] if p in parts
-                               else torch.zeros(0, self.shapes[p][1]) for p in FUSED[attr]])
+                               else torch.zeros(0, self.shapes[p][1], device=x.device)
+                               for p in FUSED[attr]])
         return y + (x @ a) @ (b.to(x.dtype) * self.adapter.scale)
 
     def _norm(self, x: torch.Tensor, name: str) -> torch.Tensor:
@@ -53,7 +55,7 @@ class LoraModel:
         cfg = self.cfg
         B, L = tokens.shape
         H, KV, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        cos, sin = self.model.rotary.table(torch.arange(L))
+        cos, sin = self.model.rotary.table(torch.arange(L, device=tokens.device))
         x = F.embedding(tokens, self.base["embed"])
         for i in range(cfg.n_layers):
             h = self._norm(x, f"blocks.{i}.attn_norm.weight")

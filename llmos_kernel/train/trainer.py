@@ -22,7 +22,7 @@ from llmos_kernel import adapters, store
 from llmos_kernel.core.lora import PARTS, LoraAdapter
 from llmos_kernel.core.options import KernelOptions
 from llmos_kernel.core.tokenizer import Tokenizer
-from llmos_kernel.core.weights import bf16_products_available, load_model
+from llmos_kernel.core.weights import load_model, parse_dtype, resolve_dtype
 from llmos_kernel.errors import InvalidArgument
 from llmos_kernel.train import report
 from llmos_kernel.train.data import IGNORE, Example, load_examples
@@ -134,9 +134,7 @@ def train(cfg: TrainConfig, progress: Progress | None = None,
     train_set, val_set = split(examples, cfg.val_fraction, cfg.seed)
     torch.manual_seed(cfg.seed)
     adapter = LoraAdapter.init(model.config, cfg.rank, cfg.alpha, tuple(cfg.targets))
-    dtype = torch.bfloat16 if cfg.dtype == "bf16" or (
-        cfg.dtype == "auto" and bf16_products_available()) else torch.float32
-    lm = LoraModel(model, adapter, dtype)
+    lm = LoraModel(model, adapter, parse_dtype(resolve_dtype(cfg.dtype, cfg.device)))
     optimizer = torch.optim.AdamW(lm.parameters(), lr=cfg.lr, weight_decay=0.0)
     per_epoch = -(-len(train_set) // cfg.batch) // cfg.grad_accum or 1
     total = per_epoch * cfg.epochs
@@ -162,7 +160,7 @@ def train(cfg: TrainConfig, progress: Progress | None = None,
             n_labels = sum(int((lab[:, 1:] != IGNORE).sum()) for _, lab in group)
             loss_sum = 0.0
             for tokens, labels in group:
-                loss, _ = lm.loss(tokens, labels)
+                loss, _ = lm.loss(tokens.to(lm.device), labels.to(lm.device))
                 (loss / n_labels).backward()
                 loss_sum += loss.item()
             optimizer.step()
@@ -193,7 +191,7 @@ def train(cfg: TrainConfig, progress: Progress | None = None,
 def validation_loss(lm: LoraModel, examples: list[Example], size: int) -> float:
     total, count = 0.0, 0
     for tokens, labels in batches(examples, size, random.Random(0)):
-        loss, n = lm.loss(tokens, labels)
+        loss, n = lm.loss(tokens.to(lm.device), labels.to(lm.device))
         total, count = total + loss.item(), count + n
     return total / max(count, 1)
 
@@ -219,7 +217,7 @@ def _restore(out: Path, adapter: LoraAdapter, optimizer, scheduler, result: Trai
         raise InvalidArgument(f"the checkpoint in {out} has another rank or targets")
     with torch.no_grad():
         for k, t in adapter.weights.items():
-            t.copy_(saved.weights[k])
+            t.copy_(saved.weights[k].to(t.device))
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     result.log[:] = [StepLog(**r) for r in state["log"]]
