@@ -173,13 +173,13 @@ def test_train_then_eval_through_the_cli(tmp_path):
 
     heldout = tmp_path / "heldout.jsonl"
     heldout.write_text("".join((DATASETS / "capitals_heldout.jsonl").read_text()
-                               .splitlines(keepends=True)[:3]))
+                               .splitlines(keepends=True)[:2]))
     gen = llmos("eval", "--task", "gen", str(heldout), "--adapter", str(out), "--max-tokens",
-                "8", "--json")
+                "4", "--json")
     assert gen.returncode == 0, gen.stderr
     report = json.loads(gen.stdout)
     assert {"bleu", "rouge_l", "exact_match", "examples", "prompt_tokens",
-            "generated_tokens"} <= set(report) and report["examples"] == 3
+            "generated_tokens"} <= set(report) and report["examples"] == 2
 
     text = tmp_path / "text.txt"
     text.write_text(PROMPTS["english"])
@@ -187,3 +187,24 @@ def test_train_then_eval_through_the_cli(tmp_path):
     assert ppl.returncode == 0, ppl.stderr
     report = json.loads(ppl.stdout)
     assert report["perplexity"] > 1 and report["window"] == 32 and report["scored_tokens"] > 0
+
+
+def test_train_runs_as_a_low_priority_kernel_process(kernel, tmp_path):
+    from click.testing import CliRunner
+
+    from llmos_kernel.cli import main
+    from llmos_kernel.cli.train import LOW_PRIORITY
+
+    data = tmp_path / "few.jsonl"
+    data.write_text("".join((DATASETS / "capitals_train.jsonl").read_text()
+                            .splitlines(keepends=True)[:4]))
+    out = tmp_path / "job-lora"
+    done = CliRunner().invoke(main, ["train", "lora", "--data", str(data), "--out", str(out),
+                                     "--max-steps", "1", "--batch", "4", "--val-fraction", "0",
+                                     "--kernel", "--kernel-name", kernel.name,
+                                     "--state-dir", str(kernel.state_dir)])
+    assert done.exit_code == 0, done.output
+    pid = int(done.output.split()[0])
+    [proc] = [p for p in kernel.call("ps", True) if p["pid"] == pid]
+    assert proc["priority"] == LOW_PRIORITY and proc["name"] == "train-job-lora"
+    assert adapters.read_meta(out).rank == 8 and (out / "loss.csv").is_file()
