@@ -129,17 +129,31 @@ class LoraBatch:
 
     lora: LoraSet
     groups: list[tuple[LoraAdapter, torch.Tensor]]  # adapter, its rows (int64)
+    _cache: dict = field(default_factory=dict, repr=False)  # the same in every layer
 
     @property
     def rows(self) -> torch.Tensor:
         """Every adapter row, group after group."""
-        return torch.cat([rows for _, rows in self.groups])
+        if "rows" not in self._cache:
+            self._cache["rows"] = torch.cat([rows for _, rows in self.groups])
+        return self._cache["rows"]
+
+    def base_rows(self, n: int) -> torch.Tensor:
+        """The rows of an ``n``-row step that no adapter touches."""
+        if "base" not in self._cache:
+            base = torch.ones(n, dtype=torch.bool)
+            base[self.rows] = False
+            self._cache["base"] = base.nonzero()[:, 0]
+        return self._cache["base"]
 
     def compact(self) -> LoraBatch:
         """The same groups over ``x[self.rows]`` (rows renumbered from 0)."""
-        sizes = [rows.numel() for _, rows in self.groups]
-        return LoraBatch(self.lora, [(adapter, idx) for (adapter, _), idx in
-                                     zip(self.groups, torch.arange(sum(sizes)).split(sizes))])
+        if "compact" not in self._cache:
+            sizes = [rows.numel() for _, rows in self.groups]
+            self._cache["compact"] = LoraBatch(self.lora, [
+                (adapter, idx) for (adapter, _), idx in
+                zip(self.groups, torch.arange(sum(sizes)).split(sizes))])
+        return self._cache["compact"]
 
     def add(self, layer: int, attr: str, x: torch.Tensor, y: torch.Tensor) -> None:
         """``y[rows] += (x[rows] @ A) @ B`` for each adapter's rows, in place."""

@@ -245,7 +245,7 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int = 0, options: KernelOptions = DEFAULT_OPTIONS):
         super().__init__()
-        self.options, self.layer = options, layer
+        self.options, self.layer, self.d_ff = options, layer, cfg.d_ff
         self.w_gate_up = nn.Parameter(torch.empty(cfg.d_model, 2 * cfg.d_ff), requires_grad=False)
         self.w_down = nn.Parameter(torch.empty(cfg.d_ff, cfg.d_model), requires_grad=False)
         self.packed: dict[str, Packed] = {}
@@ -255,10 +255,15 @@ class FeedForward(nn.Module):
         """``residual`` plus the feed-forward of ``x`` (the normed residual)."""
         tiles = self.packed.get("w_gate_up/bf16")
         if tiles is not None:  # gate, up, silu(gate) * up in one pass over the tiles
-            hidden = bf16_gemm.matmul_silu(x, tiles, kernel=self.options.bf16_kernel)
-            if lora is not None:  # adapter rows again, with their LoRA on gate and up
-                rows = lora.rows
+            if lora is None:
+                hidden = bf16_gemm.matmul_silu(x, tiles, kernel=self.options.bf16_kernel)
+            else:  # base rows as ever; adapter rows with their LoRA on gate and up
+                rows, base = lora.rows, lora.base_rows(x.shape[0])
+                hidden = x.new_empty(x.shape[0], self.d_ff)
                 hidden[rows] = self._gate_up(x[rows], lora.compact())
+                if base.numel():
+                    hidden[base] = bf16_gemm.matmul_silu(x[base], tiles,
+                                                         kernel=self.options.bf16_kernel)
         else:
             hidden = self._gate_up(x, lora)
         y = project(hidden, self.w_down, self.packed, "w_down", residual, self.options)
