@@ -202,3 +202,13 @@ def test_adapters_live_in_the_model_store_with_their_base(tmp_path, monkeypatch)
     with pytest.raises(InvalidArgument, match="was trained on tiny"):
         adapters.check_base(loaded.meta, tmp_path / "models" / "tiny-lora" / "adapter.json",
                             "tiny-lora")
+
+
+def test_the_shipped_task_is_what_its_generator_writes_and_splits_by_phrasing():
+    from llmos_kernel.train import facts
+
+    for name, templates in (("train", facts.TRAIN_TEMPLATES),
+                            ("heldout", facts.HELDOUT_TEMPLATES)):
+        shipped = (facts.DATASETS / f"capitals_{name}.jsonl").read_text().splitlines()
+        assert shipped == facts.lines(templates)
+    assert not set(facts.TRAIN_TEMPLATES) & set(facts.HELDOUT_TEMPLATES)
