@@ -45,6 +45,8 @@ def train() -> None:
               show_default=True, help="The frozen base's compute dtype (the adapter is fp32).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, or cuda when present.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--threads", type=int, default=None, help="CPU threads (default: every core; "
+              "with --kernel, one fewer, left to the model shard).")
 @click.option("--kernel", "in_kernel", is_flag=True, help="Run as a process of a running "
               "kernel at low priority (the trainer niced in its own OS process); print its "
               "pid, then its exit record.")
@@ -54,7 +56,8 @@ def train() -> None:
 def lora(model: str, data: str, fmt: str, rank: int, alpha: float, lr: float, epochs: int,
          batch: int, grad_accum: int, val_fraction: float, max_steps: int | None,
          name: str | None, out: str | None, resume: bool, dtype: str, device: str,
-         seed: int, in_kernel: bool, kernel_name: str, state_dir: Path | None) -> None:
+         seed: int, threads: int | None, in_kernel: bool, kernel_name: str,
+         state_dir: Path | None) -> None:
     """Train a LoRA adapter on the attention and MLP projections (base frozen).
 
     Writes adapter.safetensors, adapter.json, checkpoint.pt, loss.csv and loss.png into the
@@ -69,7 +72,7 @@ def lora(model: str, data: str, fmt: str, rank: int, alpha: float, lr: float, ep
                 "--val-fraction", str(val_fraction), "--out", str(folder), "--dtype", dtype,
                 "--device", device, "--seed", str(seed)]
         argv += (["--max-steps", str(max_steps)] if max_steps else []) + \
-            (["--resume"] if resume else [])
+            (["--resume"] if resume else []) + (["--threads", str(threads)] if threads else [])
         _spawn(argv, f"train-{folder.name}", kernel_name, state_dir)
         return
     from llmos_kernel.cli.progress import Phases
@@ -81,7 +84,7 @@ def lora(model: str, data: str, fmt: str, rank: int, alpha: float, lr: float, ep
                       alpha=alpha, lr=lr, epochs=epochs, batch=batch, grad_accum=grad_accum,
                       val_fraction=val_fraction, max_steps=max_steps, resume=resume,
                       dtype=dtype, device=device, seed=seed)
-    set_threads()
+    set_threads(threads)
     with Phases() as phases:
         bar = _Bar()
         result = run(cfg, progress=bar, phase=phases.phase)

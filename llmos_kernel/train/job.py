@@ -2,8 +2,8 @@
 
 The process is a program like any agent's (spawned at low priority, listed by ``llmos ps``,
 killed by ``llmos kill``); the training itself runs in a child OS process at the lowest CPU
-priority (nice 19), so neither the agent host's event loop nor the kernel's engine loop
-waits on it and the model shard's steps get the cores first.
+priority (nice 19) and on one core fewer than the machine has, so neither the agent host's
+event loop nor the kernel's engine loop waits on it and the model shard keeps a core.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ NICE = 19
 async def main(argv: list[str]) -> dict:
     """Run ``llmos train lora *argv`` niced; its progress lines are this process's output.
     Returns the adapter's folder; raises if training fails."""
+    if "--threads" not in argv:
+        argv = [*argv, "--threads", str(max(1, len(os.sched_getaffinity(0)) - 1))]
     child = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "llmos_kernel.cli", "train", "lora", *argv,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
