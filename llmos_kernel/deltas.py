@@ -21,6 +21,8 @@ def fold_delta(out: Any, delta: Any) -> None:
     out.token_ids += delta.token_ids
     if delta.logprobs:
         out.logprobs = (out.logprobs or []) + delta.logprobs
+    if getattr(delta, "prompt_logprobs", None) is not None and hasattr(out, "prompt_logprobs"):
+        out.prompt_logprobs = delta.prompt_logprobs
     if delta.finished:
         out.finish_reason = delta.finish_reason
         out.usage = None if delta.usage is None else msgspec.structs.asdict(delta.usage)

@@ -22,7 +22,7 @@ from typing import Any
 
 import ray
 
-from llmos_kernel import spawn_actors, wire
+from llmos_kernel import adapters, spawn_actors, wire
 from llmos_kernel.core.sampling import SamplingParams
 from llmos_kernel.core.tokenizer import validate_messages
 from llmos_kernel.engine.assembly import LLMConfig, assemble
@@ -140,10 +140,16 @@ class LLMService:
                 raise QuotaExceeded(f"this request may hold {need} KV bytes, over the "
                                     f"process's kv_bytes quota of {kv_bytes_limit}; lower "
                                     "max_tokens or shorten the prompt")
+        adapter = spec.get("adapter")
+        if adapter is not None:
+            if not isinstance(adapter, str):
+                raise InvalidArgument("adapter must be the name of a LoRA adapter")
+            adapters.check_base(adapters.read_meta(adapter), Path(self.model_path), adapter)
         constraint = self.constraint_for(spec)
         req = Request(request_id, prompt_ids, params, priority=priority, owner=owner,
                       cache_salt=salt, keep_context=bool(spec.get("keep_context", False)),
-                      context=context, constraint=constraint)
+                      context=context, constraint=constraint, adapter=adapter,
+                      prompt_logprobs=bool(spec.get("prompt_logprobs", False)))
         self.engine.add_request(req)
         self.client_of[request_id] = (client, owner)
         self._wake.set()
@@ -346,8 +352,9 @@ def token_delta(pid: int, delta: Delta, error: str | None = None) -> wire.TokenD
         wire.ErrorInfo(**delta.error) if delta.error else None
     return wire.TokenDelta(pid, delta.request_id, delta.token_ids, delta.text, delta.finished,
                            delta.finish_reason, delta.usage, delta.logprobs, delta.context_id,
-                           failed, delta.top_logprobs)
+                           failed, delta.top_logprobs, delta.prompt_logprobs)
 
 
 REQUEST_FIELDS = {"request_id", "prompt", "messages", "prompt_ids", "params", "keep_context",
-                  "context", "tools", "tool_choice", "response_format"}
+                  "context", "tools", "tool_choice", "response_format", "adapter",
+                  "prompt_logprobs"}

@@ -27,6 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from llmos_kernel import adapters
 from llmos_kernel.core.gguf_file import GGUFFile
 from llmos_kernel.errors import InvalidArgument, ModelFormatError, NotFound, Unavailable
 from llmos_kernel.paths import models_dir
@@ -128,6 +129,7 @@ class ModelEntry:
     quant: str
     bytes: int
     path: Path
+    base: str = ""  # a LoRA adapter's base model
 
 
 def known_model(name: str) -> KnownModel:
@@ -206,6 +208,14 @@ def list_models() -> list[ModelEntry]:
         arch, params, quant = _describe(path)
         entries.append(ModelEntry(name=folder.name, arch=arch, params=params, quant=quant,
                                   bytes=sum(sizes), path=path))
+    for meta_path in sorted(models_dir().glob(f"*/{adapters.META}")):
+        meta = adapters.read_meta(meta_path.parent)
+        weights = meta_path.parent / adapters.WEIGHTS
+        if weights.is_file():
+            entries.append(ModelEntry(name=meta_path.parent.name, arch=f"lora r{meta.rank}",
+                                      params=adapters.n_params(weights), quant="F32",
+                                      bytes=weights.stat().st_size, path=meta_path.parent,
+                                      base=meta.base))
     return entries
 
 

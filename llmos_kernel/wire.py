@@ -164,6 +164,7 @@ class TokenDelta(msgspec.Struct, tag="delta", array_like=True):
     context_id: str | None = None
     error: ErrorInfo | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None  # per token, best first
+    prompt_logprobs: list[float] | None = None  # asked for: prompt tokens 1..n-1, once
 
 
 class Spawn(msgspec.Struct, tag="spawn", array_like=True):

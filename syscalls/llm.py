@@ -36,6 +36,7 @@ class Result:
     context_id: str | None = None
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] | None = None
+    prompt_logprobs: list[float] | None = None  # asked for: log p of prompt tokens 1..n-1
     messages: list[dict] | None = None  # the whole conversation, from tools.run_loop
 
 
@@ -110,8 +111,12 @@ async def _generate(spec: dict) -> AsyncIterator[Any]:
 
 def _spec(prompt: str | None, messages: list | None, *, tools=None, tool_choice="auto",
           response_format=None, keep_context: bool = False, context: str | None = None,
-          **sampling) -> dict:
+          adapter: str | None = None, prompt_logprobs: bool = False, **sampling) -> dict:
     spec: dict[str, Any] = {"params": sampling}
+    if adapter is not None:
+        spec["adapter"] = adapter
+    if prompt_logprobs:
+        spec["prompt_logprobs"] = True
     specs = _tool_specs(tools)
     if messages is not None:
         spec["messages"] = messages if specs else _without_tool_turns(messages)
@@ -147,22 +152,29 @@ async def _collect(spec: dict) -> Result:
 
 async def chat(messages: list[dict], *, tools: Sequence[Any] | None = None,
                tool_choice: str = "auto", response_format: dict | None = None,
-               keep_context: bool = False, context: str | None = None, **sampling) -> Result:
+               keep_context: bool = False, context: str | None = None,
+               adapter: str | None = None, prompt_logprobs: bool = False,
+               **sampling) -> Result:
     """One assistant turn for ``messages`` (OpenAI-style role/content dicts).
 
-    ``sampling``: max_tokens, temperature, top_p, top_k, min_p, seed, stop, ...
+    ``adapter``: a LoRA adapter in the model store to answer with (None: the base model);
+    ``prompt_logprobs``: also return the log-probability of each prompt token after the
+    first. ``sampling``: max_tokens, temperature, top_p, top_k, min_p, seed, stop, ...
     """
     return await _collect(_spec(None, messages, tools=tools, tool_choice=tool_choice,
                                 response_format=response_format, keep_context=keep_context,
-                                context=context, **sampling))
+                                context=context, adapter=adapter,
+                                prompt_logprobs=prompt_logprobs, **sampling))
 
 
 async def complete(prompt: str, *, response_format: dict | None = None,
                    keep_context: bool = False, context: str | None = None,
+                   adapter: str | None = None, prompt_logprobs: bool = False,
                    **sampling) -> Result:
-    """Continue raw text (no chat template)."""
+    """Continue raw text (no chat template); ``adapter`` and ``prompt_logprobs`` as in chat."""
     return await _collect(_spec(prompt, None, response_format=response_format,
-                                keep_context=keep_context, context=context, **sampling))
+                                keep_context=keep_context, context=context, adapter=adapter,
+                                prompt_logprobs=prompt_logprobs, **sampling))
 
 
 async def stream(messages: list[dict] | None = None, *, prompt: str | None = None,

@@ -97,9 +97,10 @@ def test_list_shows_the_store():
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == listed
     table = llmos("models", "list").stdout.splitlines()
-    assert table[0].split() == ["NAME", "ARCH", "PARAMS", "QUANT", "SIZE", "PATH"]
+    assert table[0].split() == ["NAME", "ARCH", "PARAMS", "QUANT", "SIZE", "BASE", "PATH"]
     for row, entry in zip(table[1:], listed, strict=True):
         assert row.split()[0] == entry["name"] and row.endswith(entry["path"])
+        assert f" {entry['base'] or '-'} " in row  # a LoRA adapter's base model
 
 
 def test_list_of_an_empty_store_prints_a_hint_and_no_rows(tmp_path):

@@ -45,9 +45,11 @@ def client(server, key: str = LOW) -> openai.OpenAI:
 GREETING = [{"role": "user", "content": "Name three colours."}]
 
 
-def test_models_lists_the_served_model_and_the_embedder(server):
+def test_models_lists_the_served_model_the_embedder_and_the_adapters(server):
+    from llmos_kernel import adapters
+
     ids = [m.id for m in client(server).models.list()]
-    assert ids == [server.server.model_id, server.server.embedding_model]
+    assert ids == [server.server.model_id, server.server.embedding_model, *adapters.names()]
 
 
 def test_greedy_chat_through_http_equals_the_syscall(server, kernel):

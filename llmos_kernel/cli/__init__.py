@@ -38,16 +38,30 @@ def main() -> None:
 
 
 def _register() -> None:
-    from llmos_kernel.cli import bench, chat, demo, generate, kernel, models, proc, serve, top
+    from llmos_kernel.cli import (
+        bench,
+        chat,
+        demo,
+        evaluate,
+        generate,
+        kernel,
+        models,
+        proc,
+        serve,
+        top,
+        train,
+    )
 
     main.add_command(bench.bench)
     main.add_command(chat.chat)
     main.add_command(demo.demo)
+    main.add_command(evaluate.eval_)
     main.add_command(models.models)
     main.add_command(generate.generate)
     main.add_command(kernel.kernel)
     main.add_command(serve.serve)
     main.add_command(top.top)
+    main.add_command(train.train)
     for command in proc.COMMANDS:
         main.add_command(command)
 

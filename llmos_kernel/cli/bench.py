@@ -54,6 +54,29 @@ def core(model: str, new_tokens: int, batch_size: int, repeat: int, dtype: str,
                    f"({result['context_recompute_s'] / result['context_restore_s']:.1f}x)")
 
 
+@bench.command(name="train")
+@click.option("--model", default=store.DEFAULT_MODEL, show_default=True)
+@click.option("--steps", type=int, default=5, show_default=True, help="Timed steps per run.")
+@click.option("--batch", type=int, default=8, show_default=True)
+@click.option("--rank", type=int, default=8, show_default=True)
+@click.option("--repeat", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16"]), default="auto",
+              show_default=True, help="The frozen base's dtype on both sides.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
+def train_(model: str, steps: int, batch: int, rank: int, repeat: int, dtype: str,
+           as_json: bool) -> None:
+    """A LoRA training step vs Hugging Face peft on transformers' model of the same GGUF."""
+    from llmos_kernel.bench import train as train_bench
+    from llmos_kernel.engine.local import set_threads
+
+    set_threads()
+    result = train_bench.run(model, steps=steps, batch=batch, rank=rank, dtype=dtype,
+                             repeat=repeat,
+                             progress=lambda m: click.echo(f"[bench] {m}", err=True))
+    _report(result, [(f"train tok/s ({result['dtype']}, r{rank})", "train_tok_s",
+                      "ref_train_tok_s")], as_json)
+
+
 @bench.command()
 @click.option("--model", default=store.DEFAULT_MODEL, show_default=True)
 @click.option("--repeat", type=click.IntRange(min=1), default=3, show_default=True,

@@ -29,7 +29,7 @@ def pull(names: tuple[str, ...]) -> None:
 @models.command(name="list")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of a table.")
 def list_(as_json: bool) -> None:
-    """Show the models in the store."""
+    """Show the models in the store, LoRA adapters with their base model."""
     entries = store.list_models()
     if as_json:
         rows = [dict(vars(e), path=str(e.path)) for e in entries]
@@ -39,9 +39,9 @@ def list_(as_json: bool) -> None:
         click.echo(f"no models in the store; run: llmos models pull {store.DEFAULT_MODEL}",
                    err=True)
         return
-    table = [("NAME", "ARCH", "PARAMS", "QUANT", "SIZE", "PATH")] + [
-        (e.name, e.arch, _human(e.params, ""), e.quant, _human(e.bytes, "B"), str(e.path))
-        for e in entries
+    table = [("NAME", "ARCH", "PARAMS", "QUANT", "SIZE", "BASE", "PATH")] + [
+        (e.name, e.arch, _human(e.params, ""), e.quant, _human(e.bytes, "B"), e.base or "-",
+         str(e.path)) for e in entries
     ]
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]) - 1)]
     for row in table:

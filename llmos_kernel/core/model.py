@@ -29,6 +29,7 @@ from llmos_kernel.core import (
 )
 from llmos_kernel.core.gguf_file import ModelConfig
 from llmos_kernel.core.kv_cache import KVPool
+from llmos_kernel.core.lora import LoraBatch
 from llmos_kernel.core.options import KernelOptions
 
 DEFAULT_OPTIONS = KernelOptions()
@@ -73,6 +74,7 @@ class StepBatch:
     block_size: int = 16
     prefills: list[PrefillChunk] = field(default_factory=list)
     logits_rows: torch.Tensor | None = None  # [N] rows whose next-token logits are wanted
+    lora: LoraBatch | None = None  # rows that run with a LoRA adapter (None: none do)
     _gather: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
     _rows: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
@@ -184,6 +186,8 @@ class Attention(nn.Module):
         """``residual`` plus the attention of ``x`` (the normed residual)."""
         T, H, KV = x.shape[0], self.n_heads, self.n_kv
         qkv = project(x, self.wqkv, self.packed, "wqkv", options=self.options)
+        if batch.lora is not None:
+            batch.lora.add(self.layer, "wqkv", x, qkv)
         qk = qkv[:, :(H + KV) * self.hd].view(T, H + KV, self.hd)
         if self.options.c_kernels and fused_ops.usable(qkv) and fused_ops.available():
             fused_ops.rope_(qkv, *rope, H + KV, self.hd)  # in place: qk sees the result
@@ -202,8 +206,7 @@ class Attention(nn.Module):
             out = bf16_attention.attend(q, k_cache, v_cache, batch.groups, batch.group_tables,
                                        batch.block_size, self.scale, batch.row_tables,
                                        kernel=self.options.bf16_kernel)
-            return project(out.reshape(T, -1), self.wo, self.packed, "wo", residual,
-                           self.options)
+            return self._out(out.reshape(T, -1), batch, residual)
         parts = []
         nd = batch.n_decode
         if nd and kv.paged_kernel and self.options.c_kernels:
@@ -230,31 +233,55 @@ class Attention(nn.Module):
                                                  attn_mask=mask, is_causal=causal,
                                                  scale=self.scale, enable_gqa=True)
             parts.append(out[0].transpose(0, 1).reshape(chunk.length, -1))
-        attn = parts[0] if len(parts) == 1 else torch.cat(parts)
-        return project(attn, self.wo, self.packed, "wo", residual, self.options)
+        return self._out(parts[0] if len(parts) == 1 else torch.cat(parts), batch, residual)
+
+    def _out(self, attn: torch.Tensor, batch: StepBatch, residual: torch.Tensor) -> torch.Tensor:
+        y = project(attn, self.wo, self.packed, "wo", residual, self.options)
+        if batch.lora is not None:
+            batch.lora.add(self.layer, "wo", attn, y)
+        return y
 
 
 class FeedForward(nn.Module):
-    def __init__(self, cfg: ModelConfig, options: KernelOptions = DEFAULT_OPTIONS):
+    def __init__(self, cfg: ModelConfig, layer: int = 0, options: KernelOptions = DEFAULT_OPTIONS):
         super().__init__()
-        self.options = options
+        self.options, self.layer, self.d_ff = options, layer, cfg.d_ff
         self.w_gate_up = nn.Parameter(torch.empty(cfg.d_model, 2 * cfg.d_ff), requires_grad=False)
         self.w_down = nn.Parameter(torch.empty(cfg.d_ff, cfg.d_model), requires_grad=False)
         self.packed: dict[str, Packed] = {}
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor,
+                lora: LoraBatch | None = None) -> torch.Tensor:
         """``residual`` plus the feed-forward of ``x`` (the normed residual)."""
         tiles = self.packed.get("w_gate_up/bf16")
-        if tiles is not None:  # gate, up and silu(gate) * up in one pass over the tiles
-            hidden = bf16_gemm.matmul_silu(x, tiles, kernel=self.options.bf16_kernel)
+        if tiles is not None:  # gate, up, silu(gate) * up in one pass over the tiles
+            if lora is None:
+                hidden = bf16_gemm.matmul_silu(x, tiles, kernel=self.options.bf16_kernel)
+            else:  # base rows as ever; adapter rows with their LoRA on gate and up
+                rows, base = lora.rows, lora.base_rows(x.shape[0])
+                hidden = x.new_empty(x.shape[0], self.d_ff)
+                hidden[rows] = self._gate_up(x[rows], lora.compact())
+                if base.numel():
+                    hidden[base] = bf16_gemm.matmul_silu(x[base], tiles,
+                                                         kernel=self.options.bf16_kernel)
         else:
-            gate_up = project(x, self.w_gate_up, self.packed, "w_gate_up", options=self.options)
-            fused = self.options.c_kernels and fused_ops.usable(gate_up) and fused_ops.available()
-            hidden = fused_ops.silu_mul(gate_up) if fused else None
-            if hidden is None:
-                gate, up = gate_up.chunk(2, dim=-1)
-                hidden = F.silu(gate) * up
-        return project(hidden, self.w_down, self.packed, "w_down", residual, self.options)
+            hidden = self._gate_up(x, lora)
+        y = project(hidden, self.w_down, self.packed, "w_down", residual, self.options)
+        if lora is not None:
+            lora.add(self.layer, "w_down", hidden, y)
+        return y
+
+    def _gate_up(self, x: torch.Tensor, lora: LoraBatch | None) -> torch.Tensor:
+        """``silu(gate) * up`` of ``x``, gate and up with ``lora``'s rows' adapters."""
+        gate_up = project(x, self.w_gate_up, self.packed, "w_gate_up", options=self.options)
+        if lora is not None:
+            lora.add(self.layer, "w_gate_up", x, gate_up)
+        fused = self.options.c_kernels and fused_ops.usable(gate_up) and fused_ops.available()
+        hidden = fused_ops.silu_mul(gate_up) if fused else None
+        if hidden is None:
+            gate, up = gate_up.chunk(2, dim=-1)
+            hidden = F.silu(gate) * up
+        return hidden
 
 
 class Block(nn.Module):
@@ -263,11 +290,11 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, fused=options.c_kernels)
         self.attn = Attention(cfg, layer, options)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, fused=options.c_kernels)
-        self.ffn = FeedForward(cfg, options)
+        self.ffn = FeedForward(cfg, layer, options)
 
     def forward(self, x, rope, batch: StepBatch, kv: KVPool) -> torch.Tensor:
         x = self.attn(self.attn_norm(x), rope, batch, kv, residual=x)
-        return self.ffn(self.ffn_norm(x), residual=x)
+        return self.ffn(self.ffn_norm(x), residual=x, lora=batch.lora)
 
 
 class Transformer(nn.Module):

@@ -13,6 +13,7 @@ their digest and sit in an LRU free list until a new allocation evicts them.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -34,8 +35,16 @@ class BlockTable:
     digests: list[bytes] = field(default_factory=list)
 
 
+@functools.lru_cache(maxsize=1024)
+def _salt_key(salt: str) -> bytes:
+    """The whole salt as blake2b's key (at most 64 bytes): a tenant and an adapter name
+    together may be longer, and cutting them would let two namespaces share KV."""
+    raw = salt.encode()
+    return raw if len(raw) <= 64 else hashlib.blake2b(raw, digest_size=64).digest()
+
+
 def block_digest(parent: bytes | None, salt: str, tokens: tuple[int, ...]) -> bytes:
-    h = hashlib.blake2b(digest_size=16, key=salt.encode()[:64])
+    h = hashlib.blake2b(digest_size=16, key=_salt_key(salt))
     h.update(parent or b"root")
     h.update(b"".join(t.to_bytes(4, "little") for t in tokens))
     return h.digest()

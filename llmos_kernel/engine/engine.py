@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 import torch
 
+from llmos_kernel import adapters
 from llmos_kernel.core.beam import BeamSearch
 from llmos_kernel.core.sampling import SamplingParams, StopChecker
 from llmos_kernel.core.tokenizer import Tokenizer
@@ -44,6 +45,8 @@ class Request:
     keep_context: bool = False  # park the KV after finishing, for a follow-up request
     context: str | None = None  # continue this parked context; prompt_ids are appended
     constraint: Any = None  # a grammar matcher (llmos_kernel.engine.grammar)
+    adapter: str | None = None  # a LoRA adapter in the model store (None: the base model)
+    prompt_logprobs: bool = False  # score the prompt: log p(token i | tokens < i), i >= 1
 
 
 @dataclass
@@ -60,6 +63,7 @@ class Delta:
     top_logprobs: list[list[list]] | None = None  # per token: [token id, logprob] best first
     context_id: str | None = None
     error: dict | None = None  # {"type", "message"} when finish_reason is "error"
+    prompt_logprobs: list[float] | None = None  # with the first token: prompt tokens 1..n-1
 
 
 class Runner(Protocol):
@@ -134,6 +138,11 @@ class LLMEngine:
             raise QuotaExceeded(
                 f"the prompt needs {blocks_needed} KV blocks but the whole pool has "
                 f"{self.cfg.num_blocks}; raise the kernel's --kv-budget or shorten the prompt")
+        if req.adapter is not None:
+            adapters.read_meta(req.adapter)  # NotFound names the adapters there are
+        if req.prompt_logprobs and req.context is not None:
+            raise InvalidArgument("prompt_logprobs scores a whole prompt; it cannot continue "
+                                  "a kept context")
         if parked is not None:
             self.scheduler.unpark(req.context)
         seq = self._new_seq(req, prompt, params)
@@ -154,9 +163,16 @@ class LLMEngine:
 
     def _new_seq(self, req: Request, prompt: list[int], params: SamplingParams) -> Sequence:
         self._next_seq += 1
+        salt = req.cache_salt or f"owner:{req.owner}"
+        if req.adapter is not None:  # another adapter's KV is another model's
+            salt += f"\0adapter:{req.adapter}"
+        if req.prompt_logprobs:  # every prompt row computed: no cached prefix
+            salt += f"\0scored:{req.request_id}:{self._next_seq}"
         seq = Sequence(self._next_seq, req.request_id, prompt, params, req.priority, req.owner,
-                       req.cache_salt or f"owner:{req.owner}", arrival_step=self.steps_planned)
-        seq.constraint = req.constraint
+                       salt, arrival_step=self.steps_planned)
+        seq.constraint, seq.adapter = req.constraint, req.adapter
+        if req.prompt_logprobs:
+            seq.prompt_logprobs = []
         self._seq_of[seq.seq_id] = seq
         return seq
 
@@ -199,7 +215,10 @@ class LLMEngine:
                 seq.first_scheduled, seq.first_step = now, self.steps_planned
             start = seq.num_computed
             step = SeqStep(seq.seq_id, seq.token_ids[start:start + work.num_tokens], start,
-                           list(seq.table.blocks))
+                           list(seq.table.blocks), adapter=seq.adapter)
+            if seq.prompt_logprobs is not None and start + 1 < len(seq.prompt_ids):
+                step.prompt_targets = seq.prompt_ids[
+                    start + 1:min(start + work.num_tokens + 1, len(seq.prompt_ids))]
             if start + work.num_tokens == seq.num_tokens:
                 try:
                     self._sampling_fields(seq, step)
@@ -254,6 +273,9 @@ class LLMEngine:
             seq = work.seq
             if seq.status is not Status.RUNNING:
                 continue  # aborted while the step ran
+            scored = out.prompt_logprobs.get(seq.seq_id)
+            if scored is not None and len(seq.prompt_logprobs) == seq.num_computed:
+                seq.prompt_logprobs.extend(scored)  # (a recomputed chunk is scored once)
             self.scheduler.computed(seq, work.num_tokens)
             state = self.requests.get(seq.request_id)
             if state is None:
@@ -264,15 +286,16 @@ class LLMEngine:
             token = out.tokens.get(seq.seq_id)
             if token is None:
                 continue
+            delta = deltas.setdefault(seq.request_id, Delta(seq.request_id))
             if seq.first_token_at is None:
                 seq.first_token_at = now
+                delta.prompt_logprobs = seq.prompt_logprobs
             seq.output_ids.append(token)
             if seq.seq_id in out.logprobs:
                 seq.logprobs.append(out.logprobs[seq.seq_id])
             if seq.seq_id in out.top_logprobs:
                 seq.top_logprobs.append(out.top_logprobs[seq.seq_id])
             self.stats["tokens_generated"] += 1
-            delta = deltas.setdefault(seq.request_id, Delta(seq.request_id))
             self._on_token(state, seq, token, delta)
         for request_id in beam_rounds:
             state = self.requests.get(request_id)

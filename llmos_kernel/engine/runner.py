@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from llmos_kernel.core.kv_cache import KVPool
+from llmos_kernel.core.lora import LoraSet
 from llmos_kernel.core.model import PrefillChunk, StepBatch, Transformer
 from llmos_kernel.core.sampling import SampleRow, SamplingParams, banned_ngram_tokens, sample
 
@@ -34,6 +35,8 @@ class SeqStep:
     prompt_ids: list[int] = field(default_factory=list)  # only for repetition_penalty
     allowed: bytes | None = None  # packed little-endian bitmask of grammar-allowed tokens
     beam_width: int = 0  # >0: return this many best (token, logprob) instead of sampling
+    adapter: str | None = None  # the LoRA adapter its rows run with (a model store name)
+    prompt_targets: list[int] | None = None  # prompt tokens after each of ``tokens``: score them
 
 
 @dataclass
@@ -51,6 +54,7 @@ class StepOutput:
     logprobs: dict[int, float] = field(default_factory=dict)
     top_logprobs: dict[int, list[tuple[int, float]]] = field(default_factory=dict)
     beams: dict[int, list[tuple[int, float]]] = field(default_factory=dict)
+    prompt_logprobs: dict[int, list[float]] = field(default_factory=dict)  # of prompt_targets
     seconds: float = 0.0
 
 
@@ -76,6 +80,14 @@ class ModelRunner:
         self.model, self.kv = model, kv
         self.block_size = kv.block_size
         self.swapped: dict[int, torch.Tensor] = {}
+        self.lora = LoraSet(model.config)  # adapters, loaded by name on first use
+
+    def load_adapter(self, name: str) -> None:
+        """Serve adapter ``name`` from the model store (a no-op once loaded)."""
+        if name not in self.lora:
+            from llmos_kernel import adapters
+
+            self.lora.add(name, adapters.load(name).adapter)
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepOutput:
@@ -91,9 +103,12 @@ class ModelRunner:
             self.kv.copy_blocks(list(src), list(dst))
         out = StepOutput()
         if plan.seqs:
+            for name in {s.adapter for s in plan.seqs} - {None}:
+                self.load_adapter(name)
             batch, sampled = self.build_batch(plan.seqs)
             logits = self.model(batch, self.kv)
-            self._sample(logits, sampled, out)
+            self._score_prompts(logits[len(sampled):], plan.seqs, out)
+            self._sample(logits[:len(sampled)], sampled, out)
         out.seconds = time.perf_counter() - started
         return out
 
@@ -112,6 +127,8 @@ class ModelRunner:
         decode: list[SeqStep] = []
         groups: list[tuple[int, int, int]] = []  # (first row, rows, first position)
         prefills: list[PrefillChunk] = []
+        scored: list[int] = []  # rows whose logits score the next prompt token
+        adapted: list[tuple[str, int, int]] = []  # (adapter, first row, rows)
         for s in seqs:
             row = len(tokens)
             n = len(s.tokens)
@@ -130,12 +147,17 @@ class ModelRunner:
             if s.sample or s.beam_width:
                 logits_rows.append(row + n - 1)
                 sampled.append(s)
+            if s.prompt_targets:
+                scored.extend(range(row, row + len(s.prompt_targets)))
+            if s.adapter is not None:
+                adapted.append((s.adapter, row, n))
         if slots:
             self.kv.ensure_resident(max(slots) // bs + 1)
         batch = StepBatch(
             tokens=torch.tensor(tokens), positions=torch.tensor(positions),
             slot_mapping=torch.tensor(slots), n_decode=len(decode), prefills=prefills,
-            logits_rows=torch.tensor(logits_rows, dtype=torch.long), block_size=bs)
+            logits_rows=torch.tensor(logits_rows + scored, dtype=torch.long), block_size=bs,
+            lora=self.lora.batch(adapted) if adapted else None)
         if decode:
             batch.decode_tables = _tables([s.blocks for s in decode], bs, [s.start + 1 for s in decode])
             batch.decode_lens = torch.tensor([s.start + 1 for s in decode], dtype=torch.long)
@@ -144,6 +166,21 @@ class ModelRunner:
             batch.group_tables = _tables([s.blocks for s in seqs], bs,
                                          [start + n for _, n, start in groups])
         return batch, sampled
+
+    @staticmethod
+    def _score_prompts(logits: torch.Tensor, seqs: list[SeqStep], out: StepOutput) -> None:
+        """The log-probability of each prompt target under the logits of the row before it
+        (the rows after the sampled ones, in sequence order)."""
+        first = 0
+        for s in seqs:
+            if not s.prompt_targets:
+                continue
+            n = len(s.prompt_targets)
+            rows = logits[first:first + n]
+            lp = rows.gather(1, torch.tensor(s.prompt_targets)[:, None])[:, 0] \
+                - torch.logsumexp(rows, dim=-1)
+            out.prompt_logprobs[s.seq_id] = lp.tolist()
+            first += n
 
     def _sample(self, logits: torch.Tensor, sampled: list[SeqStep], out: StepOutput) -> None:
         vocab = logits.shape[-1]

@@ -44,6 +44,8 @@ class Sequence:
     constraint: Any = None  # grammar matcher (see llmos_kernel.engine.grammar)
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    adapter: str | None = None  # the LoRA adapter it runs with
+    prompt_logprobs: list[float] | None = None  # scored prompt tokens so far (when asked)
 
     @property
     def token_ids(self) -> list[int]:

@@ -23,6 +23,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from llmos_kernel import adapters
 from llmos_kernel.errors import InvalidArgument, LlmosError, NotFound
 from llmos_kernel.http import errors
 from llmos_kernel.http.gateway import KeyState
@@ -106,12 +107,17 @@ def _server(request: Request):
     return request.app.state.llmos
 
 
-def _check_model(server, model: str, embedding: bool = False) -> None:
+def _check_model(server, model: str, embedding: bool = False) -> str | None:
+    """The LoRA adapter ``model`` names (vLLM's convention: an adapter is served under its
+    own name), or None for the base model; NotFound for anything else."""
     wanted = server.embedding_model if embedding else server.model_id
     aliases = {wanted} | (set() if embedding else set(server.model_aliases))
-    if model not in aliases:
-        raise NotFound(f"the model {model!r} does not exist here; this server serves "
-                       f"{wanted!r} (GET /v1/models lists them)")
+    if model in aliases:
+        return None
+    if not embedding and model in adapters.names():
+        return model
+    raise NotFound(f"the model {model!r} does not exist here; this server serves "
+                   f"{wanted!r} and its LoRA adapters (GET /v1/models lists them)")
 
 
 def _sampling(body: ChatRequest | CompletionRequest, max_tokens: int | None,
@@ -218,16 +224,20 @@ async def models(request: Request) -> dict:
     return {"object": "list", "data": [
         {"id": server.model_id, "object": "model", "created": created, "owned_by": "llmos"},
         {"id": server.embedding_model, "object": "model", "created": created,
-         "owned_by": "llmos"}]}
+         "owned_by": "llmos"},
+        *({"id": name, "object": "model", "created": created, "owned_by": "llmos",
+           "parent": server.model_id} for name in adapters.names())]}
 
 
 @router.post("/chat/completions")
 async def chat_completions(body: ChatRequest, request: Request, key: Caller):
     server = _server(request)
-    _check_model(server, body.model)
+    adapter = _check_model(server, body.model)
     max_tokens = body.max_completion_tokens or body.max_tokens
     kwargs: dict[str, Any] = {"messages": body.messages,
                               **_sampling(body, max_tokens, server.max_tokens)}
+    if adapter is not None:
+        kwargs["adapter"] = adapter
     if body.logprobs:
         kwargs["logprobs"] = True
         if body.top_logprobs:
@@ -237,7 +247,7 @@ async def chat_completions(body: ChatRequest, request: Request, key: Caller):
     if body.response_format is not None:
         kwargs["response_format"] = body.response_format
     rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-    head = {"id": rid, "created": created, "model": server.model_id}
+    head = {"id": rid, "created": created, "model": adapter or server.model_id}
     if body.stream:
         return await _stream(server, key, body, kwargs, head, chat=True)
     async with server.gateway.as_process(key) as state:
@@ -256,17 +266,19 @@ async def chat_completions(body: ChatRequest, request: Request, key: Caller):
 @router.post("/completions")
 async def completions(body: CompletionRequest, request: Request, key: Caller):
     server = _server(request)
-    _check_model(server, body.model)
+    adapter = _check_model(server, body.model)
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     if not prompts or len(prompts) * body.n > 16:
         raise InvalidArgument("give 1 to 16 prompts (times n)")
     base = _sampling(body, body.max_tokens, server.max_tokens)
+    if adapter is not None:
+        base["adapter"] = adapter
     if body.logprobs is not None:
         base["logprobs"] = True
         if body.logprobs:
             base["top_logprobs"] = body.logprobs
     rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-    head = {"id": rid, "created": created, "model": server.model_id}
+    head = {"id": rid, "created": created, "model": adapter or server.model_id}
     if body.stream:
         if len(prompts) != 1:
             raise InvalidArgument("stream one prompt at a time")

@@ -1,0 +1,1 @@
+"""Fine-tuning the Transformer core: LoRA training over dequantized frozen weights."""
