@@ -39,10 +39,39 @@ def stop_session(session_dir: str, grace_s: float = 10.0) -> None:
             grew = bool(more)
         return found
 
+    def running(pid: int, started: str) -> bool:
+        """Still running (not a zombie), and the same process (not a reused pid)."""
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            return False
+        return fields[0] != "Z" and fields[19] == started
+
+    def start_time(pid: int) -> str | None:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[19]
+        except (OSError, IndexError):
+            return None
+
+    # A signalled worker whose parent dies first is re-parented and no longer found by
+    # walking from the session's daemons, so wait on every process signalled, by pid.
+    signalled: dict[int, str] = {}
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in members():
+            started = signalled.get(pid) or start_time(pid)
+            if started is None:
+                continue
+            signalled[pid] = started
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, sig)
         deadline = time.monotonic() + grace_s
-        while members() and time.monotonic() < deadline:
-            time.sleep(0.1)
+        while time.monotonic() < deadline and (
+                members() or any(running(p, s) for p, s in signalled.items())):
+            time.sleep(0.05)
+        if sig == signal.SIGTERM:
+            for pid, started in signalled.items():
+                if running(pid, started):
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.kill(pid, signal.SIGKILL)
