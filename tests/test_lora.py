@@ -208,3 +208,30 @@ def test_train_runs_as_a_low_priority_kernel_process(kernel, tmp_path):
     [proc] = [p for p in kernel.call("ps", True) if p["pid"] == pid]
     assert proc["priority"] == LOW_PRIORITY and proc["name"] == "train-job-lora"
     assert adapters.read_meta(out).rank == 8 and (out / "loss.csv").is_file()
+
+
+def test_bench_train_reports_ours_beside_peft():
+    """``llmos bench train`` (one short run): both sides trained on the same batches."""
+    from click.testing import CliRunner
+
+    from llmos_kernel.cli import main
+
+    done = CliRunner().invoke(main, ["bench", "train", "--steps", "1", "--batch", "2",
+                                     "--repeat", "1", "--json"])
+    assert done.exit_code == 0, done.output
+    report = json.loads(done.output.strip().splitlines()[-1])
+    assert report["train_tok_s"] > 0 and report["ref_train_tok_s"] > 0
+    assert report["steps"] == 1 and report["tokens_per_run"] > 0
+
+
+def test_the_ttft_bench_measures_with_and_without_a_training_job():
+    """``python bench/train_ttft.py`` (a short run in its own Ray session)."""
+    script = os.path.join(os.path.dirname(__file__), "..", "bench", "train_ttft.py")
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    done = subprocess.run([sys.executable, script, "--requests", "2", "--agents", "1",
+                           "--settle", "5"], capture_output=True, text=True, env=environ,
+                          timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert any(ln.startswith("TTFT without training: p50") for ln in lines), done.stdout
+    assert any(ln.startswith("TTFT while training:   p50") for ln in lines), done.stdout

@@ -1,18 +1,28 @@
 """A training run as a kernel process: ``llmos train lora ... --kernel``.
 
 The process is a program like any agent's (spawned at low priority, listed by ``llmos ps``,
-killed by ``llmos kill``); the training itself runs in a child OS process at the lowest CPU
-priority (nice 19) and on one core fewer than the machine has, so neither the agent host's
+killed by ``llmos kill``); the training itself runs in a child OS process in the idle scheduling
+class (SCHED_IDLE, and nice 19) and on one core fewer than the machine has, so neither the agent host's
 event loop nor the kernel's engine loop waits on it and the model shard keeps a core.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
 
 NICE = 19
+
+
+def _lowest_priority() -> None:
+    """In the trainer, before exec: SCHED_IDLE (it runs only on CPU time nothing else
+    wants, which nice 19 alone does not give: CFS still hands a nice-19 task a share), and
+    nice 19 where the scheduling class cannot be changed."""
+    os.nice(NICE)
+    with contextlib.suppress(OSError, AttributeError):
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
 
 
 async def main(argv: list[str]) -> dict:
@@ -23,7 +33,7 @@ async def main(argv: list[str]) -> dict:
     child = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "llmos_kernel.cli", "train", "lora", *argv,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        preexec_fn=lambda: os.nice(NICE))
+        preexec_fn=_lowest_priority)
     tail: list[str] = []
 
     async def relay() -> None:
