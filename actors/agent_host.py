@@ -95,7 +95,8 @@ class AgentHost:
         except OSError:
             pass
         return {"host": self.host_id, "pid": os.getpid(), "agents": len(self.agents),
-                "rss_bytes": rss, "uptime_s": time.time() - self.started_at}
+                "rss_bytes": rss, "uptime_s": time.time() - self.started_at,
+                "node": ray.get_runtime_context().get_node_id()}
 
     async def stop(self) -> None:
         sandboxed = []

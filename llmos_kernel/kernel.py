@@ -341,10 +341,28 @@ class Kernel:
                 "processes": {"live": len(live), "total": len(s.table.procs),
                               "hosts": {h: len(i.pids) for h, i in s.procs.hosts.items()},
                               "shared_hosts": s.procs.shared_host_ids()},
+                "placement": self._placement(),
                 "ipc": {**s.ipc.stats, "pending": sum(
                     self.store.receivers_with_pending().values())},
                 "host_channel": self.channel.stats,
                 **s.llm.status()}
+
+    def _placement(self) -> dict:
+        """Which Ray node each agent host and the model shard run on, and the nodes."""
+        from llmos_kernel.cluster import cluster_nodes
+
+        try:
+            nodes = [{"node": n.node_id, "address": n.address, "resources": {
+                k: v for k, v in n.resources.items()
+                if not k.startswith("node:") and k != "object_store_memory"}}
+                for n in cluster_nodes()]
+        except Exception as e:  # noqa: BLE001 - status answers even when the GCS does not
+            nodes = [{"error": str(e)}]
+        hosts = [{"host": h, "node": i.node, "agents": len(i.pids), "isolated": i.isolated,
+                  "sandbox": i.sandbox} for h, i in self.services.procs.hosts.items()
+                 if i.handle is not None]
+        return {"nodes": nodes, "hosts": hosts, "kernel_node":
+                ray.get_runtime_context().get_node_id()}
 
     @answer
     async def net_log(self, token: str, pid: Any = None, limit: int = 100) -> list:

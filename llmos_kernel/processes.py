@@ -20,6 +20,7 @@ from typing import Any
 import ray
 
 from llmos_kernel import journal, net_allowlist, spawn_actors, wire
+from llmos_kernel.cluster import check_placement, cluster_nodes, resolve_node
 from llmos_kernel.errors import (
     AlreadyExists,
     InvalidArgument,
@@ -52,6 +53,7 @@ class HostInfo:
     pids: set[int] = field(default_factory=set)
     seen: float = field(default_factory=time.monotonic)  # its last call
     polling: int = 0  # its long-polls waiting in the kernel (a host that waits is not silent)
+    node: str | None = None  # the Ray node it runs on (its start() said so)
 
 
 class ProcessManager:
@@ -86,15 +88,27 @@ class ProcessManager:
         await self._recover()
         self.started = time.monotonic()  # drivers' silence counts from here
 
-    async def _new_host(self, *, isolated: bool = False, resources: dict | None = None) -> HostInfo:
+    async def _new_host(self, *, isolated: bool = False, resources: dict | None = None,
+                        node: str | None = None) -> HostInfo:
+        """A new agent host actor. Shared hosts spread over the cluster's nodes (Ray's SPREAD
+        strategy); an isolated one goes where its ``resources`` are, or onto ``node``."""
         self._host_seq += 1
         host_id = f"{self.kernel_name}-host-{self._host_seq}-{secrets.token_hex(3)}"
         secret = secrets.token_hex(16)
         options: dict[str, Any] = {"name": host_id, "namespace": "llmos", "num_cpus": 0,
-                                   "max_concurrency": 100_000}
-        for key in ("num_cpus", "num_gpus", "memory"):
-            if resources and key in resources:
-                options[key] = resources[key]
+                                   "max_concurrency": 100_000, "scheduling_strategy": "SPREAD"}
+        custom = {}
+        for key, amount in (resources or {}).items():
+            if key in ("num_cpus", "num_gpus", "memory"):
+                options[key] = amount
+            else:
+                custom[key] = amount
+        if custom:
+            options["resources"] = custom
+        if node is not None:
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=False)
         handle = spawn_actors.agent_host(options, self.kernel_name, host_id, secret)
         info = HostInfo(host_id, handle, secret, isolated)
         self.hosts[host_id] = info
@@ -103,6 +117,7 @@ class ProcessManager:
         started = await handle.start.remote(secret, path,
                                             ray.get_runtime_context().get_node_id())
         info.sandbox = bool(started.get("sandbox"))
+        info.node = started.get("node")
         asyncio.get_running_loop().create_task(self._watch(info))
         return info
 
@@ -204,7 +219,8 @@ class ProcessManager:
 
     async def _host_for(self, proc: Process) -> HostInfo:
         if proc.isolated:
-            return await self._new_host(isolated=True, resources=proc.resources)
+            return await self._new_host(isolated=True, resources=proc.resources,
+                                        node=proc.node)
         return self._place(proc)
 
     # -- spawn ----------------------------------------------------------------
@@ -215,7 +231,8 @@ class ProcessManager:
         if not isinstance(spec, dict):
             raise InvalidArgument("spawn takes a dict of options")
         known = {"program", "args", "name", "priority", "quotas", "restart", "tools", "approval",
-                 "trap_exits", "isolated", "resources", "host", "sandbox", "scratch", "net"}
+                 "trap_exits", "isolated", "resources", "host", "node", "sandbox", "scratch",
+                 "net"}
         unknown = set(spec) - known
         if unknown:
             raise InvalidArgument(f"unknown spawn option(s): {', '.join(sorted(unknown))}")
@@ -264,8 +281,10 @@ class ProcessManager:
         if approval == "auto" and parent is not None and parent.approval != "auto":
             raise PermissionDenied("only a process with approval='auto' can give it to a child")
         resources = spec.get("resources") or {}
-        if not isinstance(resources, dict):
-            raise InvalidArgument("resources must be a dict such as {'num_gpus': 1}")
+        node = spec.get("node")
+        nodes = cluster_nodes() if resources or node is not None else []
+        placed = check_placement(resources, node, nodes)
+        node = resolve_node(node, nodes)
         placement = spec.get("host")
         if placement is not None and placement not in self.shared_host_ids():
             raise InvalidArgument(f"host must name a shared agent host "
@@ -274,8 +293,8 @@ class ProcessManager:
         return {"program": program, "args": args, "name": name, "priority": priority,
                 "quotas": quotas, "restart": restart, "tools": tools, "approval": approval,
                 "trap_exits": bool(spec.get("trap_exits", False)),
-                "isolated": bool(spec.get("isolated", False)) or bool(resources),
-                "resources": resources, "placement": placement,
+                "isolated": bool(spec.get("isolated", False)) or placed,
+                "resources": resources, "node": node, "placement": placement,
                 "sandbox": sandbox, "scratch": sandbox and bool(spec.get("scratch", False)),
                 "net": net_hosts,
                 "parent": parent.pid if parent is not None else KERNEL_PID,

@@ -104,6 +104,7 @@ class Process:
     net: list[str] = field(default_factory=list)  # hosts net.fetch may reach (none: nowhere)
     resources: dict = field(default_factory=dict)
     placement: str | None = None  # the shared host it asked to run on
+    node: str | None = None  # the Ray node its own host must run on
     host: str | None = None
     status: str = "starting"
     exit: dict | None = None

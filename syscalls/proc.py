@@ -71,14 +71,19 @@ async def spawn(program: Any, args: dict | None = None, *, name: str | None = No
                 priority: int | None = None, quotas: dict | None = None,
                 restart: dict | str | None = None, tools: list[str] | None = None,
                 approval: str | None = None, trap_exits: bool = False, isolated: bool = False,
-                resources: dict | None = None, host: str | None = None, sandbox: bool = False,
-                scratch: bool = False, net: list[str] | None = None) -> int:
+                resources: dict | None = None, host: str | None = None,
+                node: str | None = None, sandbox: bool = False, scratch: bool = False,
+                net: list[str] | None = None) -> int:
     """Start a child process; returns its pid. You become its supervisor.
 
     ``restart`` is a restart type ("permanent", "transient", "temporary") or a dict
     with ``restart``, and, for the children it will supervise, ``strategy``
     ("one_for_one", "one_for_all", "rest_for_one"), ``intensity`` and ``period_s``.
     ``host`` pins it to one shared agent host (``llmos kernel status`` lists them).
+    ``resources`` (Ray resources: ``num_cpus``, ``num_gpus``, ``memory``, or a custom
+    resource a node was started with) or ``node`` (a Ray node id, or its first 6+
+    characters) give it an agent host of its own, placed on a node that has them; a
+    request no node can meet is refused at once.
     ``sandbox`` runs it in a confined child process of its host that reaches nothing but
     its syscalls (no files, sockets or processes of its own; rlimits from ``quotas``:
     memory_bytes, cpu_s, open_files, file_bytes); ``scratch`` gives it a private writable
@@ -89,7 +94,7 @@ async def spawn(program: Any, args: dict | None = None, *, name: str | None = No
     spec: dict[str, Any] = {"program": program_spec(program), "args": args or {}}
     for key, value in (("name", name), ("priority", priority), ("quotas", quotas),
                        ("tools", tools), ("approval", approval), ("resources", resources),
-                       ("host", host), ("net", net)):
+                       ("host", host), ("node", node), ("net", net)):
         if value is not None:
             spec[key] = value
     if restart is not None:

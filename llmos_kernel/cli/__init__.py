@@ -10,6 +10,24 @@ import click
 from llmos_kernel.errors import LlmosError
 
 
+def _ray_token_auth() -> None:
+    """Speak Ray's token authentication whenever this machine has the token.
+
+    A ``ray start --head`` cluster asks for a token by default (Ray 2.5x) and ``ray start``
+    writes it to ``~/.ray/auth_token``, but a client sends it only with RAY_AUTH_MODE=token
+    and otherwise fails with a bare connection error. Sending a token to a cluster that asks
+    for none is harmless. Ray reads the mode when it starts, so this runs before any
+    command imports it; RAY_AUTH_MODE set by the user wins."""
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
+    if os.environ.get("RAY_AUTH_TOKEN") or os.path.isfile(path):
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
+_ray_token_auth()
+
+
 class _Group(click.Group):
     """Turns LlmosError into one clear line on stderr and exit status 1."""
 

@@ -48,10 +48,12 @@ def kernel() -> None:
 @click.option("--no-prefix-cache", is_flag=True)
 @click.option("--sandbox", is_flag=True, help="Run every agent process sandboxed (Landlock, "
               "seccomp, rlimits): it reaches the world only through its syscalls.")
+@click.option("--hosts", type=click.IntRange(1, 256), default=1, show_default=True,
+              help="Shared agent hosts, spread over the cluster's nodes.")
 @name_option
 @state_dir_option
 def start(address, model, kv_budget, swap_budget, max_batch_tokens, max_seqs, dtype, device,
-          no_prefix_cache, sandbox, name, state_dir) -> None:
+          no_prefix_cache, sandbox, hosts, name, state_dir) -> None:
     """Start a kernel: load the model, size the KV pool, begin serving."""
     from llmos_kernel.cli.progress import Phases, build_c_kernels
     from llmos_kernel.core.options import KernelOptions
@@ -75,7 +77,7 @@ def start(address, model, kv_budget, swap_budget, max_batch_tokens, max_seqs, dt
             model=model, dtype=dtype, device=device, kv_budget=kv_budget,
             swap_budget=swap_budget, max_batch_tokens=max_batch_tokens, max_seqs=max_seqs,
             prefix_caching=not no_prefix_cache, kernels=KernelOptions.from_env()),
-            sandbox=sandbox)
+            sandbox=sandbox, hosts=hosts)
         start_kernel(cfg, detached=True, on_phase=phases.phase)
         took = phases.elapsed()
     click.echo(f"kernel {name!r} is running (state dir {state}; started in {took:.1f}s)")
@@ -118,6 +120,26 @@ def status(as_json: bool, name: str, state_dir: Path | None) -> None:
     click.echo(f"prefix  hit rate {st['prefix_cache']['hit_rate']:.1%}")
     click.echo(f"speed   {st['throughput_tok_s']:.1f} tok/s (last 10 s)  "
                f"shard restarts {st['shard']['restarts']}")
+    for line in placement_lines(st):
+        click.echo(line)
+
+
+def placement_lines(st: dict) -> list[str]:
+    """Where the kernel, its shard and its agent hosts run, node by node."""
+    place = st.get("placement") or {}
+    nodes = {n["node"]: n.get("address", "?") for n in place.get("nodes", []) if "node" in n}
+
+    def where(node: str | None) -> str:
+        return f"node {node[:12]} ({nodes.get(node, 'gone')})" if node else "node ?"
+
+    lines = [f"nodes   {len(nodes)}: " + ", ".join(f"{n[:12]} ({a})" for n, a in nodes.items())]
+    lines.append(f"kernel  {where(place.get('kernel_node'))}")
+    lines.append(f"shard   {where(st.get('shard', {}).get('node'))}")
+    for h in place.get("hosts", []):
+        kind = "own" if h["isolated"] else "shared"
+        lines.append(f"host    {h['host']}  {where(h['node'])}  {kind}, {h['agents']} agents"
+                     f"{', sandbox' if h['sandbox'] else ''}")
+    return lines
 
 
 @kernel.command()

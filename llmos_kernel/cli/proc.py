@@ -56,6 +56,20 @@ def _print_json(value: Any) -> None:
     click.echo(json.dumps(value, indent=2, default=str))
 
 
+def _resources(pairs: tuple[str, ...]) -> dict[str, float]:
+    out = {}
+    for pair in pairs:
+        key, sep, amount = pair.partition("=")
+        try:
+            out[key] = float(amount)
+        except ValueError:
+            raise click.BadParameter(f"{pair!r}: give NAME=AMOUNT, e.g. num_gpus=1",
+                                     param_hint="--resource") from None
+        if not sep or not key:
+            raise click.BadParameter(f"{pair!r}: give NAME=AMOUNT", param_hint="--resource")
+    return out
+
+
 @click.command()
 @click.argument("program")
 @click.option("--name", "process_name", default=None, help="Name the process (unique while it "
@@ -73,11 +87,17 @@ def _print_json(value: Any) -> None:
 @click.option("--net", "net_hosts", multiple=True, metavar="HOST",
               help="A host its net.fetch may reach (host, host:port or *.domain); "
                    "repeatable. None by default.")
+@click.option("--node", default=None, help="Run it on this Ray node (its id, or the first 6+ "
+              "characters; llmos kernel status lists them), in an agent host of its own.")
+@click.option("--resource", "resources", multiple=True, metavar="NAME=AMOUNT",
+              help="A Ray resource it needs (num_cpus, num_gpus, memory, or a node's custom "
+                   "resource): it gets an agent host of its own where one is; repeatable.")
 @_kernel_option("--kernel")
 @state_dir_option
 def run(program: str, process_name: str | None, priority: int | None, args: tuple[str, ...],
         restart: str | None, detach: bool, sandbox: bool, net_hosts: tuple[str, ...],
-        kernel: str, state_dir: Path | None) -> None:
+        node: str | None, resources: tuple[str, ...], kernel: str,
+        state_dir: Path | None) -> None:
     """Start PROGRAM (a file.py, file.py:entry or module:function) as a process.
 
     Prints its pid; unless --detach, then waits and prints its exit record as JSON (exit
@@ -89,7 +109,8 @@ def run(program: str, process_name: str | None, priority: int | None, args: tupl
                             "args": dict(parse_arg(a) for a in args)}
     for key, value in (("name", process_name), ("priority", priority),
                        ("restart", {"restart": restart} if restart else None),
-                       ("sandbox", sandbox or None), ("net", list(net_hosts) or None)):
+                       ("sandbox", sandbox or None), ("net", list(net_hosts) or None),
+                       ("node", node), ("resources", _resources(resources) or None)):
         if value is not None:
             spec[key] = value
     pid = _call(kernel, state_dir, "spawn", spec)
