@@ -84,6 +84,9 @@ class Pipeline:
                        "num_cpus": 0, "max_restarts": 0,
                        "num_gpus": 1 if self.cfg.device.startswith("cuda") else 0,
                        "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(threads or 2)}}}
+            if n > 1:  # a waiting stage's OpenMP threads sleep, not spin on the cores the
+                # computing stage needs (stages share a node's cores where they share it)
+                options["runtime_env"]["env_vars"]["OMP_WAIT_POLICY"] = "PASSIVE"
             if self.group is not None:
                 options["num_cpus"] = STAGE_CPUS
                 options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
