@@ -2,8 +2,12 @@
 
 It executes what the kernel decides, one step plan per call, and keeps no
 request state of its own (only swapped-out KV), so the kernel can restart it
-and recompute. One shard holding every layer is the default; ``layers``
-names the slice a shard would hold when a model is split across devices.
+and recompute. One shard holding every layer is the default; ``layers=(a, b)``
+makes it one pipeline stage, holding only those blocks (the embedding with the
+first stage, the final norm and head with the last) and a KV pool of only those
+layers, with the block count every stage shares. A stage before the last
+answers ``execute`` with its hidden states, which the kernel passes on (as a Ray
+ObjectRef, never through itself) to the next stage's ``execute``.
 """
 
 from __future__ import annotations
@@ -17,8 +21,8 @@ from llmos_kernel.core import bf16_gemm
 from llmos_kernel.core.kv_cache import KVPool
 from llmos_kernel.core.options import KernelOptions
 from llmos_kernel.core.weights import load_model
-from llmos_kernel.engine.runner import ModelRunner, StepOutput, StepPlan
-from llmos_kernel.errors import InvalidArgument, PermissionDenied
+from llmos_kernel.engine.runner import ModelRunner, StepPlan
+from llmos_kernel.errors import PermissionDenied
 from llmos_kernel.memory import devices
 
 
@@ -33,11 +37,8 @@ class ModelShard:
 
         torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
         self.kernels = KernelOptions.from_dict(kernels or {})
-        self.model, _ = load_model(model_path, dtype=dtype, device=device, options=self.kernels)
-        cfg = self.model.config
-        if layers not in (None, (0, cfg.n_layers)):
-            raise InvalidArgument("splitting a model across shards is not implemented yet; "
-                                  "run one shard with every layer")
+        self.model, _ = load_model(model_path, dtype=dtype, device=device, options=self.kernels,
+                                   layers=None if layers is None else tuple(layers))
         self.device = device
         self.runner: ModelRunner | None = None
         self._secret = secret
@@ -51,7 +52,8 @@ class ModelShard:
 
         self._check(secret)
         return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
-                "device": self.device, "threads": torch.get_num_threads(),
+                "device": self.device, "layers": list(self.model.layers),
+                "kv_bytes": self.runner.kv.nbytes if self.runner is not None else 0, "threads": torch.get_num_threads(),
                 "load_seconds": self.model.load_seconds,
                 "bf16_products": self.model.bf16_products, "kv_dtype": str(self.model.kv_dtype),
                 "bf16_kernel": bf16_gemm.NAMES[bf16_gemm.kernel(self.kernels.bf16_kernel)] if self.model.bf16_products
@@ -62,13 +64,15 @@ class ModelShard:
         """Create the KV pool the kernel sized; returns its bytes."""
         self._check(secret)
         kv = KVPool(self.model.config, num_blocks, block_size, self.model.kv_dtype, self.device,
-                    hugepages=self.kernels.kv_hugepages)
+                    hugepages=self.kernels.kv_hugepages, layers=self.model.layers)
         self.runner = ModelRunner(self.model, kv)
         return kv.nbytes
 
-    def execute(self, secret: str, plan: StepPlan) -> StepOutput:
+    def execute(self, secret: str, plan: StepPlan, hidden=None):
+        """One step: a ``StepOutput`` from the last stage (or a whole-model shard); from a
+        stage before it, the hidden states the next stage's ``execute`` takes."""
         self._check(secret)
-        return self.runner.execute(plan)
+        return self.runner.execute(plan, hidden)
 
     def warm_kv(self, secret: str) -> bool:
         """Fault in a little more of the KV pool (see KVPool.warm); True while some is left."""

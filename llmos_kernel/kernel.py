@@ -373,15 +373,17 @@ class Kernel:
 
     @answer
     async def actors(self, token: str) -> dict:
-        """What each agent host and the model shard report about themselves, asked live
-        with their own secrets (their methods answer no one else)."""
+        """What each agent host and the model shard(s) report about themselves, asked live
+        with their own secrets (their methods answer no one else): ``shard`` is the first
+        stage's report, ``stages`` every stage's node, device, layer range and bytes."""
         self._check_root(token)
         hosts = {h: i for h, i in self.services.procs.hosts.items() if i.handle is not None}
         infos = await asyncio.gather(*(i.handle.info.remote(i.secret) for i in hosts.values()),
                                      return_exceptions=True)
         return {"hosts": {h: (info if isinstance(info, dict) else {"error": str(info)})
                           for h, info in zip(hosts, infos)},
-                "shard": await self.services.llm.shard_status()}
+                "shard": await self.services.llm.shard_status(),
+                "stages": await self.services.llm.stage_status()}
 
     async def shutdown(self, token: str) -> wire.Result:
         """Stop every agent host and the model shard (the kernel actor itself is then

@@ -1,10 +1,11 @@
-"""The kernel's LLM service: one engine loop over a supervised ModelShard actor.
+"""The kernel's LLM service: one engine loop over a supervised pipeline of ModelShards.
 
 Requests from every client (agent hosts, the CLI, benchmarks) join one engine.
-Each step the kernel schedules, sends the shard one plan, and fans the
-results out to per-client outboxes that clients long-poll, so a client gets
-one delivery per step however many of its requests advanced. If the shard
-dies the kernel starts a new one and recomputes every request in flight.
+Each step the kernel schedules, sends the pipeline one plan (one shard, or
+``shards`` stages chained through the object store: llmos_kernel.stages), and fans
+the results out to per-client outboxes that clients long-poll, so a client gets
+one delivery per step however many of its requests advanced. If a shard dies the
+kernel starts the pipeline again and recomputes every request in flight.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 
 import ray
 
-from llmos_kernel import adapters, spawn_actors, wire
+from llmos_kernel import adapters, wire
 from llmos_kernel.core.sampling import SamplingParams
 from llmos_kernel.core.tokenizer import validate_messages
 from llmos_kernel.engine.assembly import LLMConfig, assemble
@@ -36,6 +37,7 @@ from llmos_kernel.errors import (
 )
 from llmos_kernel.latency import Latency
 from llmos_kernel.outbox import Outboxes
+from llmos_kernel.stages import Pipeline
 
 log = logging.getLogger("llmos.llm")
 
@@ -50,7 +52,7 @@ class LLMService:
         self.cfg, self.name, self.outboxes = cfg, name, outboxes
         self.on_usage = on_usage or (lambda owner, usage: None)
         self.client_of: dict[str, tuple[str, int]] = {}  # request id -> (client, owner pid)
-        self.shard = None
+        self.pipeline: Pipeline | None = None
         self._shard_secret = secrets.token_hex(16)  # what the shard's methods ask of callers
         self.shard_restarts: collections.deque[float] = collections.deque()
         self.total_shard_restarts = 0
@@ -74,29 +76,22 @@ class LLMService:
         self._loop_task = asyncio.get_running_loop().create_task(self._loop())
 
     async def _start_shard(self) -> None:
-        shard_name = f"{self.name}-shard-0"
-        threads = self.cfg.shard_threads
-        self.phase = (f"loading {self.model_config.n_params / 1e6:.0f}M weights "
-                      f"({self.dtype}) into the model shard; C kernels compile on first use")
-        self.shard = spawn_actors.model_shard(
-            {"name": shard_name, "namespace": "llmos", "num_cpus": 0, "max_restarts": 0,
-             "num_gpus": 1 if self.cfg.device.startswith("cuda") else 0,
-             "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(threads or 2)}}},
-            self._shard_secret, self.model_path, self.dtype, self.cfg.device, None, threads,
-            self.cfg.kernels.to_dict())
-        self.shard_info = await self.shard.info.remote(self._shard_secret)
-        self.phase = (f"allocating the KV pool ({self.plan.num_blocks} blocks of "
-                      f"{self.plan.block_size} tokens)")
-        await self.shard.allocate_kv.remote(self._shard_secret, self.plan.num_blocks,
-                                            self.plan.block_size)
+        self.pipeline = Pipeline(self.name, self._shard_secret, self.cfg, self.model_path,
+                                 self.model_config, self.dtype, self.plan)
+
+        def on_phase(phase: str) -> None:
+            self.phase = phase
+
+        await self.pipeline.start(on_phase)
+        self.shard_info = self.pipeline.infos[0]
         self.phase = "ready"
         self._kv_cold = True  # a new pool: faulted in while the kernel is idle (see _loop)
 
     async def stop(self) -> None:
         if self._loop_task:
             self._loop_task.cancel()
-        if self.shard is not None:
-            ray.kill(self.shard)
+        if self.pipeline is not None:
+            self.pipeline.stop()
 
     # -- requests -------------------------------------------------------------
     def submit(self, client: str, spec: dict, *, owner: int = 0, priority: int = 0,
@@ -234,7 +229,7 @@ class LLMService:
             if not self.engine.scheduler.has_work():
                 if self._kv_cold:  # idle: fault in a little more of the pool, then look again
                     try:
-                        self._kv_cold = await self.shard.warm_kv.remote(self._shard_secret)
+                        self._kv_cold = await self.pipeline.warm_kv()
                     except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
                         self._kv_cold = False  # the next step finds it dead and restarts it
                     continue
@@ -248,7 +243,7 @@ class LLMService:
                 continue
             started = time.perf_counter()
             try:
-                out = await self.shard.execute.remote(self._shard_secret, plan)
+                out = await self.pipeline.execute(plan)
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
                 await self._recover_shard(e)
                 continue
@@ -271,10 +266,7 @@ class LLMService:
                 self._deliver([self.engine.abort(request_id)], error=self.failed)
             return
         self.engine.forget_kv()
-        try:
-            ray.kill(self.shard)
-        except ValueError as e:  # not an actor handle any more
-            log.debug("shard already gone: %s", e)
+        self.pipeline.stop()
         await self._start_shard()
 
     def _deliver(self, deltas: list[Delta], error: str | None = None) -> None:
@@ -306,13 +298,19 @@ class LLMService:
 
     # -- status ---------------------------------------------------------------
     async def shard_status(self) -> dict:
-        """The shard's own report, asked now (its pid changes when it is restarted)."""
-        if self.shard is None:
+        """The first shard's own report, asked now (its pid changes when it is restarted)."""
+        if self.pipeline is None or not self.pipeline.stages:
             return {"error": "no model shard yet"}
         try:
-            return await self.shard.info.remote(self._shard_secret)
+            return await self.pipeline.stages[0].info.remote(self._shard_secret)
         except ray.exceptions.RayError as e:
             return {"error": str(e)}
+
+    async def stage_status(self) -> list[dict]:
+        """Every stage, asked now: node, device, layers, bytes (one entry when unsplit)."""
+        if self.pipeline is None:
+            return []
+        return await self.pipeline.info()
 
     def throughput(self, window_s: float = 10.0) -> float:
         now = time.monotonic()
@@ -343,6 +341,7 @@ class LLMService:
             "engine": dict(stats),
             "shard": {"restarts": self.total_shard_restarts, "failed": self.failed,
                       **{k: v for k, v in self.shard_info.items() if k != "devices"}},
+            "stages": self.pipeline.described() if self.pipeline is not None else [],
         }
 
 

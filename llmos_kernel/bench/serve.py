@@ -21,6 +21,12 @@ tokens *processed* (every token, prompt or generated, costs about
 computed (prefix-cache hits not counted) and ``ref_processed_tok_s`` the prompt
 tokens transformers was given (its padding not counted); processed over the
 bound is the share of the machine's matrix peak doing the workload's work.
+
+With ``--shards N`` (``compare_shards``) the same workload runs through a
+single-shard kernel and an N-stage pipeline kernel (llmos_kernel.stages), one after
+the other in the same run, and the ratio of their throughputs is reported beside the
+size of one step plan (pickle, as Ray sends it, and msgpack) at 64 sequences with
+1,000-token contexts: every stage reads that plan each step.
 """
 
 from __future__ import annotations
@@ -173,7 +179,7 @@ def run(*, kernel_name: str = "kernel", address: str | None = None, concurrency:
         max_tokens: int = 64, shared_prefix: int = 0, max_words: int = 200,
         baseline: bool = True, dtype: str = "auto",
         model: str = store.DEFAULT_MODEL, kv_budget: str = "auto", http: bool = False,
-        progress: Callable[[str], None] = lambda _: None) -> dict:
+        shards: int = 1, progress: Callable[[str], None] = lambda _: None) -> dict:
     """``http``: also drive the same workload through ``llmos serve``'s OpenAI API (a
     server started here, on the loopback), alternating with the in-cluster client."""
     import ray
@@ -203,7 +209,8 @@ def run(*, kernel_name: str = "kernel", address: str | None = None, concurrency:
         started_here = start_kernel(KernelConfig(
             state_dir=state, name=kernel_name,
             llm=LLMConfig.of(model=model, dtype=dtype, kv_budget=kv_budget,
-                             max_seqs=max(64, concurrency), kernels=KernelOptions.from_env())),
+                             max_seqs=max(64, concurrency), kernels=KernelOptions.from_env(),
+                             shards=shards)),
             detached=False)
         client = KernelClient(started_here, (Path(state) / "root.token").read_text())
     else:
@@ -310,7 +317,47 @@ def run(*, kernel_name: str = "kernel", address: str | None = None, concurrency:
     if server is not None:
         result["runs_http_agg_tok_s"] = [r["http_agg_tok_s"] for r in runs]
         server.stop()
+    result["shards"] = len(st.get("stages") or [None])
     loop.run_until_complete(client.close())
-    if started_here is not None:
+    if started_here is not None:  # its shards and placement group first, then the kernel
+        ray.get(started_here.shutdown.remote(client.token), timeout=60)
         ray.kill(started_here)
     return result
+
+
+def step_plan_bytes(seqs: int = 64, context: int = 1000, outputs: int = 500,
+                    block_size: int = 16) -> dict:
+    """The size of one decode step's plan for ``seqs`` sequences of ``context`` tokens
+    (``outputs`` of them generated, which the plan carries for the sampler), as Ray
+    pickles it and as msgpack."""
+    import dataclasses
+    import pickle
+
+    import msgpack
+
+    from llmos_kernel.core.sampling import SamplingParams
+    from llmos_kernel.engine.runner import SeqStep, StepPlan
+
+    blocks = -(-context // block_size)
+    plan = StepPlan([SeqStep(i, [17], context - 1, list(range(i * blocks, (i + 1) * blocks)),
+                             sample=True, params=SamplingParams(),
+                             output_ids=list(range(1000, 1000 + outputs)))
+                     for i in range(seqs)])
+    return {"plan_pickle_bytes": len(pickle.dumps(plan, protocol=5)),
+            "plan_msgpack_bytes": len(msgpack.packb(dataclasses.asdict(plan))),
+            "plan_seqs": seqs, "plan_context": context}
+
+
+def compare_shards(shards: int, progress: Callable[[str], None] = lambda _: None,
+                   **options) -> dict:
+    """The same workload through a single-shard kernel, then an ``shards``-stage one, in
+    this run (``options`` as ``run`` takes them, less the baseline): both results, the
+    ratio of their aggregate throughputs and the step plan's size."""
+    options.pop("kernel_name", None)
+    single = run(kernel_name="bench-shards-1", shards=1, baseline=False, progress=progress,
+                 **options)
+    progress(f"the same workload through {shards} pipeline stages")
+    split = run(kernel_name=f"bench-shards-{shards}", shards=shards, baseline=False,
+                progress=progress, **options)
+    return {"single": single, "split": split, "shards": shards,
+            "ratio": split["agg_tok_s"] / single["agg_tok_s"], **step_plan_bytes()}

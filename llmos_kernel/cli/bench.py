@@ -186,12 +186,26 @@ def _sandbox_table(result: dict) -> None:
               "runs in fp32 and, beside a bf16 kernel, in bf16 too.")
 @click.option("--http", is_flag=True, help="Also send the same workload through `llmos "
               "serve`'s OpenAI API (started here, on the loopback), alternating runs.")
+@click.option("--shards", type=click.IntRange(min=1), default=1, show_default=True,
+              help="N > 1: the workload through a single-shard kernel and an N-stage "
+              "pipeline kernel, both started here, side by side (no transformers baseline).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
 def serve(address, kernel_name, model, concurrency, requests, max_tokens, repeat, shared_prefix,
-          max_words, no_baseline, dtype, http, as_json) -> None:
+          max_words, no_baseline, dtype, http, shards, as_json) -> None:
     """The kernel under concurrent load vs transformers' padded batches."""
     from llmos_kernel.bench import serve as serve_bench
 
+    if shards > 1:
+        result = serve_bench.compare_shards(
+            shards, address=address, concurrency=concurrency, requests=requests,
+            max_tokens=max_tokens, repeat=repeat, shared_prefix=shared_prefix,
+            max_words=max_words, model=model, dtype=dtype,
+            progress=lambda m: click.echo(f"[bench] {m}", err=True))
+        if as_json:
+            click.echo(json.dumps(result))
+            return
+        _shards_report(result)
+        return
     result = serve_bench.run(kernel_name=kernel_name, address=address, concurrency=concurrency,
                              requests=requests, max_tokens=max_tokens, repeat=repeat,
                              shared_prefix=shared_prefix, max_words=max_words,
@@ -201,6 +215,23 @@ def serve(address, kernel_name, model, concurrency, requests, max_tokens, repeat
         click.echo(json.dumps(result))
         return
     serve_report(result)
+
+
+def _shards_report(result: dict) -> None:
+    """``llmos bench serve --shards N``: the pipeline beside the single shard."""
+    n = result["shards"]
+    click.echo(f"llmos in {result['single']['dtype']}: {n} pipeline stages vs one shard, "
+               "same workload, same run")
+    click.echo(f"{'metric':28s} {f'{n} stages':>12s} {'1 shard':>12s} {'ratio':>8s}")
+    for label, key in (("aggregate tok/s", "agg_tok_s"), ("processed tok/s", "processed_tok_s"),
+                       ("TTFT p50 s", "ttft_p50_s"), ("ITL p50 s", "itl_p50_s"),
+                       ("step p50 s", "step_p50_s")):
+        ours, base = result["split"][key], result["single"][key]
+        click.echo(f"{label:28s} {ours:12.3f} {base:12.3f} {ours / base:7.2f}x")
+    click.echo(f"step plan at {result['plan_seqs']} sequences x {result['plan_context']}-token "
+               f"contexts: {result['plan_pickle_bytes']:,} bytes pickled (what Ray sends), "
+               f"{result['plan_msgpack_bytes']:,} msgpack; put once per step, read by every "
+               "stage")
 
 
 def _peak_parts(result: dict, key: str) -> str:

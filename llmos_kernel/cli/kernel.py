@@ -45,6 +45,12 @@ def kernel() -> None:
               "where the CPU has them) and KV; auto: bf16 where that is the fast path, else "
               "fp32.")
 @click.option("--device", default="cpu", show_default=True)
+@click.option("--shards", type=int, default=1, show_default=True,
+              help="Pipeline stages: the layers split by weight bytes, each range its own "
+              "model shard actor, placed by a Ray placement group (spread over nodes).")
+@click.option("--stage-budget", default="auto", show_default=True,
+              help="Bytes each stage may hold (weights + its KV share), e.g. 2GiB; auto: "
+              "its node's Ray memory, shared by the stages there.")
 @click.option("--no-prefix-cache", is_flag=True)
 @click.option("--sandbox", is_flag=True, help="Run every agent process sandboxed (Landlock, "
               "seccomp, rlimits): it reaches the world only through its syscalls.")
@@ -53,17 +59,28 @@ def kernel() -> None:
 @name_option
 @state_dir_option
 def start(address, model, kv_budget, swap_budget, max_batch_tokens, max_seqs, dtype, device,
-          no_prefix_cache, sandbox, hosts, name, state_dir) -> None:
-    """Start a kernel: load the model, size the KV pool, begin serving."""
+          shards, stage_budget, no_prefix_cache, sandbox, hosts, name, state_dir) -> None:
+    """Start a kernel: load the model, size the KV pool, begin serving. A start that fails
+    leaves nothing running: no kernel, no shard, no placement group, no Ray head of its
+    own."""
+    import torch
+
     from llmos_kernel.cli.progress import Phases, build_c_kernels
+    from llmos_kernel.core.gguf_file import GGUFFile
     from llmos_kernel.core.options import KernelOptions
     from llmos_kernel.engine.assembly import LLMConfig
     from llmos_kernel.errors import AlreadyExists
     from llmos_kernel.kernel import KernelConfig
-    from llmos_kernel.launcher import connect_ray, find_kernel, start_kernel
+    from llmos_kernel.launcher import HEAD_FILE, connect_ray, find_kernel, start_kernel, stop_kernel
+    from llmos_kernel.memory import parse_bytes
+    from llmos_kernel.placement import split_layers
 
     state = (state_dir or default_state_dir()).expanduser().resolve()
-    store.resolve_model(model)  # fail fast, before starting anything
+    path = store.resolve_model(model)  # fail fast, before starting anything
+    split_layers(GGUFFile.open(path).config(), torch.float32, shards, 1, 16)  # a valid split
+    if stage_budget != "auto":
+        parse_bytes(stage_budget)
+    had_head = (state / HEAD_FILE).exists()
     with Phases() as phases:
         phases.phase("starting a local Ray head" if address is None
                      else f"joining Ray at {address}")
@@ -76,9 +93,13 @@ def start(address, model, kv_budget, swap_budget, max_batch_tokens, max_seqs, dt
         cfg = KernelConfig(state_dir=str(state), name=name, llm=LLMConfig.of(
             model=model, dtype=dtype, device=device, kv_budget=kv_budget,
             swap_budget=swap_budget, max_batch_tokens=max_batch_tokens, max_seqs=max_seqs,
-            prefix_caching=not no_prefix_cache, kernels=KernelOptions.from_env()),
-            sandbox=sandbox, hosts=hosts)
-        start_kernel(cfg, detached=True, on_phase=phases.phase)
+            prefix_caching=not no_prefix_cache, kernels=KernelOptions.from_env(),
+            shards=shards, stage_budget=stage_budget), sandbox=sandbox, hosts=hosts)
+        try:
+            start_kernel(cfg, detached=True, on_phase=phases.phase)
+        except BaseException:  # the kernel is gone; the Ray head too, if this command began it
+            stop_kernel(name, None if had_head else state)
+            raise
         took = phases.elapsed()
     click.echo(f"kernel {name!r} is running (state dir {state}; started in {took:.1f}s)")
 
@@ -109,6 +130,13 @@ def status(as_json: bool, name: str, state_dir: Path | None) -> None:
         click.echo(f"device  {d['name']:8s} {d['free_bytes'] / gib:6.1f} GiB free of "
                    f"{d['total_bytes'] / gib:.1f}")
     click.echo(f"weights {mem['weight_bytes'] / gib:.2f} GiB")
+    mib = 1 << 20
+    for stage in st.get("stages", []) if len(st.get("stages", [])) > 1 else []:
+        first, end = stage["layers"]
+        click.echo(f"stage {stage['index']}  layers {first}-{end - 1}  node "
+                   f"{(stage['node'] or '?')[:12]}  {stage['device']}  "
+                   f"{stage['bytes'] / mib:.0f} MiB ({stage['weight_bytes'] / mib:.0f} weights + "
+                   f"{stage['kv_bytes'] / mib:.0f} KV)")
     click.echo(f"kv pool {mem['kv_bytes_used'] / gib:.2f} / {mem['kv_pool_bytes'] / gib:.2f} GiB "
                f"({mem['kv_blocks_used']}/{mem['num_blocks']} blocks of {mem['block_size']} "
                f"tokens; {mem['kv_blocks_cached']} cached for prefix reuse)")

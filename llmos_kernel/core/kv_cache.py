@@ -3,6 +3,9 @@
 The pool is only memory. Which blocks belong to which sequence is decided by
 the kernel's block manager (``llmos_kernel.engine.block_manager``), which never
 touches a tensor; the model reads and writes slots ``block * block_size + i``.
+A pipeline stage's pool holds only its own layers ``[a, b)``, with as many blocks as
+every other stage's: the kernel's one block manager hands out block ids that mean the
+same slots in every stage.
 """
 
 from __future__ import annotations
@@ -37,22 +40,24 @@ def _madvise() -> object | None:
 
 
 class KVPool:
-    """Keys and values of every layer in ``num_blocks`` blocks of ``block_size`` slots.
+    """Keys and values of layers ``[a, b)`` (``layers``; None: every layer) in
+    ``num_blocks`` blocks of ``block_size`` slots.
 
     ``hugepages`` (``KernelOptions.kv_hugepages``) lets a host pool keep the transparent
     huge pages numpy asks for; by default it opts out (see below)."""
 
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int = 16,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", *,
-                 hugepages: bool = False):
+                 hugepages: bool = False, layers: tuple[int, int] | None = None):
         if num_blocks < 1 or block_size < 1:
             raise ValueError("a KV pool needs at least one block of at least one slot")
         self.num_blocks, self.block_size = num_blocks, block_size
+        self.first_layer, end = layers or (0, cfg.n_layers)
         on_cpu = torch.device(device).type == "cpu"
         self.paged_kernel = (on_cpu and dtype in paged_attention.KV_DTYPES
                              and cfg.n_heads // cfg.n_kv_heads <= paged_attention.MAX_GROUP
                              and paged_attention.available())
-        shape = (cfg.n_layers, 2, num_blocks * block_size, cfg.n_kv_heads, cfg.head_dim)
+        shape = (end - self.first_layer, 2, num_blocks * block_size, cfg.n_kv_heads, cfg.head_dim)
         if on_cpu and dtype in _HOST_DTYPES:
             # calloc'd pages: zero (so padding slots never hold NaN) yet only resident once used.
             # numpy asks for transparent huge pages on large arrays; the Linux kernel then
@@ -112,16 +117,20 @@ class KVPool:
         return self.nbytes // self.num_blocks
 
     @staticmethod
-    def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype,
+                        n_layers: int | None = None) -> int:
+        """Bytes of one block over ``n_layers`` layers (None: the model's every layer)."""
         itemsize = torch.empty((), dtype=dtype).element_size()
-        return 2 * cfg.n_layers * block_size * cfg.n_kv_heads * cfg.head_dim * itemsize
+        return 2 * (cfg.n_layers if n_layers is None else n_layers) * block_size * cfg.n_kv_heads * cfg.head_dim * itemsize
 
     @property
     def nbytes(self) -> int:
         return self.data.numel() * self.data.element_size()
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Flat ``[slots, kv_heads, head_dim]`` key and value views of layer ``i``."""
+        """Flat ``[slots, kv_heads, head_dim]`` key and value views of layer ``i`` (the
+        model's numbering: a stage's pool starts at its first layer)."""
+        i -= self.first_layer
         return self.data[i, 0], self.data[i, 1]
 
     def _slots(self, blocks: list[int]) -> torch.Tensor:

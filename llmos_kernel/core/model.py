@@ -8,6 +8,13 @@ prefill chunk on its own) against keys gathered from the paged pool through
 the sequences' slot lists. Weights are stored input-major (``[in, out]``) and
 fused (QKV, gate+up), which is what small CPU batches run fastest on. Which
 kernels serve it is the model's ``KernelOptions``, given at construction.
+
+A ``Transformer`` may hold only layers ``[a, b)`` (a pipeline stage): the embedding
+comes with the first stage, the final norm and the head with the last, and nothing
+else is built or loaded. A stage takes the previous stage's hidden states ``[T, d]``
+and returns its own, or (the last) the logits; the same ``StepBatch`` describes the
+step in every stage, so running the stages one after another computes exactly what
+the whole model does.
 """
 
 from __future__ import annotations
@@ -297,27 +304,47 @@ class Block(nn.Module):
         return self.ffn(self.ffn_norm(x), residual=x, lora=batch.lora)
 
 
+def check_layers(cfg: ModelConfig, layers: tuple[int, int] | None) -> tuple[int, int]:
+    """``layers`` as a valid ``[a, b)`` range of ``cfg``'s blocks (None: all of them)."""
+    if layers is None:
+        return 0, cfg.n_layers
+    first, end = (int(v) for v in layers)
+    if not 0 <= first < end <= cfg.n_layers:
+        raise ValueError(f"layers {tuple(layers)} is not a non-empty range of the model's "
+                         f"{cfg.n_layers} layers")
+    return first, end
+
+
 class Transformer(nn.Module):
     """Embedding, ``n_layers`` blocks, final norm and output head, served by the kernels
-    ``options`` allow (None: the defaults)."""
+    ``options`` allow (None: the defaults); or, given ``layers=(a, b)``, one pipeline
+    stage: blocks ``[a, b)``, with the embedding only if ``a == 0`` and the final norm
+    and head only if ``b == n_layers``."""
 
-    def __init__(self, cfg: ModelConfig, options: KernelOptions | None = None):
+    def __init__(self, cfg: ModelConfig, options: KernelOptions | None = None,
+                 layers: tuple[int, int] | None = None):
         super().__init__()
         self.config, self.options = cfg, options or DEFAULT_OPTIONS
-        self.embed = nn.Parameter(torch.empty(cfg.vocab_size, cfg.d_model), requires_grad=False)
-        self.blocks = nn.ModuleList(Block(cfg, i, self.options) for i in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, fused=self.options.c_kernels)
-        # The output head, input-major like every projection (a copy of the embedding when
-        # the model ties them: x @ W runs small batches faster than F.linear on CPU).
-        self.output = nn.Parameter(torch.empty(cfg.d_model, cfg.vocab_size), requires_grad=False)
+        self.layers = check_layers(cfg, layers)
+        self.first, self.last = self.layers[0] == 0, self.layers[1] == cfg.n_layers
+        if self.first:
+            self.embed = nn.Parameter(torch.empty(cfg.vocab_size, cfg.d_model),
+                                      requires_grad=False)
+        self.blocks = nn.ModuleList(Block(cfg, i, self.options) for i in range(*self.layers))
+        if self.last:
+            self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, fused=self.options.c_kernels)
+            # The output head, input-major like every projection (a copy of the embedding
+            # when the model ties them: x @ W runs small batches faster than F.linear on CPU).
+            self.output = nn.Parameter(torch.empty(cfg.d_model, cfg.vocab_size),
+                                       requires_grad=False)
         self.rotary = Rotary(cfg.head_dim, cfg.rope_base, cfg.context_length)
         self.packed: dict[str, Packed] = {}
         self.bf16_products = False  # set by the loader with every projection on bf16_gemm
 
     @property
     def dtype(self) -> torch.dtype:
-        """The activations' dtype."""
-        return self.embed.dtype
+        """The activations' dtype (every stage has blocks, and so their norms)."""
+        return self.blocks[0].attn_norm.weight.dtype
 
     @property
     def kv_dtype(self) -> torch.dtype:
@@ -326,18 +353,30 @@ class Transformer(nn.Module):
         return torch.bfloat16 if self.bf16_products else self.dtype
 
     @torch.inference_mode()
-    def hidden_states(self, batch: StepBatch, kv: KVPool) -> torch.Tensor:
-        """Final-norm hidden states ``[T, d]`` of every new token (KV written)."""
-        x = F.embedding(batch.tokens, self.embed)
+    def hidden_states(self, batch: StepBatch, kv: KVPool,
+                      hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """This stage's output ``[T, d]`` for every new token (its layers' KV written):
+        after the final norm on the last stage. ``hidden`` is the previous stage's output
+        (None on the first stage, which embeds ``batch.tokens``)."""
+        if self.first:
+            x = F.embedding(batch.tokens, self.embed)
+        elif hidden is None:
+            raise ValueError(f"stage {self.layers} needs the previous stage's hidden states")
+        else:
+            x = hidden.to(self.dtype)
         rope = self.rotary.table(batch.positions)
         for block in self.blocks:
             x = block(x, rope, batch, kv)
-        return self.norm(x)
+        return self.norm(x) if self.last else x
 
     @torch.inference_mode()
-    def forward(self, batch: StepBatch, kv: KVPool) -> torch.Tensor:
-        """fp32 next-token logits ``[N, vocab]`` for ``batch.logits_rows``."""
-        h = self.hidden_states(batch, kv)
+    def forward(self, batch: StepBatch, kv: KVPool,
+                hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """fp32 next-token logits ``[N, vocab]`` for ``batch.logits_rows``; a stage before
+        the last returns its hidden states ``[T, d]`` for the next stage instead."""
+        h = self.hidden_states(batch, kv, hidden)
+        if not self.last:
+            return h
         if batch.logits_rows is not None:
             h = h[batch.logits_rows]
         return project(h, self.output, self.packed, "output", options=self.options).float()

@@ -1,4 +1,8 @@
-"""Load GGUF tensors into the Transformer: dequantize, fuse, transpose to input-major."""
+"""Load GGUF tensors into the Transformer: dequantize, fuse, transpose to input-major.
+
+A pipeline stage (``layers=(a, b)``) reads only its own tensors from the file: its
+blocks, the embedding if it is the first, the final norm and head if it is the last.
+"""
 
 from __future__ import annotations
 
@@ -44,24 +48,29 @@ FUSED = {"attn": {"wqkv": ("attn_q", "attn_k", "attn_v"), "wo": ("attn_output",)
          "ffn": {"w_gate_up": ("ffn_gate", "ffn_up"), "w_down": ("ffn_down",)}}
 
 
-def _state_dict(gguf: GGUFFile, cfg: ModelConfig) -> dict[str, np.ndarray]:
-    names = ["token_embd.weight", "output_norm.weight"]
-    if not cfg.tied_embeddings:
-        names.append("output.weight")
+def _state_dict(gguf: GGUFFile, cfg: ModelConfig, layers: tuple[int, int]
+                ) -> dict[str, np.ndarray]:
+    first, end = layers
+    head = "token_embd.weight" if cfg.tied_embeddings else "output.weight"
+    names = (["token_embd.weight"] if first == 0 else []) \
+        + (["output_norm.weight", head] if end == cfg.n_layers else [])
     per_layer = ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm",
                  "ffn_gate", "ffn_up", "ffn_down"]
-    names += [f"blk.{i}.{n}.weight" for i in range(cfg.n_layers) for n in per_layer]
+    names += [f"blk.{i}.{n}.weight" for i in range(first, end) for n in per_layer]
+    names = list(dict.fromkeys(names))  # a tied head is the embedding: read once
     with ThreadPoolExecutor(max_workers=2) as pool:
         raw = dict(zip(names, pool.map(gguf.load, names)))
 
-    sd: dict[str, np.ndarray] = {"embed": raw["token_embd.weight"],
-                                 "norm.weight": raw["output_norm.weight"]}
-    sd["output"] = raw["token_embd.weight" if cfg.tied_embeddings else "output.weight"].T
-    for i in range(cfg.n_layers):
+    sd: dict[str, np.ndarray] = {}
+    if first == 0:
+        sd["embed"] = raw["token_embd.weight"]
+    if end == cfg.n_layers:
+        sd["norm.weight"], sd["output"] = raw["output_norm.weight"], raw[head].T
+    for i in range(first, end):
         def t(name: str, i: int = i) -> np.ndarray:
             return raw[f"blk.{i}.{name}.weight"]
 
-        p = f"blocks.{i}."
+        p = f"blocks.{i - first}."
         sd[p + "attn_norm.weight"] = t("attn_norm")
         sd[p + "ffn_norm.weight"] = t("ffn_norm")
         # fused, input-major; Q/K rows stay in GGUF's RoPE pair order (see model.Rotary)
@@ -73,12 +82,15 @@ def _state_dict(gguf: GGUFFile, cfg: ModelConfig) -> dict[str, np.ndarray]:
 
 
 def projections(model: Transformer, cfg: ModelConfig):
-    """(module, attribute, the GGUF tensors it fuses) for every projection, the head last."""
-    for i, block in enumerate(model.blocks):
+    """(module, attribute, the GGUF tensors it fuses) for every projection the model (or
+    stage) holds, the head last."""
+    for block in model.blocks:
+        i = block.attn.layer
         for module_name, fused in FUSED.items():
             for attr, parts in fused.items():
                 yield getattr(block, module_name), attr, [f"blk.{i}.{p}.weight" for p in parts]
-    yield model, "output", ["token_embd.weight" if cfg.tied_embeddings else "output.weight"]
+    if model.last:
+        yield model, "output", ["token_embd.weight" if cfg.tied_embeddings else "output.weight"]
 
 
 def _attach_quantized(model: Transformer, gguf: GGUFFile, cfg: ModelConfig,
@@ -137,8 +149,8 @@ def bf16_products_available(options: KernelOptions | None = None) -> bool:
 
 
 def load_model(path: str | Path, dtype: str | torch.dtype = "fp32",
-               device: str | torch.device = "cpu", options: KernelOptions | None = None
-               ) -> tuple[Transformer, GGUFFile]:
+               device: str | torch.device = "cpu", options: KernelOptions | None = None,
+               layers: tuple[int, int] | None = None) -> tuple[Transformer, GGUFFile]:
     """Open a GGUF file and build its Transformer with dequantized weights.
 
     ``bf16`` on a CPU with bf16 instructions (AMX or AVX512-BF16) keeps fp32 activations
@@ -146,15 +158,16 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "fp32",
     summed in fp32, with a bf16 KV pool (``model.kv_dtype``); elsewhere it is the whole
     model in torch's bf16. ``options`` choose the kernels (None: the defaults, not the
     environment; the caller reads that with ``KernelOptions.from_env()``); the model keeps
-    them as ``model.options``."""
+    them as ``model.options``. ``layers=(a, b)``: only that pipeline stage (see
+    model.Transformer), only its tensors read."""
     options = options or KernelOptions()
     started = time.perf_counter()
     dtype = parse_dtype(dtype)
     gguf = GGUFFile.open(path)
     cfg = gguf.config()
     gguf.check_tensor_types()
-    sd = _state_dict(gguf, cfg)
-    model = Transformer(cfg, options)
+    model = Transformer(cfg, options, layers)
+    sd = _state_dict(gguf, cfg, model.layers)
     on_cpu = torch.device(device).type == "cpu"
     products = dtype == torch.bfloat16 and on_cpu and bf16_products_available(options)
     values = torch.float32 if products else dtype

@@ -36,6 +36,8 @@ class LLMConfig:
     kv_budget: str | int = "auto"  # bytes for the KV pool, e.g. "2GiB"
     swap_budget: str | int = "auto"  # host bytes for preempted and parked KV
     shard_threads: int | None = None  # None: every core the shard may use
+    shards: int = 1  # pipeline stages, each a ModelShard with a layer range (llmos_kernel.stages)
+    stage_budget: str | int = "auto"  # bytes each stage may hold; auto: its node's memory
     kernels: KernelOptions = field(default_factory=KernelOptions)
     engine: EngineConfig = field(default_factory=EngineConfig)
 

@@ -5,6 +5,13 @@ ModelShard actor): the sequences' new tokens and block tables, the block
 copies and swaps to do first, and how each row samples. The runner keeps no
 per-sequence state except swapped-out KV, so the kernel can always rebuild
 everything by recomputation if a runner dies.
+
+A runner over one pipeline stage (a ``Transformer`` holding layers ``[a, b)`` and a
+KV pool of those layers) executes the same plan as every other stage: the same
+block moves on its own layers' KV, the same step batch; a stage before the last
+returns its hidden states, which the next stage's ``execute`` takes, and only the
+last samples. So everything a plan asks for (swaps, copies, grammar masks, LoRA
+adapters, prompt logprobs, beams) works the same split or whole.
 """
 
 from __future__ import annotations
@@ -90,7 +97,11 @@ class ModelRunner:
             self.lora.add(name, adapters.load(name).adapter)
 
     @torch.inference_mode()
-    def execute(self, plan: StepPlan) -> StepOutput:
+    def execute(self, plan: StepPlan, hidden: torch.Tensor | None = None
+                ) -> StepOutput | torch.Tensor | None:
+        """Run the plan: a ``StepOutput`` from the last stage (or the whole model); from a
+        stage before it, the hidden states ``[T, d]`` the next stage takes as ``hidden``
+        (None when the plan computes no tokens)."""
         started = time.perf_counter()
         for handle, blocks in plan.swap_out:
             self.swapped[handle] = self.kv.read_blocks(blocks)
@@ -102,11 +113,15 @@ class ModelRunner:
             src, dst = zip(*plan.copies)
             self.kv.copy_blocks(list(src), list(dst))
         out = StepOutput()
+        if not plan.seqs and not self.model.last:
+            return None
         if plan.seqs:
             for name in {s.adapter for s in plan.seqs} - {None}:
                 self.load_adapter(name)
             batch, sampled = self.build_batch(plan.seqs)
-            logits = self.model(batch, self.kv)
+            logits = self.model(batch, self.kv, hidden)
+            if not self.model.last:
+                return logits  # this stage's hidden states
             self._score_prompts(logits[len(sampled):], plan.seqs, out)
             self._sample(logits[:len(sampled)], sampled, out)
         out.seconds = time.perf_counter() - started

@@ -1,0 +1,172 @@
+"""The model's pipeline: its ModelShard stages, placed, started and driven step by step.
+
+One stage (the default) is one ModelShard holding every layer, started as ever. With
+``LLMConfig.shards = n > 1`` the layers are split by weight bytes
+(``placement.split_layers``); one bundle per stage is reserved in a Ray placement group
+(strategy SPREAD when the cluster has several nodes, so stages land on different
+nodes where it can); each stage's bytes (weights + its share of the KV pool) are
+checked against the budget of the node its bundle got (``--stage-budget``, else that
+node's Ray memory shared by the stages there) before any weights load; then each
+stage starts in its bundle. A refused or failed start removes every stage actor and
+the placement group before the error reaches the caller.
+
+A step submits every stage's call at once: the plan is put in the object store once,
+and stage k's ObjectRef (its hidden states) is stage k+1's argument, so activations go
+from stage to stage through Ray's object store, never through the kernel, and the
+kernel awaits only the last stage's ``StepOutput``. Everything the single shard does
+(sampling, grammar masks, LoRA adapters, prompt logprobs, KV swaps, copies, warming)
+works split: each stage applies the same plan to its own layers (see engine.runner).
+
+Not yet (issue 14): several step batches in flight, so stages overlap (today one
+stage computes while the others wait); re-placing one dead stage (a dead stage
+restarts the whole pipeline, see LLMService); stages on CUDA devices.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import ray
+from ray.util.placement_group import (
+    placement_group,
+    placement_group_table,
+    remove_placement_group,
+)
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from llmos_kernel import spawn_actors
+from llmos_kernel.core.gguf_file import ModelConfig
+from llmos_kernel.core.weights import parse_dtype
+from llmos_kernel.engine.assembly import LLMConfig
+from llmos_kernel.engine.runner import StepOutput, StepPlan
+from llmos_kernel.errors import Unavailable
+from llmos_kernel.memory import MemoryPlan, parse_bytes
+from llmos_kernel.placement import Place, StagePlan, check_budgets, split_layers
+
+STAGE_CPUS = 1  # each stage's bundle: one CPU reserved on its node
+PLACEMENT_TIMEOUT_S = 60.0
+
+
+class Pipeline:
+    """``cfg.shards`` ModelShard stages of one model, and how a step runs through them."""
+
+    def __init__(self, name: str, secret: str, cfg: LLMConfig, model_path: str,
+                 model_config: ModelConfig, dtype: str, plan: MemoryPlan):
+        self.name, self.secret, self.cfg = name, secret, cfg
+        self.model_path, self.dtype, self.plan = model_path, dtype, plan
+        self.stage_plans = split_layers(model_config, parse_dtype(dtype), cfg.shards,
+                                        plan.num_blocks, plan.block_size)
+        self.stages: list[Any] = []
+        self.infos: list[dict] = []
+        self.places: list[Place] = []
+        self.group = None  # the placement group (several stages only)
+
+    async def start(self, on_phase=lambda phase: None) -> None:
+        """Place, load and size every stage; on any failure leave nothing behind."""
+        try:
+            await self._start(on_phase)
+        except BaseException:
+            self.stop()
+            raise
+
+    async def _start(self, on_phase) -> None:
+        n = len(self.stage_plans)
+        if n > 1:
+            on_phase(f"reserving {n} pipeline stages in a Ray placement group")
+            await self._place()
+        on_phase(f"loading {self.dtype} weights into {n} model shard(s); C kernels compile "
+                 "on first use")
+        threads = self.cfg.shard_threads
+        for stage in self.stage_plans:
+            options = {"name": f"{self.name}-shard-{stage.index}", "namespace": "llmos",
+                       "num_cpus": 0, "max_restarts": 0,
+                       "num_gpus": 1 if self.cfg.device.startswith("cuda") else 0,
+                       "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(threads or 2)}}}
+            if n > 1:  # a waiting stage's OpenMP threads sleep, not spin on the cores the
+                # computing stage needs (stages share a node's cores where they share it)
+                options["runtime_env"]["env_vars"]["OMP_WAIT_POLICY"] = "PASSIVE"
+            if self.group is not None:
+                options["num_cpus"] = STAGE_CPUS
+                options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                    self.group, placement_group_bundle_index=stage.index)
+            layers = None if n == 1 else stage.layers
+            self.stages.append(spawn_actors.model_shard(
+                options, self.secret, self.model_path, self.dtype, self.cfg.device, layers,
+                threads, self.cfg.kernels.to_dict()))
+        self.infos = list(await asyncio.gather(*(s.info.remote(self.secret)
+                                                 for s in self.stages)))
+        on_phase(f"allocating the KV pool ({self.plan.num_blocks} blocks of "
+                 f"{self.plan.block_size} tokens in each of {n} stage(s))")
+        await asyncio.gather(*(s.allocate_kv.remote(self.secret, self.plan.num_blocks,
+                                                    self.plan.block_size)
+                               for s in self.stages))
+
+    async def _place(self) -> None:
+        """Reserve one bundle per stage and check each stage fits its node's budget."""
+        nodes = {n["NodeID"]: n for n in ray.nodes() if n.get("Alive")}
+        strategy = "SPREAD" if len(nodes) > 1 else "PACK"
+        n = len(self.stage_plans)
+        self.group = placement_group([{"CPU": STAGE_CPUS}] * n, strategy=strategy,
+                                     name=f"{self.name}-stages")
+        try:
+            await asyncio.wait_for(self.group.ready(), PLACEMENT_TIMEOUT_S)
+        except TimeoutError:
+            cpus = sum(node["Resources"].get("CPU", 0) for node in nodes.values())
+            raise Unavailable(
+                f"Ray could not reserve {n} pipeline stages of {STAGE_CPUS} CPU each within "
+                f"{PLACEMENT_TIMEOUT_S:.0f} s (the cluster has {cpus:g} CPUs over "
+                f"{len(nodes)} node(s), some of them in use); add nodes or ask for fewer "
+                "--shards") from None
+        where = placement_group_table(self.group)["bundles_to_node_id"]
+        on_node = [where[i] for i in range(n)]
+        budget = self.cfg.stage_budget
+        self.places = [Place(node, self.cfg.device, parse_bytes(budget) if budget != "auto"
+                             else int(nodes[node]["Resources"].get("memory", 0)
+                                      // on_node.count(node)))
+                       for node in on_node]
+        check_budgets(self.stage_plans, self.places)
+
+    async def execute(self, plan: StepPlan) -> StepOutput:
+        """One step through every stage, awaiting only the last."""
+        if len(self.stages) == 1:
+            return await self.stages[0].execute.remote(self.secret, plan)
+        shared = ray.put(plan)  # one copy in the object store, read by every stage
+        hidden = None
+        for stage in self.stages[:-1]:
+            hidden = stage.execute.remote(self.secret, shared, hidden)
+        return await self.stages[-1].execute.remote(self.secret, shared, hidden)
+
+    async def warm_kv(self) -> bool:
+        """Fault in a little more of every stage's pool; True while some is left."""
+        left = await asyncio.gather(*(s.warm_kv.remote(self.secret) for s in self.stages))
+        return any(left)
+
+    async def info(self) -> list[dict]:
+        """Each stage's own report (asked now) beside its plan: node, device, layers, bytes."""
+        reports = await asyncio.gather(*(s.info.remote(self.secret) for s in self.stages),
+                                       return_exceptions=True)
+        return [self._describe(i, r if isinstance(r, dict) else {"error": str(r)})
+                for i, r in enumerate(reports)]
+
+    def described(self) -> list[dict]:
+        """The stages as they reported at start, beside their plans."""
+        return [self._describe(i, info) for i, info in enumerate(self.infos)]
+
+    def _describe(self, i: int, info: dict) -> dict:
+        stage: StagePlan = self.stage_plans[i]
+        return {**stage.to_dict(), "node": info.get("node"), "device": info.get("device"),
+                "pid": info.get("pid"), **({"error": info["error"]} if "error" in info else {}),
+                **({"budget_bytes": self.places[i].budget_bytes} if self.places else {})}
+
+    def stop(self) -> None:
+        """Kill every stage and give back the placement group."""
+        for stage in self.stages:
+            with contextlib.suppress(ValueError):
+                ray.kill(stage)
+        self.stages = []
+        if self.group is not None:
+            with contextlib.suppress(Exception):
+                remove_placement_group(self.group)
+            self.group = None

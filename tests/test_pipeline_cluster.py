@@ -1,0 +1,75 @@
+"""Pipeline stages on a real 2-node Ray cluster, and a split the CLI refuses.
+
+The cluster runs in a process of its own (tests/pipeline_cluster.py: this suite's
+process already holds a Ray session). The reference is the single-shard kernel on
+the same cluster, in the same run: the 2- and 3-stage kernels must give exactly its
+greedy tokens, and its logprobs, on a concurrent batch that mixes long prompts'
+chunked prefills with other requests' decodes, with their stages on both nodes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _env() -> dict:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def cluster_run(model_path) -> dict:
+    done = subprocess.run([sys.executable, str(ROOT / "tests" / "pipeline_cluster.py"),
+                           str(model_path)], capture_output=True, text=True, env=_env(),
+                          timeout=900, check=False)
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert done.returncode == 0 and lines, done.stderr[-3000:]
+    return json.loads(lines[-1].removeprefix("RESULT "))
+
+
+@pytest.mark.parametrize("shards", [2, 3])
+def test_stages_give_the_single_shards_greedy_tokens_from_different_nodes(cluster_run, shards):
+    whole, split = cluster_run["1"], cluster_run[str(shards)]
+    assert split["tokens"] == whole["tokens"]
+    for got, want in zip(split["logprobs"], whole["logprobs"]):
+        assert got == pytest.approx(want, abs=1e-3)
+    stages = split["stages"]
+    assert [s["index"] for s in stages] == list(range(shards))
+    assert stages[0]["layers"][0] == 0 and stages[-1]["layers"][1] == 30
+    assert all(a["layers"][1] == b["layers"][0] for a, b in itertools.pairwise(stages))
+    nodes = [s["node"] for s in stages]
+    assert set(nodes) == set(cluster_run["nodes"])  # both nodes of the cluster serve stages
+    assert all(s["device"] == "cpu" and s["bytes"] == s["weight_bytes"] + s["kv_bytes"]
+               for s in stages)
+
+
+def test_a_split_over_its_budget_is_refused_and_leaves_nothing(cluster_run):
+    refused = cluster_run["refused"]
+    assert refused["error"]["type"] == "QuotaExceeded"
+    assert "bytes missing" in refused["error"]["message"]
+    assert "stage 0" in refused["error"]["message"]
+    assert refused["alive_actors"] == [] and refused["placement_groups"] == []
+
+
+def test_more_shards_than_layers_is_refused_by_the_cli_before_anything_starts(
+        model_path, tmp_path):
+    state = tmp_path / "state"
+    done = subprocess.run([sys.executable, "-m", "llmos_kernel.cli", "kernel", "start",
+                           "--model", str(model_path), "--shards", "99",
+                           "--state-dir", str(state)],
+                          capture_output=True, text=True, env=_env(), timeout=120, check=False)
+    assert done.returncode != 0
+    assert "30 layers splits into at most 30 stages" in done.stderr
+    assert done.stderr.count("error") == 1
+    assert not (state / "ray_head.json").exists()  # no Ray head was started for it

@@ -1,0 +1,67 @@
+"""Stage boundaries and budgets (no model, no Ray): llmos_kernel.placement."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from llmos_kernel.core.gguf_file import ModelConfig
+from llmos_kernel.errors import InvalidArgument, QuotaExceeded
+from llmos_kernel.placement import Place, check_budgets, split_layers, stage_weight_bytes
+
+CFG = ModelConfig(n_layers=30, d_model=576, n_heads=9, n_kv_heads=3, d_ff=1536,
+                  vocab_size=49152, context_length=8192)
+
+
+def _brute_force_best(n: int) -> int:
+    """The lightest heaviest stage over every way to cut 30 layers into ``n`` (n <= 3)."""
+    def w(a, b):
+        return stage_weight_bytes(CFG, 4, (a, b))
+    if n == 2:
+        return min(max(w(0, c), w(c, 30)) for c in range(1, 30))
+    return min(max(w(0, c), w(c, d), w(d, 30)) for c in range(1, 29) for d in range(c + 1, 30))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 30])
+def test_stages_cover_every_layer_in_order(n):
+    stages = split_layers(CFG, torch.float32, n, num_blocks=10, block_size=16)
+    assert [s.index for s in stages] == list(range(n))
+    assert stages[0].layers[0] == 0 and stages[-1].layers[1] == 30
+    assert all(a.layers[1] == b.layers[0] and a.layers[0] < a.layers[1]
+               for a, b in itertools.pairwise(stages))
+    whole = stage_weight_bytes(CFG, 4, (0, 30))
+    assert sum(s.weight_bytes for s in stages) == whole
+    kv = 10 * 2 * 30 * 16 * 3 * 64 * 4
+    assert sum(s.kv_bytes for s in stages) == kv
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_boundaries_balance_weight_bytes_as_well_as_any_cut(n):
+    stages = split_layers(CFG, torch.float32, n, num_blocks=1, block_size=16)
+    assert max(s.weight_bytes for s in stages) == _brute_force_best(n)
+
+
+def test_the_embedding_and_head_weigh_on_the_end_stages():
+    first, middle, last = split_layers(CFG, torch.bfloat16, 3, num_blocks=1, block_size=16)
+    assert middle.layers[1] - middle.layers[0] > first.layers[1] - first.layers[0]
+    assert middle.layers[1] - middle.layers[0] > last.layers[1] - last.layers[0]
+
+
+def test_more_stages_than_layers_is_refused_saying_how_many_fit():
+    with pytest.raises(InvalidArgument, match="at most 30 stages"):
+        split_layers(CFG, torch.float32, 99, num_blocks=1, block_size=16)
+    with pytest.raises(InvalidArgument):
+        split_layers(CFG, torch.float32, 0, num_blocks=1, block_size=16)
+
+
+def test_a_budget_too_small_names_each_stage_its_node_and_the_bytes_missing():
+    stages = split_layers(CFG, torch.float32, 2, num_blocks=4, block_size=16)
+    roomy = Place("node-a", "cpu", stages[0].bytes)
+    check_budgets(stages, [roomy, Place("node-b", "cpu", stages[1].bytes)])
+    tight = Place("node-b", "cpu", stages[1].bytes - 1000)
+    with pytest.raises(QuotaExceeded) as e:
+        check_budgets(stages, [roomy, tight])
+    assert "stage 1 (layers 15-29)" in str(e.value) and "node-b" in str(e.value)
+    assert "1000 bytes missing" in str(e.value) and "stage 0" not in str(e.value)
