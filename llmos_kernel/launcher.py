@@ -97,9 +97,15 @@ def start_kernel(cfg: KernelConfig, *, detached: bool = True,
     if find_kernel(cfg.name) is not None:
         raise AlreadyExists(f"a kernel named {cfg.name!r} is already running "
                             "(llmos kernel status; llmos kernel stop)")
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
     handle = RemoteKernel.options(
         name=cfg.name, namespace=NAMESPACE, lifetime="detached" if detached else None,
         num_cpus=0, max_concurrency=10_000, max_restarts=-1,  # back from its state dir
+        # on this node, where its state dir is (SQLite, the root token): on another node
+        # it would find none, and restarted elsewhere it would lose them
+        scheduling_strategy=NodeAffinitySchedulingStrategy(
+            ray.get_runtime_context().get_node_id(), soft=False),
     ).remote(cfg)
     if on_phase is not None:
         on_phase("creating the kernel actor")

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from llmos_kernel import journal, net_allowlist, spawn_actors, wire
 from llmos_kernel.cluster import check_placement, cluster_nodes, resolve_node
@@ -90,13 +91,14 @@ class ProcessManager:
 
     async def _new_host(self, *, isolated: bool = False, resources: dict | None = None,
                         node: str | None = None) -> HostInfo:
-        """A new agent host actor. Shared hosts spread over the cluster's nodes (Ray's SPREAD
-        strategy); an isolated one goes where its ``resources`` are, or onto ``node``."""
+        """A new agent host actor. Shared hosts go round the cluster's alive nodes, one
+        each in turn (Ray's SPREAD strategy is best effort and may stack them); an isolated
+        one goes where its ``resources`` are, or onto ``node``."""
         self._host_seq += 1
         host_id = f"{self.kernel_name}-host-{self._host_seq}-{secrets.token_hex(3)}"
         secret = secrets.token_hex(16)
         options: dict[str, Any] = {"name": host_id, "namespace": "llmos", "num_cpus": 0,
-                                   "max_concurrency": 100_000, "scheduling_strategy": "SPREAD"}
+                                   "max_concurrency": 100_000}
         custom = {}
         for key, amount in (resources or {}).items():
             if key in ("num_cpus", "num_gpus", "memory"):
@@ -106,9 +108,17 @@ class ProcessManager:
         if custom:
             options["resources"] = custom
         if node is not None:
-            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
             options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=False)
+        elif not isolated:
+            nodes = sorted(n.node_id for n in cluster_nodes())
+            if len(nodes) > 1:  # the node with fewest shared hosts; soft: if it is gone
+                # meanwhile, Ray chooses
+                load = {n: 0 for n in nodes}
+                for h in self.shared_host_ids():
+                    if self.hosts[h].node in load:
+                        load[self.hosts[h].node] += 1
+                options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(
+                    min(nodes, key=lambda n: (load[n], n)), soft=True)
         handle = spawn_actors.agent_host(options, self.kernel_name, host_id, secret)
         info = HostInfo(host_id, handle, secret, isolated)
         self.hosts[host_id] = info

@@ -5,7 +5,9 @@ The test suite shares one Ray session per process, so this cluster
 resource, ``node_a`` and ``node_b``) lives in a process of its own. It starts a
 single-shard kernel, then 2- and 3-stage kernels, gives each the same mixed
 concurrent batch (short and long prompts, greedy, with logprobs), and then asks
-for a split whose stages cannot fit their budget. It prints one JSON object:
+for a split whose stages cannot fit their budget. Then two 2-stage kernels lose a stage
+mid-load: one has a stage's actor killed, the other the node holding a stage removed.
+It prints one JSON object:
 each kernel's tokens, logprobs and stages, and what the refused start left behind.
 """
 
@@ -57,6 +59,45 @@ def serve(model: str, shards: int) -> dict:
         ray.kill(handle)
 
 
+def faulted(model: str, how: str, cluster: Cluster, worker) -> dict:
+    """A 2-stage kernel given the same batch, one of its stages lost mid-load: its actor
+    killed (``how="kill"``), or the node holding it removed from the cluster (``"node"``;
+    the stage not on the kernel's node)."""
+    cfg = kernel_config(model, f"pipe-{how}", shards=2)
+    handle = start_kernel(cfg, detached=False)
+    client = KernelClient(handle, (Path(cfg.state_dir) / "root.token").read_text())
+
+    async def run() -> dict:
+        stages = (await client.call("actors"))["stages"]
+        kernel_node = (await client.status())["placement"]["kernel_node"]
+        tasks = [asyncio.ensure_future(client.generate(
+            messages=m, max_tokens=12, temperature=0, ignore_eos=True, logprobs=True))
+            for m in MESSAGES]
+        await asyncio.sleep(1.0)  # under way: prompts prefilled, some tokens out
+        mid_load = not all(t.done() for t in tasks)
+        if how == "kill":
+            lost = stages[-1]
+            ray.kill(ray.get_actor(f"pipe-{how}-shard-{lost['index']}", namespace="llmos"),
+                     no_restart=True)
+        else:
+            [lost] = [s for s in stages if s["node"] == worker.node_id]
+            assert lost["node"] != kernel_node
+            cluster.remove_node(worker)
+        done = await asyncio.gather(*tasks)
+        status = await client.status()
+        after = (await client.call("actors"))["stages"]
+        await client.close()
+        return {"tokens": [c.token_ids for c in done], "mid_load": mid_load,
+                "lost_stage": lost["index"], "lost_node": lost["node"],
+                "restarts": status["shard"]["restarts"], "stages_after": after}
+
+    try:
+        return asyncio.run(run())
+    finally:
+        ray.get(handle.shutdown.remote(client.token))
+        ray.kill(handle)
+
+
 def _alive(name: str) -> bool:
     try:
         ray.get_actor(name, namespace="llmos")
@@ -85,7 +126,7 @@ def refused(model: str) -> dict:
 def main(model: str) -> None:
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 2, "resources": {"node_a": 1}, "include_dashboard": False})
-    cluster.add_node(num_cpus=2, resources={"node_b": 1})
+    worker = cluster.add_node(num_cpus=2, resources={"node_b": 1})
     cluster.wait_for_nodes()
     try:
         ray.init(address=cluster.address, namespace="llmos", logging_level="ERROR",
@@ -95,6 +136,8 @@ def main(model: str) -> None:
         result = {"nodes": nodes, "refused": refused(model)}
         for shards in (1, 2, 3):
             result[str(shards)] = serve(model, shards)
+        result["killed"] = faulted(model, "kill", cluster, worker)
+        result["node_removed"] = faulted(model, "node", cluster, worker)  # last: it shrinks it
         print("RESULT " + json.dumps(result))
     finally:
         ray.shutdown()

@@ -54,6 +54,19 @@ def test_stages_give_the_single_shards_greedy_tokens_from_different_nodes(cluste
                for s in stages)
 
 
+@pytest.mark.parametrize("how", ["killed", "node_removed"])
+def test_a_stage_lost_mid_load_costs_latency_not_requests(cluster_run, how):
+    """Every request completes with the single shard's tokens; the pipeline was restarted
+    (re-placed on the nodes left, when its node went) and recomputed the lost work."""
+    run = cluster_run[how]
+    assert run["mid_load"], "the stage was lost after the batch had finished"
+    assert run["tokens"] == cluster_run["1"]["tokens"]
+    assert run["restarts"] >= 1
+    assert all("error" not in s for s in run["stages_after"])
+    if how == "node_removed":
+        assert run["lost_node"] not in {s["node"] for s in run["stages_after"]}
+
+
 def test_a_split_over_its_budget_is_refused_and_leaves_nothing(cluster_run):
     refused = cluster_run["refused"]
     assert refused["error"]["type"] == "QuotaExceeded"
