@@ -70,9 +70,12 @@ class ModelShard:
 
     def execute(self, secret: str, plan: StepPlan, hidden=None):
         """One step: a ``StepOutput`` from the last stage (or a whole-model shard); from a
-        stage before it, the hidden states the next stage's ``execute`` takes."""
+        stage before it, the hidden states the next stage's ``execute`` takes and an
+        acknowledgement (two returns): the kernel awaits the small one, so a stage that
+        dies is seen at once, not left as a lost argument the next stage waits on."""
         self._check(secret)
-        return self.runner.execute(plan, hidden)
+        out = self.runner.execute(plan, hidden)
+        return out if self.model.last else (out, True)
 
     def warm_kv(self, secret: str) -> bool:
         """Fault in a little more of the KV pool (see KVPool.warm); True while some is left."""

@@ -50,6 +50,7 @@ class LLMService:
     def __init__(self, cfg: LLMConfig, name: str, outboxes: Outboxes,
                  on_usage: Callable[[int, Any], None] | None = None):
         self.cfg, self.name, self.outboxes = cfg, name, outboxes
+        self.device_facts: dict | None = None  # a GPU worker's view of a CUDA device
         self.on_usage = on_usage or (lambda owner, usage: None)
         self.client_of: dict[str, tuple[str, int]] = {}  # request id -> (client, owner pid)
         self.pipeline: Pipeline | None = None
@@ -67,8 +68,13 @@ class LLMService:
 
     # -- lifecycle ------------------------------------------------------------
     async def start(self) -> None:
+        facts = None
+        if self.cfg.device.startswith("cuda"):
+            self.phase = "asking a GPU worker what its CUDA device holds"
+            facts = await cuda_facts()
         self.phase = f"reading {Path(self.cfg.model).name}'s metadata and tokenizer"
-        built = assemble(self.cfg)  # the steps run in the shard, not through engine.runner
+        built = assemble(self.cfg, device_facts=facts)  # steps run in the shard, not here
+        self.device_facts = facts
         self.engine, self.tokenizer, self.plan = built.engine, built.tokenizer, built.plan
         self.model_path, self.model_config, self.dtype = str(built.model_path), \
             built.model_config, built.dtype
@@ -77,7 +83,8 @@ class LLMService:
 
     async def _start_shard(self) -> None:
         self.pipeline = Pipeline(self.name, self._shard_secret, self.cfg, self.model_path,
-                                 self.model_config, self.dtype, self.plan)
+                                 self.model_config, self.dtype, self.plan,
+                                 self.device_facts)
 
         def on_phase(phase: str) -> None:
             self.phase = phase
@@ -244,7 +251,9 @@ class LLMService:
             started = time.perf_counter()
             try:
                 out = await self.pipeline.execute(plan)
-            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+            except ray.exceptions.RayError as e:
+                if not _stage_lost(e):
+                    raise
                 await self._recover_shard(e)
                 continue
             deltas = self.engine.postprocess(sched, out)
@@ -343,6 +352,51 @@ class LLMService:
                       **{k: v for k, v in self.shard_info.items() if k != "devices"}},
             "stages": self.pipeline.described() if self.pipeline is not None else [],
         }
+
+
+def _stage_lost(error: BaseException) -> bool:
+    """Whether a step failed because a stage (its actor, or the node under it) is gone:
+    the stage's own call, or the next stage's, whose input died with it."""
+    lost = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
+            ray.exceptions.ObjectLostError)
+    while error is not None:
+        if isinstance(error, lost):
+            return True
+        error = getattr(error, "cause", None) if isinstance(
+            error, ray.exceptions.RayTaskError) else None
+    return False
+
+
+CUDA_PROBE_TIMEOUT_S = 60.0
+
+
+def _cuda_facts() -> dict:
+    """In a Ray worker given a GPU: the devices it sees, and whether it has bf16."""
+    import dataclasses
+
+    import torch
+
+    from llmos_kernel.memory import devices
+
+    return {"devices": [dataclasses.asdict(d) for d in devices()],
+            "bf16": bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())}
+
+
+async def cuda_facts() -> dict:
+    """The CUDA device as a GPU worker sees it. The kernel actor asks Ray for no GPU (it
+    computes nothing), so Ray hides every CUDA device from it; its memory plan and ``auto``
+    dtype need one seen by a process that holds it, as the model shards will."""
+    probe = ray.remote(num_gpus=1, num_cpus=0)(_cuda_facts)
+    try:
+        facts = await asyncio.wait_for(probe.remote(), CUDA_PROBE_TIMEOUT_S)
+    except TimeoutError:
+        raise Unavailable(f"no Ray worker with a free GPU within {CUDA_PROBE_TIMEOUT_S:.0f} s; "
+                          "start the kernel on a cluster with GPUs, or use --device cpu"
+                          ) from None
+    if not any(d["kind"] == "cuda" for d in facts["devices"]):
+        raise Unavailable("Ray gave a worker a GPU but torch sees no CUDA device there "
+                          "(a torch build without CUDA?); use --device cpu")
+    return facts
 
 
 def token_delta(pid: int, delta: Delta, error: str | None = None) -> wire.TokenDelta:

@@ -96,15 +96,19 @@ def _available_ram() -> int | None:
 
 def plan_memory(cfg: ModelConfig, dtype: torch.dtype, device: str = "cpu",
                 kv_budget: str | int = "auto", block_size: int = 16,
-                swap_budget: str | int = "auto") -> MemoryPlan:
-    """Split a device between weights and a KV pool of whole blocks, or say why it can't."""
+                swap_budget: str | int = "auto", found: list[Device] | None = None
+                ) -> MemoryPlan:
+    """Split a device between weights and a KV pool of whole blocks, or say why it can't.
+    ``found``: the devices as the process that will hold the weights sees them (a CUDA
+    device is seen only by a process Ray gave a GPU); default: this process's."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     weight_bytes = cfg.n_params * itemsize
-    dev = next((d for d in devices() if d.name == device or (device == "cuda" and d.kind == "cuda")),
+    found = found if found is not None else devices()
+    dev = next((d for d in found if d.name == device or (device == "cuda" and d.kind == "cuda")),
                None)
     if dev is None:
         raise InvalidArgument(f"device {device!r} is not available here (have: "
-                              f"{', '.join(d.name for d in devices())})")
+                              f"{', '.join(d.name for d in found)})")
     per_block = KVPool.bytes_per_block(cfg, block_size, dtype)
     headroom = dev.free_bytes - weight_bytes
     if kv_budget == "auto":

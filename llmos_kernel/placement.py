@@ -102,6 +102,29 @@ def split_layers(cfg: ModelConfig, dtype: torch.dtype, n_stages: int, num_blocks
             for i, (a, b) in enumerate(itertools.pairwise(bounds))]
 
 
+def choose_stages(cfg: ModelConfig, dtype: torch.dtype, num_blocks: int, block_size: int,
+                  budgets: list[int], where: str = "the cluster") -> list[StagePlan]:
+    """The fewest stages that fit (``--placement auto``): ``budgets`` are the bytes each
+    place (a node's RAM, or a GPU) may hold, one stage per place; a split into ``n`` fits
+    when its heaviest stage fits the ``n``-th largest budget, so any ``n`` of the largest
+    places take it. None fits: QuotaExceeded saying how many bytes were missing where."""
+    if not budgets:
+        raise QuotaExceeded(f"{where} offers no place for a model stage")
+    largest = sorted(budgets, reverse=True)
+    most = min(cfg.n_layers, len(largest))
+    for n in range(1, most + 1):
+        stages = split_layers(cfg, dtype, n, num_blocks, block_size)
+        if max(s.bytes for s in stages) <= largest[n - 1]:
+            return stages
+    heaviest = max(s.bytes for s in stages)
+    raise QuotaExceeded(
+        f"the model fits nowhere in {where}: split into {most} stage(s) (one per place), the "
+        f"heaviest needs {heaviest / MiB:.1f} MiB (weights + KV) but the smallest of the "
+        f"{most} largest places has {largest[most - 1] / MiB:.1f} MiB: "
+        f"{heaviest - largest[most - 1]} bytes missing; add memory or nodes, or lower "
+        "--kv-budget")
+
+
 def check_budgets(stages: list[StagePlan], places: list[Place]) -> None:
     """Raise QuotaExceeded naming every stage that does not fit its place's budget."""
     short = [(s, p) for s, p in zip(stages, places) if s.bytes > p.budget_bytes]

@@ -1,6 +1,8 @@
 """The model's pipeline: its ModelShard stages, placed, started and driven step by step.
 
-One stage (the default) is one ModelShard holding every layer, started as ever. With
+One stage (the default) is one ModelShard holding every layer, started as ever.
+``LLMConfig.shards = "auto"`` (``--placement auto``) takes the fewest stages whose
+heaviest fits a place: a node's memory, or a GPU (``placement.choose_stages``). With
 ``LLMConfig.shards = n > 1`` the layers are split by weight bytes
 (``placement.split_layers``); one bundle per stage is reserved in a Ray placement group
 (strategy SPREAD when the cluster has several nodes, so stages land on different
@@ -19,7 +21,8 @@ works split: each stage applies the same plan to its own layers (see engine.runn
 
 Not yet (issue 14): several step batches in flight, so stages overlap (today one
 stage computes while the others wait); re-placing one dead stage (a dead stage
-restarts the whole pipeline, see LLMService); stages on CUDA devices.
+restarts the whole pipeline, see LLMService). On CUDA each stage's bundle and actor
+ask Ray for one GPU; hidden states cross stages through the host (engine.runner).
 """
 
 from __future__ import annotations
@@ -43,7 +46,13 @@ from llmos_kernel.engine.assembly import LLMConfig
 from llmos_kernel.engine.runner import StepOutput, StepPlan
 from llmos_kernel.errors import Unavailable
 from llmos_kernel.memory import MemoryPlan, parse_bytes
-from llmos_kernel.placement import Place, StagePlan, check_budgets, split_layers
+from llmos_kernel.placement import (
+    Place,
+    StagePlan,
+    check_budgets,
+    choose_stages,
+    split_layers,
+)
 
 STAGE_CPUS = 1  # each stage's bundle: one CPU reserved on its node
 PLACEMENT_TIMEOUT_S = 60.0
@@ -53,11 +62,13 @@ class Pipeline:
     """``cfg.shards`` ModelShard stages of one model, and how a step runs through them."""
 
     def __init__(self, name: str, secret: str, cfg: LLMConfig, model_path: str,
-                 model_config: ModelConfig, dtype: str, plan: MemoryPlan):
+                 model_config: ModelConfig, dtype: str, plan: MemoryPlan,
+                 device_facts: dict | None = None):
         self.name, self.secret, self.cfg = name, secret, cfg
         self.model_path, self.dtype, self.plan = model_path, dtype, plan
-        self.stage_plans = split_layers(model_config, parse_dtype(dtype), cfg.shards,
-                                        plan.num_blocks, plan.block_size)
+        self.model_config, self.device_facts = model_config, device_facts
+        self.stage_plans = [] if cfg.shards == "auto" else split_layers(
+            model_config, parse_dtype(dtype), cfg.shards, plan.num_blocks, plan.block_size)
         self.stages: list[Any] = []
         self.infos: list[dict] = []
         self.places: list[Place] = []
@@ -72,6 +83,12 @@ class Pipeline:
             raise
 
     async def _start(self, on_phase) -> None:
+        if self.cfg.shards == "auto":
+            on_phase("choosing the fewest pipeline stages the cluster's memory takes")
+            self.stage_plans = choose_stages(
+                self.model_config, parse_dtype(self.dtype), self.plan.num_blocks,
+                self.plan.block_size, self._place_budgets(),
+                f"the cluster's {'GPUs' if self._cuda else 'nodes'}")
         n = len(self.stage_plans)
         if n > 1:
             on_phase(f"reserving {n} pipeline stages in a Ray placement group")
@@ -103,12 +120,33 @@ class Pipeline:
                                                     self.plan.block_size)
                                for s in self.stages))
 
+    @property
+    def _cuda(self) -> bool:
+        return self.cfg.device.startswith("cuda")
+
+    def _place_budgets(self) -> list[int]:
+        """What each place may hold, for ``--placement auto``: ``--stage-budget`` each, or
+        on CPU each alive node's Ray memory, on CUDA each GPU's free memory (as a GPU
+        worker saw its device; one per GPU Ray counts)."""
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        if self._cuda:
+            gpus = int(sum(n["Resources"].get("GPU", 0) for n in nodes))
+            seen = [d for d in (self.device_facts or {}).get("devices", [])
+                    if d["kind"] == "cuda"]
+            per = parse_bytes(self.cfg.stage_budget) if self.cfg.stage_budget != "auto" \
+                else (seen[0]["free_bytes"] if seen else 0)
+            return [per] * gpus
+        if self.cfg.stage_budget != "auto":
+            return [parse_bytes(self.cfg.stage_budget)] * len(nodes)
+        return [int(n["Resources"].get("memory", 0)) for n in nodes]
+
     async def _place(self) -> None:
         """Reserve one bundle per stage and check each stage fits its node's budget."""
         nodes = {n["NodeID"]: n for n in ray.nodes() if n.get("Alive")}
         strategy = "SPREAD" if len(nodes) > 1 else "PACK"
         n = len(self.stage_plans)
-        self.group = placement_group([{"CPU": STAGE_CPUS}] * n, strategy=strategy,
+        bundle = {"CPU": STAGE_CPUS, **({"GPU": 1} if self.cfg.device.startswith("cuda") else {})}
+        self.group = placement_group([bundle] * n, strategy=strategy,
                                      name=f"{self.name}-stages")
         try:
             await asyncio.wait_for(self.group.ready(), PLACEMENT_TIMEOUT_S)
@@ -129,14 +167,20 @@ class Pipeline:
         check_budgets(self.stage_plans, self.places)
 
     async def execute(self, plan: StepPlan) -> StepOutput:
-        """One step through every stage, awaiting only the last."""
+        """One step through every stage, awaiting the last's output and the others' small
+        acknowledgements (never their hidden states): a stage that dies raises here at once,
+        where the next stage would wait forever on its lost output."""
         if len(self.stages) == 1:
             return await self.stages[0].execute.remote(self.secret, plan)
         shared = ray.put(plan)  # one copy in the object store, read by every stage
-        hidden = None
+        hidden, acks = None, []
         for stage in self.stages[:-1]:
-            hidden = stage.execute.remote(self.secret, shared, hidden)
-        return await self.stages[-1].execute.remote(self.secret, shared, hidden)
+            hidden, ack = stage.execute.options(num_returns=2).remote(self.secret, shared,
+                                                                      hidden)
+            acks.append(ack)
+        out = self.stages[-1].execute.remote(self.secret, shared, hidden)
+        done = await asyncio.gather(out, *acks)
+        return done[0]
 
     async def warm_kv(self) -> bool:
         """Fault in a little more of every stage's pool; True while some is left."""

@@ -38,19 +38,16 @@ def kernel_config(model: str, name: str, **llm) -> KernelConfig:
                                          swap_budget="64MiB", max_batch_tokens=256, **llm))
 
 
-def serve(model: str, shards: int) -> dict:
-    cfg = kernel_config(model, f"pipe-{shards}", shards=shards)
+def with_kernel(cfg: KernelConfig, body) -> dict:
+    """Start the kernel, run ``await body(client)``, and take the kernel down again."""
     handle = start_kernel(cfg, detached=False)
     client = KernelClient(handle, (Path(cfg.state_dir) / "root.token").read_text())
 
     async def run() -> dict:
-        done = await asyncio.gather(*(client.generate(
-            messages=m, max_tokens=12, temperature=0, ignore_eos=True, logprobs=True)
-            for m in MESSAGES))
-        actors = await client.call("actors")
-        await client.close()
-        return {"tokens": [c.token_ids for c in done], "logprobs": [c.logprobs for c in done],
-                "stages": actors["stages"]}
+        try:
+            return await body(client)
+        finally:
+            await client.close()
 
     try:
         return asyncio.run(run())
@@ -59,15 +56,39 @@ def serve(model: str, shards: int) -> dict:
         ray.kill(handle)
 
 
+def serve(model: str, shards: int | str, **llm) -> dict:
+    async def run(client: KernelClient) -> dict:
+        done = await asyncio.gather(*(client.generate(
+            messages=m, max_tokens=12, temperature=0, ignore_eos=True, logprobs=True)
+            for m in MESSAGES))
+        actors = await client.call("actors")
+        return {"tokens": [c.token_ids for c in done], "logprobs": [c.logprobs for c in done],
+                "stages": actors["stages"]}
+
+    return with_kernel(kernel_config(model, f"pipe-{shards}", shards=shards, **llm), run)
+
+
+def auto_budget(model: str) -> str:
+    """A stage budget the whole model (weights + KV, as kernel_config sizes it) exceeds
+    but each half of a 2-stage split fits: ``--placement auto`` must choose 2 stages."""
+    import torch
+
+    from llmos_kernel.core.gguf_file import GGUFFile
+    from llmos_kernel.memory import plan_memory
+    from llmos_kernel.placement import split_layers
+
+    cfg = GGUFFile.open(model).config()
+    plan = plan_memory(cfg, torch.float32, "cpu", "192MiB", 16, "64MiB")
+    whole = split_layers(cfg, torch.float32, 1, plan.num_blocks, 16)[0].bytes
+    half = max(s.bytes for s in split_layers(cfg, torch.float32, 2, plan.num_blocks, 16))
+    return str((whole + half) // 2)
+
+
 def faulted(model: str, how: str, cluster: Cluster, worker) -> dict:
     """A 2-stage kernel given the same batch, one of its stages lost mid-load: its actor
     killed (``how="kill"``), or the node holding it removed from the cluster (``"node"``;
     the stage not on the kernel's node)."""
-    cfg = kernel_config(model, f"pipe-{how}", shards=2)
-    handle = start_kernel(cfg, detached=False)
-    client = KernelClient(handle, (Path(cfg.state_dir) / "root.token").read_text())
-
-    async def run() -> dict:
+    async def run(client: KernelClient) -> dict:
         stages = (await client.call("actors"))["stages"]
         kernel_node = (await client.status())["placement"]["kernel_node"]
         tasks = [asyncio.ensure_future(client.generate(
@@ -75,8 +96,8 @@ def faulted(model: str, how: str, cluster: Cluster, worker) -> dict:
             for m in MESSAGES]
         await asyncio.sleep(1.0)  # under way: prompts prefilled, some tokens out
         mid_load = not all(t.done() for t in tasks)
-        if how == "kill":
-            lost = stages[-1]
+        if how == "kill":  # the first: the next stage waits on its output, lost with it
+            lost = stages[0]
             ray.kill(ray.get_actor(f"pipe-{how}-shard-{lost['index']}", namespace="llmos"),
                      no_restart=True)
         else:
@@ -86,16 +107,11 @@ def faulted(model: str, how: str, cluster: Cluster, worker) -> dict:
         done = await asyncio.gather(*tasks)
         status = await client.status()
         after = (await client.call("actors"))["stages"]
-        await client.close()
         return {"tokens": [c.token_ids for c in done], "mid_load": mid_load,
                 "lost_stage": lost["index"], "lost_node": lost["node"],
                 "restarts": status["shard"]["restarts"], "stages_after": after}
 
-    try:
-        return asyncio.run(run())
-    finally:
-        ray.get(handle.shutdown.remote(client.token))
-        ray.kill(handle)
+    return with_kernel(kernel_config(model, f"pipe-{how}", shards=2), run)
 
 
 def _alive(name: str) -> bool:
@@ -136,6 +152,7 @@ def main(model: str) -> None:
         result = {"nodes": nodes, "refused": refused(model)}
         for shards in (1, 2, 3):
             result[str(shards)] = serve(model, shards)
+        result["auto"] = serve(model, "auto", stage_budget=auto_budget(model))
         result["killed"] = faulted(model, "kill", cluster, worker)
         result["node_removed"] = faulted(model, "node", cluster, worker)  # last: it shrinks it
         print("RESULT " + json.dumps(result))

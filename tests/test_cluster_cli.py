@@ -90,6 +90,8 @@ def test_the_two_node_quick_start_runs_as_written(ray_tmp, tmp_path):
                 "the shared agent hosts are not one on each node"
             for node in nodes:
                 assert f"node {node[:12]}" in out
+            if "--shards" in argv:  # the model's stages, one on each node
+                assert {s["node"] for s in st["stages"]} == set(nodes), st["stages"]
             checked.add("status")
         elif argv[:2] == ["llmos", "run"]:
             node_b = next(n for n, info in nodes.items() if "node_b" in info["resources"])

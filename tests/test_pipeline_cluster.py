@@ -54,6 +54,16 @@ def test_stages_give_the_single_shards_greedy_tokens_from_different_nodes(cluste
                for s in stages)
 
 
+def test_auto_placement_takes_two_stages_where_one_does_not_fit(cluster_run):
+    """With a stage budget below the whole model's bytes but above each half's, ``--placement
+    auto`` splits in two (on both nodes) and gives the single shard's tokens."""
+    auto = cluster_run["auto"]
+    assert len(auto["stages"]) == 2
+    assert all(s["bytes"] <= s["budget_bytes"] for s in auto["stages"])
+    assert {s["node"] for s in auto["stages"]} == set(cluster_run["nodes"])
+    assert auto["tokens"] == cluster_run["1"]["tokens"]
+
+
 @pytest.mark.parametrize("how", ["killed", "node_removed"])
 def test_a_stage_lost_mid_load_costs_latency_not_requests(cluster_run, how):
     """Every request completes with the single shard's tokens; the pipeline was restarted

@@ -26,7 +26,7 @@ With ``--shards N`` (``compare_shards``) the same workload runs through a
 single-shard kernel and an N-stage pipeline kernel (llmos_kernel.stages), one after
 the other in the same run, and the ratio of their throughputs is reported beside the
 size of one step plan (pickle, as Ray sends it, and msgpack) at 64 sequences with
-1,000-token contexts: every stage reads that plan each step.
+1,000-token contexts, whole and as sent (only what changed): every stage reads it.
 """
 
 from __future__ import annotations
@@ -328,23 +328,39 @@ def run(*, kernel_name: str = "kernel", address: str | None = None, concurrency:
 def step_plan_bytes(seqs: int = 64, context: int = 1000, outputs: int = 500,
                     block_size: int = 16) -> dict:
     """The size of one decode step's plan for ``seqs`` sequences of ``context`` tokens
-    (``outputs`` of them generated, which the plan carries for the sampler), as Ray
-    pickles it and as msgpack."""
+    (``outputs`` of them generated, which the sampler reads), as Ray pickles it and as
+    msgpack: whole (every list sent each step, as plans were before plan_state) and as
+    the engine sends it in a steady decode step (only what changed since the last)."""
     import dataclasses
     import pickle
 
     import msgpack
 
     from llmos_kernel.core.sampling import SamplingParams
+    from llmos_kernel.engine.plan_state import PlanSender
     from llmos_kernel.engine.runner import SeqStep, StepPlan
 
     blocks = -(-context // block_size)
-    plan = StepPlan([SeqStep(i, [17], context - 1, list(range(i * blocks, (i + 1) * blocks)),
-                             sample=True, params=SamplingParams(),
-                             output_ids=list(range(1000, 1000 + outputs)))
-                     for i in range(seqs)])
-    return {"plan_pickle_bytes": len(pickle.dumps(plan, protocol=5)),
-            "plan_msgpack_bytes": len(msgpack.packb(dataclasses.asdict(plan))),
+    outs = {i: list(range(1000, 1000 + outputs)) for i in range(seqs)}
+    params = {i: SamplingParams() for i in range(seqs)}  # a request's, kept step to step
+
+    def plan() -> StepPlan:
+        return StepPlan([SeqStep(i, [17], context - 1, list(range(i * blocks, (i + 1) * blocks)),
+                                 sample=True, params=params[i], output_ids=outs[i])
+                         for i in range(seqs)])
+
+    whole, sender = plan(), PlanSender()
+    for step in plan().seqs:  # the step before: the runner holds everything up to it
+        sender.encode(step)
+    for out in outs.values():
+        out.append(17)
+    steady = plan()
+    for step in steady.seqs:
+        sender.encode(step)
+    return {"plan_pickle_bytes": len(pickle.dumps(steady, protocol=5)),
+            "plan_msgpack_bytes": len(msgpack.packb(dataclasses.asdict(steady))),
+            "plan_whole_pickle_bytes": len(pickle.dumps(whole, protocol=5)),
+            "plan_whole_msgpack_bytes": len(msgpack.packb(dataclasses.asdict(whole))),
             "plan_seqs": seqs, "plan_context": context}
 
 

@@ -16,9 +16,11 @@ def _ray_token_auth() -> None:
     A ``ray start --head`` cluster asks for a token by default (Ray 2.5x) and ``ray start``
     writes it to ``~/.ray/auth_token``, but a client sends it only with RAY_AUTH_MODE=token
     and otherwise fails with a bare connection error. Sending a token to a cluster that asks
-    for none is harmless. Ray reads the mode when it starts, so this runs before any
-    command imports it; RAY_AUTH_MODE set by the user wins."""
-    if "RAY_AUTH_MODE" in os.environ:
+    for none is harmless. Ray's core reads the mode once, when Ray is imported, so this
+    runs before any command imports it, and not at all in a process that already has
+    (there it would split Ray's Python and C++ halves); RAY_AUTH_MODE set by the user
+    wins."""
+    if "RAY_AUTH_MODE" in os.environ or "ray" in sys.modules:
         return
     path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
     if os.environ.get("RAY_AUTH_TOKEN") or os.path.isfile(path):

@@ -229,9 +229,11 @@ def _shards_report(result: dict) -> None:
         ours, base = result["split"][key], result["single"][key]
         click.echo(f"{label:28s} {ours:12.3f} {base:12.3f} {ours / base:7.2f}x")
     click.echo(f"step plan at {result['plan_seqs']} sequences x {result['plan_context']}-token "
-               f"contexts: {result['plan_pickle_bytes']:,} bytes pickled (what Ray sends), "
-               f"{result['plan_msgpack_bytes']:,} msgpack; put once per step, read by every "
-               "stage")
+               f"contexts, a steady decode step: {result['plan_pickle_bytes']:,} bytes pickled "
+               f"(what Ray sends; {result['plan_whole_pickle_bytes']:,} with every list whole), "
+               f"{result['plan_msgpack_bytes']:,} msgpack "
+               f"({result['plan_whole_msgpack_bytes']:,} whole); put once per step, read by "
+               "every stage")
 
 
 def _peak_parts(result: dict, key: str) -> str:

@@ -48,6 +48,9 @@ def kernel() -> None:
 @click.option("--shards", type=int, default=1, show_default=True,
               help="Pipeline stages: the layers split by weight bytes, each range its own "
               "model shard actor, placed by a Ray placement group (spread over nodes).")
+@click.option("--placement", type=click.Choice(["auto"]), default=None,
+              help="auto: the fewest stages whose heaviest fits a place (a node's memory, "
+              "or a GPU), instead of --shards.")
 @click.option("--stage-budget", default="auto", show_default=True,
               help="Bytes each stage may hold (weights + its KV share), e.g. 2GiB; auto: "
               "its node's Ray memory, shared by the stages there.")
@@ -59,7 +62,7 @@ def kernel() -> None:
 @name_option
 @state_dir_option
 def start(address, model, kv_budget, swap_budget, max_batch_tokens, max_seqs, dtype, device,
-          shards, stage_budget, no_prefix_cache, sandbox, hosts, name, state_dir) -> None:
+          shards, placement, stage_budget, no_prefix_cache, sandbox, hosts, name, state_dir) -> None:
     """Start a kernel: load the model, size the KV pool, begin serving. A start that fails
     leaves nothing running: no kernel, no shard, no placement group, no Ray head of its
     own."""
@@ -77,7 +80,12 @@ def start(address, model, kv_budget, swap_budget, max_batch_tokens, max_seqs, dt
 
     state = (state_dir or default_state_dir()).expanduser().resolve()
     path = store.resolve_model(model)  # fail fast, before starting anything
-    split_layers(GGUFFile.open(path).config(), torch.float32, shards, 1, 16)  # a valid split
+    if placement == "auto":
+        if shards != 1:
+            raise click.UsageError("give --shards N or --placement auto, not both")
+        shards = "auto"
+    else:
+        split_layers(GGUFFile.open(path).config(), torch.float32, shards, 1, 16)  # valid
     if stage_budget != "auto":
         parse_bytes(stage_budget)
     had_head = (state / HEAD_FILE).exists()

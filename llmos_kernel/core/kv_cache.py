@@ -134,8 +134,9 @@ class KVPool:
         return self.data[i, 0], self.data[i, 1]
 
     def _slots(self, blocks: list[int]) -> torch.Tensor:
-        b = torch.as_tensor(blocks, dtype=torch.long)
-        return (b[:, None] * self.block_size + torch.arange(self.block_size)).reshape(-1)
+        b = torch.as_tensor(blocks, dtype=torch.long, device=self.data.device)
+        return (b[:, None] * self.block_size
+                + torch.arange(self.block_size, device=b.device)).reshape(-1)
 
     def read_blocks(self, blocks: list[int]) -> torch.Tensor:
         """A host copy of the given blocks (for swap-out and context snapshots)."""

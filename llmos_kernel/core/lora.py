@@ -66,13 +66,20 @@ class LoraAdapter:
                     * b_std
         return cls(rank, float(alpha), tuple(targets), weights, cfg.n_layers)
 
-    def fused(self, layer: int, attr: str, shapes: dict[str, tuple[int, int]]
-              ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def fused(self, layer: int, attr: str, shapes: dict[str, tuple[int, int]],
+              device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The fused projection's ``A [in, k*r]`` and block-diagonal ``B [k*r, out]`` with the
         scale folded in (None when no part of it is targeted); built once, in float64: its
         row sums are then the same whatever the step's rows (fp32 GEMMs block differently by
         row count, and bf16 products would amplify those last bits into other tokens, as
-        between a prompt computed whole and one resumed from the prefix cache)."""
+        between a prompt computed whole and one resumed from the prefix cache). On another
+        ``device`` than the host, a copy made there once."""
+        if device is not None and device.type != "cpu":
+            key = (layer, attr, str(device))
+            if key not in self._fused:
+                host = self.fused(layer, attr, shapes)
+                self._fused[key] = None if host is None else tuple(t.to(device) for t in host)
+            return self._fused[key]
         key = (layer, attr)
         if key not in self._fused:
             parts = FUSED[attr]
@@ -131,6 +138,10 @@ class LoraBatch:
     groups: list[tuple[LoraAdapter, torch.Tensor]]  # adapter, its rows (int64)
     _cache: dict = field(default_factory=dict, repr=False)  # the same in every layer
 
+    def to(self, device: torch.device) -> LoraBatch:
+        """The same groups with their row indices on ``device``."""
+        return LoraBatch(self.lora, [(adapter, rows.to(device)) for adapter, rows in self.groups])
+
     @property
     def rows(self) -> torch.Tensor:
         """Every adapter row, group after group."""
@@ -141,7 +152,7 @@ class LoraBatch:
     def base_rows(self, n: int) -> torch.Tensor:
         """The rows of an ``n``-row step that no adapter touches."""
         if "base" not in self._cache:
-            base = torch.ones(n, dtype=torch.bool)
+            base = torch.ones(n, dtype=torch.bool, device=self.rows.device)
             base[self.rows] = False
             self._cache["base"] = base.nonzero()[:, 0]
         return self._cache["base"]
@@ -152,13 +163,13 @@ class LoraBatch:
             sizes = [rows.numel() for _, rows in self.groups]
             self._cache["compact"] = LoraBatch(self.lora, [
                 (adapter, idx) for (adapter, _), idx in
-                zip(self.groups, torch.arange(sum(sizes)).split(sizes))])
+                zip(self.groups, torch.arange(sum(sizes), device=self.rows.device).split(sizes))])
         return self._cache["compact"]
 
     def add(self, layer: int, attr: str, x: torch.Tensor, y: torch.Tensor) -> None:
         """``y[rows] += (x[rows] @ A) @ B`` for each adapter's rows, in place."""
         for adapter, rows in self.groups:
-            ab = adapter.fused(layer, attr, self.lora.shapes)
+            ab = adapter.fused(layer, attr, self.lora.shapes, x.device)
             if ab is None:
                 continue
             a, b = ab

@@ -56,9 +56,11 @@ class PrefillChunk:
         """Additive ``[length, ctx]`` mask for a chunk with a past: row i sees keys up to
         ``past + i``. The same in every layer, so built once per step."""
         if self._mask is None or self._mask.dtype != dtype:
-            q_pos = torch.arange(self.past, self.past + self.length)[:, None]
-            later = torch.arange(self.past + self.length)[None, :] > q_pos
-            self._mask = torch.zeros(later.shape, dtype=dtype).masked_fill_(later, float("-inf"))
+            device = self.context_slots.device
+            q_pos = torch.arange(self.past, self.past + self.length, device=device)[:, None]
+            later = torch.arange(self.past + self.length, device=device)[None, :] > q_pos
+            self._mask = torch.zeros(later.shape, dtype=dtype, device=device).masked_fill_(
+                later, float("-inf"))
         return self._mask
 
 
@@ -85,6 +87,21 @@ class StepBatch:
     _gather: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
     _rows: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
+    def to(self, device: torch.device) -> StepBatch:
+        """The same step with every tensor on ``device`` (the model's): the runner builds a
+        step on the host and moves it once, before any layer runs."""
+        if device.type == "cpu":
+            return self
+        moved = {name: (value.to(device, non_blocking=True)
+                        if isinstance(value, torch.Tensor) else value)
+                 for name, value in self.__dict__.items() if not name.startswith("_")}
+        moved["prefills"] = [PrefillChunk(p.start, p.length, None if p.context_slots is None
+                                          else p.context_slots.to(device), p.past)
+                             for p in self.prefills]
+        if self.lora is not None:
+            moved["lora"] = self.lora.to(device)
+        return StepBatch(**moved)
+
     def row_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``bf16_attention.row_tables`` of ``groups``, built once per step for every layer."""
         if self._rows is None:
@@ -96,8 +113,10 @@ class StepBatch:
         if self._gather is None:
             max_ctx = int(self.decode_lens.max())
             bs = self.block_size
-            slots = (self.decode_tables[:, :, None] * bs + torch.arange(bs)).flatten(1)
-            mask = torch.arange(max_ctx)[None, :] < self.decode_lens[:, None]
+            device = self.decode_tables.device
+            slots = (self.decode_tables[:, :, None] * bs
+                     + torch.arange(bs, device=device)).flatten(1)
+            mask = torch.arange(max_ctx, device=device)[None, :] < self.decode_lens[:, None]
             self._gather = slots[:, :max_ctx], mask[:, None, None, :]
         return self._gather
 
@@ -362,8 +381,8 @@ class Transformer(nn.Module):
             x = F.embedding(batch.tokens, self.embed)
         elif hidden is None:
             raise ValueError(f"stage {self.layers} needs the previous stage's hidden states")
-        else:
-            x = hidden.to(self.dtype)
+        else:  # (from the host, when the stages are on CUDA devices: see engine.runner)
+            x = hidden.to(device=batch.positions.device, dtype=self.dtype)
         rope = self.rotary.table(batch.positions)
         for block in self.blocks:
             x = block(x, rope, batch, kv)

@@ -31,15 +31,19 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     return DTYPES[name]
 
 
-def resolve_dtype(name: str, device: str = "cpu", options: KernelOptions | None = None) -> str:
+def resolve_dtype(name: str, device: str = "cpu", options: KernelOptions | None = None,
+                  cuda_bf16: bool | None = None) -> str:
     """``auto``: bf16 where it is the fast path (a CPU with bf16 products under ``options``,
     on AMX tiles or AVX512-BF16; a CUDA device with bf16), else fp32; any other name is
-    checked and returned."""
+    checked and returned. ``cuda_bf16``: whether the CUDA device that will run the model
+    has bf16, as a process holding it saw (default: ask this process's)."""
     if name != "auto":
         parse_dtype(name)
         return name
     if torch.device(device).type == "cuda":
-        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+        if cuda_bf16 is None:
+            cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return "bf16" if cuda_bf16 else "fp32"
     return "bf16" if bf16_products_available(options) else "fp32"
 
 

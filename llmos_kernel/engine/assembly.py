@@ -25,7 +25,7 @@ from llmos_kernel.core.tokenizer import Tokenizer
 from llmos_kernel.core.weights import parse_dtype, resolve_dtype
 from llmos_kernel.engine.engine import EngineConfig, LLMEngine, Runner
 from llmos_kernel.engine.scheduler import SchedulerConfig
-from llmos_kernel.memory import MemoryPlan, plan_memory
+from llmos_kernel.memory import Device, MemoryPlan, plan_memory
 
 
 @dataclass
@@ -36,7 +36,8 @@ class LLMConfig:
     kv_budget: str | int = "auto"  # bytes for the KV pool, e.g. "2GiB"
     swap_budget: str | int = "auto"  # host bytes for preempted and parked KV
     shard_threads: int | None = None  # None: every core the shard may use
-    shards: int = 1  # pipeline stages, each a ModelShard with a layer range (llmos_kernel.stages)
+    shards: int | str = 1  # pipeline stages, each a ModelShard with a layer range
+    # (llmos_kernel.stages); "auto": the fewest that fit the cluster's memory
     stage_budget: str | int = "auto"  # bytes each stage may hold; auto: its node's memory
     kernels: KernelOptions = field(default_factory=KernelOptions)
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -81,17 +82,22 @@ MakeRunner = Callable[[Path, str, MemoryPlan], Runner]
 """Given the model file, the resolved dtype and the memory plan: the runner to use."""
 
 
-def assemble(cfg: LLMConfig, make_runner: MakeRunner | None = None) -> Assembly:
+def assemble(cfg: LLMConfig, make_runner: MakeRunner | None = None,
+             device_facts: dict | None = None) -> Assembly:
     """Plan memory and build the engine; ``make_runner`` None leaves the runner to be set
-    (the kernel's steps run in a ModelShard actor, not through ``engine.runner``)."""
+    (the kernel's steps run in a ModelShard actor, not through ``engine.runner``).
+    ``device_facts`` (``{"devices": [Device fields], "bf16": bool}``): the device as a
+    process that holds it sees it, for a CUDA device this process cannot see."""
     path = store.resolve_model(cfg.model)
     gguf = GGUFFile.open(path)
     model_config = gguf.config()
     gguf.check_tensor_types()
     tokenizer = Tokenizer.from_gguf(gguf.metadata)
-    dtype = resolve_dtype(cfg.dtype, cfg.device, cfg.kernels)
+    found = None if device_facts is None else [Device(**d) for d in device_facts["devices"]]
+    dtype = resolve_dtype(cfg.dtype, cfg.device, cfg.kernels,
+                          None if device_facts is None else device_facts["bf16"])
     plan = plan_memory(model_config, parse_dtype(dtype), cfg.device, cfg.kv_budget,
-                       cfg.engine.block_size, cfg.swap_budget)
+                       cfg.engine.block_size, cfg.swap_budget, found)
     engine_cfg = dataclasses.replace(
         cfg.engine, num_blocks=plan.num_blocks,
         scheduler=dataclasses.replace(cfg.engine.scheduler, swap_blocks=plan.swap_blocks))

@@ -20,6 +20,7 @@ from llmos_kernel.core.beam import BeamSearch
 from llmos_kernel.core.sampling import SamplingParams, StopChecker
 from llmos_kernel.core.tokenizer import Tokenizer
 from llmos_kernel.engine.block_manager import BlockManager
+from llmos_kernel.engine.plan_state import PlanSender
 from llmos_kernel.engine.runner import SeqStep, StepOutput, StepPlan
 from llmos_kernel.engine.scheduler import Schedule, Scheduler, SchedulerConfig
 from llmos_kernel.engine.sequence import Sequence, Status
@@ -102,6 +103,7 @@ class LLMEngine:
         self.max_seq_tokens = min(self.max_model_len, cfg.num_blocks * cfg.block_size)
         self.blocks = BlockManager(cfg.num_blocks, cfg.block_size, cfg.prefix_caching)
         self.scheduler = Scheduler(cfg.scheduler, self.blocks)
+        self.plan_sender = PlanSender()  # what the runner holds of each sequence's lists
         self.requests: dict[str, _RequestState] = {}
         self._seq_of: dict[int, Sequence] = {}
         self._next_seq = 0
@@ -200,6 +202,7 @@ class LLMEngine:
         """After a runner restart: nothing computed survives; every request recomputes."""
         self.blocks = BlockManager(self.cfg.num_blocks, self.cfg.block_size, self.cfg.prefix_caching)
         self.scheduler.forget_kv(self.blocks)
+        self.plan_sender.clear()  # the new runner holds no sequence's lists either
 
     # -- the step -----------------------------------------------------------
     def schedule(self) -> tuple[Schedule, StepPlan]:
@@ -225,7 +228,12 @@ class LLMEngine:
                 except Exception as e:  # noqa: BLE001 - a broken constraint fails its request only
                     self._fail(seq.request_id, e)
                     continue
+            self.plan_sender.encode(step)
             plan.seqs.append(step)
+        if plan.seqs:  # a plan without steps may not be run: release with the next one
+            s = self.scheduler
+            plan.release = self.plan_sender.release(
+                {q.seq_id for q in (*s.running, *s.swapped, *s.waiting, *s.parked.values())})
         return sched, plan
 
     def _fail(self, request_id: str, error: Exception) -> None:

@@ -3,8 +3,14 @@
 A ``StepPlan`` is plain data (it crosses a Ray call when the runner lives in a
 ModelShard actor): the sequences' new tokens and block tables, the block
 copies and swaps to do first, and how each row samples. The runner keeps no
-per-sequence state except swapped-out KV, so the kernel can always rebuild
-everything by recomputation if a runner dies.
+per-sequence state but swapped-out KV and the lists the plans sent it (block
+tables, ids: plan_state), which the engine forgets together with the KV when a
+runner dies, so the kernel can always rebuild everything by recomputation.
+
+On a CUDA device the weights and the KV pool live there; a step is built on the host
+and moved there once (``StepBatch.to``), and what leaves the device (the next-token
+logits for the host's sampler, a stage's hidden states for the next stage through
+Ray's object store) is copied to the host: one device-to-host copy per step.
 
 A runner over one pipeline stage (a ``Transformer`` holding layers ``[a, b)`` and a
 KV pool of those layers) executes the same plan as every other stage: the same
@@ -26,16 +32,19 @@ from llmos_kernel.core.kv_cache import KVPool
 from llmos_kernel.core.lora import LoraSet
 from llmos_kernel.core.model import PrefillChunk, StepBatch, Transformer
 from llmos_kernel.core.sampling import SampleRow, SamplingParams, banned_ngram_tokens, sample
+from llmos_kernel.engine.plan_state import RunnerState
 
 
 @dataclass
 class SeqStep:
-    """One sequence's share of a step."""
+    """One sequence's share of a step. ``blocks``, ``output_ids`` and ``prompt_ids`` hold
+    the lists from index ``blocks_at`` / ``output_at`` / ``prompt_at`` on: the runner keeps
+    the rest from earlier steps (see plan_state); all three 0 is the whole list."""
 
     seq_id: int
     tokens: list[int]  # new tokens whose KV this step computes
     start: int  # position of tokens[0]
-    blocks: list[int]  # the sequence's block table
+    blocks: list[int]  # the sequence's block table (from blocks_at)
     sample: bool = False  # sample a next token after the last of ``tokens``
     params: SamplingParams | None = None
     output_ids: list[int] = field(default_factory=list)
@@ -44,6 +53,9 @@ class SeqStep:
     beam_width: int = 0  # >0: return this many best (token, logprob) instead of sampling
     adapter: str | None = None  # the LoRA adapter its rows run with (a model store name)
     prompt_targets: list[int] | None = None  # prompt tokens after each of ``tokens``: score them
+    blocks_at: int = 0
+    output_at: int = 0
+    prompt_at: int = 0
 
 
 @dataclass
@@ -53,6 +65,7 @@ class StepPlan:
     swap_in: list[tuple[int, list[int]]] = field(default_factory=list)
     drop_swap: list[int] = field(default_factory=list)
     copies: list[tuple[int, int]] = field(default_factory=list)
+    release: list[int] = field(default_factory=list)  # sequences the runner may forget
 
 
 @dataclass
@@ -88,6 +101,7 @@ class ModelRunner:
         self.block_size = kv.block_size
         self.swapped: dict[int, torch.Tensor] = {}
         self.lora = LoraSet(model.config)  # adapters, loaded by name on first use
+        self.state = RunnerState()  # each sequence's lists between steps (plan_state)
 
     def load_adapter(self, name: str) -> None:
         """Serve adapter ``name`` from the model store (a no-op once loaded)."""
@@ -103,6 +117,7 @@ class ModelRunner:
         stage before it, the hidden states ``[T, d]`` the next stage takes as ``hidden``
         (None when the plan computes no tokens)."""
         started = time.perf_counter()
+        self.state.apply(plan)
         for handle, blocks in plan.swap_out:
             self.swapped[handle] = self.kv.read_blocks(blocks)
         for handle in plan.drop_swap:
@@ -119,7 +134,9 @@ class ModelRunner:
             for name in {s.adapter for s in plan.seqs} - {None}:
                 self.load_adapter(name)
             batch, sampled = self.build_batch(plan.seqs)
-            logits = self.model(batch, self.kv, hidden)
+            logits = self.model(batch.to(self.kv.data.device), self.kv, hidden)
+            if logits.device.type != "cpu":  # hidden states cross to the next stage, and
+                logits = logits.cpu()  # logits are sampled, on the host
             if not self.model.last:
                 return logits  # this stage's hidden states
             self._score_prompts(logits[len(sampled):], plan.seqs, out)

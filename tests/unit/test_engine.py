@@ -14,6 +14,7 @@ import pytest
 
 from llmos_kernel.core.sampling import SamplingParams
 from llmos_kernel.engine.engine import Delta, EngineConfig, LLMEngine, Request
+from llmos_kernel.engine.plan_state import RunnerState
 from llmos_kernel.engine.runner import StepOutput, StepPlan
 from llmos_kernel.engine.scheduler import SchedulerConfig
 from llmos_kernel.engine.sequence import Status
@@ -66,14 +67,18 @@ class FakeDecoder:
 
 
 class FakeKVRunner:
-    """A ``Runner`` whose KV pool holds token ids: it moves them exactly as a StepPlan says."""
+    """A ``Runner`` whose KV pool holds token ids: it moves them exactly as a StepPlan says.
+    Plans carry only what changed; it rebuilds the lists as the real runner does
+    (plan_state.RunnerState), so a lost or wrong difference reads the wrong blocks."""
 
     def __init__(self, num_blocks: int, block_size: int = BS):
+        self.state = RunnerState()
         self.bs = block_size
         self.kv: list[list[int | None]] = [[None] * block_size for _ in range(num_blocks)]
         self.swapped: dict[int, list[list[int | None]]] = {}
 
     def execute(self, plan: StepPlan) -> StepOutput:
+        self.state.apply(plan)
         for handle, blocks in plan.swap_out:
             self.swapped[handle] = [list(self.kv[b]) for b in blocks]
         for handle in plan.drop_swap:

@@ -65,3 +65,30 @@ def test_a_budget_too_small_names_each_stage_its_node_and_the_bytes_missing():
         check_budgets(stages, [roomy, tight])
     assert "stage 1 (layers 15-29)" in str(e.value) and "node-b" in str(e.value)
     assert "1000 bytes missing" in str(e.value) and "stage 0" not in str(e.value)
+
+
+def _heaviest(n: int) -> int:
+    return max(s.bytes for s in split_layers(CFG, torch.float32, n, 10, 16))
+
+
+def test_auto_placement_takes_the_fewest_stages_that_fit():
+    from llmos_kernel.placement import choose_stages
+
+    whole = _heaviest(1)
+    assert len(choose_stages(CFG, torch.float32, 10, 16, [whole, 1])) == 1
+    # the whole model fits no place, halves fit two: two stages
+    two = choose_stages(CFG, torch.float32, 10, 16, [whole - 1, _heaviest(2), 5])
+    assert len(two) == 2 and max(s.bytes for s in two) <= _heaviest(2)
+    # three places of a third each: three stages, not two (the second largest is too small)
+    assert len(choose_stages(CFG, torch.float32, 10, 16, [_heaviest(3)] * 3)) == 3
+
+
+def test_auto_placement_that_fits_nowhere_says_how_many_bytes_were_missing():
+    from llmos_kernel.placement import choose_stages
+
+    need = _heaviest(2)
+    with pytest.raises(QuotaExceeded, match=rf"split into 2 stage\(s\).*{need - 1000} bytes "
+                                            "missing"):
+        choose_stages(CFG, torch.float32, 10, 16, [1000, 1000], "the cluster's nodes")
+    with pytest.raises(QuotaExceeded, match="offers no place"):
+        choose_stages(CFG, torch.float32, 10, 16, [])
