@@ -17,9 +17,16 @@ kernel awaits only the last stage's ``StepOutput``. Everything the single shard 
 (sampling, grammar masks, LoRA adapters, prompt logprobs, KV swaps, copies, warming)
 works split: each stage applies the same plan to its own layers (see engine.runner).
 
-Not yet (issue 14): several step batches in flight, so stages overlap (today one
-stage computes while the others wait); re-placing one dead stage (a dead stage
-restarts the whole pipeline, see LLMService); stages on CUDA devices.
+``submit`` does not wait, so the kernel keeps up to ``depth`` steps in flight (one
+per stage: while stage 1 computes one step, stage 0 computes the next). Each stage
+runs its steps in the order they were submitted: a stage is a synchronous actor
+with ``max_concurrency=1`` and no task retries, and Ray runs such an actor's calls
+from one submitter (the kernel) in submission order even when an earlier call still
+waits for its argument. So a plan's block moves (swaps, copies) and KV writes happen
+on every stage after those of the steps scheduled before it.
+
+Not yet (issue 14): re-placing one dead stage (a dead stage restarts the whole
+pipeline, see LLMService); stages on CUDA devices.
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ from llmos_kernel import spawn_actors
 from llmos_kernel.core.gguf_file import ModelConfig
 from llmos_kernel.core.weights import parse_dtype
 from llmos_kernel.engine.assembly import LLMConfig
-from llmos_kernel.engine.runner import StepOutput, StepPlan
+from llmos_kernel.engine.runner import StepPlan
 from llmos_kernel.errors import Unavailable
 from llmos_kernel.memory import MemoryPlan, parse_bytes
 from llmos_kernel.placement import Place, StagePlan, check_budgets, split_layers
@@ -81,7 +88,8 @@ class Pipeline:
         threads = self.cfg.shard_threads
         for stage in self.stage_plans:
             options = {"name": f"{self.name}-shard-{stage.index}", "namespace": "llmos",
-                       "num_cpus": 0, "max_restarts": 0,
+                       "num_cpus": 0, "max_restarts": 0, "max_task_retries": 0,
+                       "max_concurrency": 1,  # steps run in submission order (see above)
                        "num_gpus": 1 if self.cfg.device.startswith("cuda") else 0,
                        "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(threads or 2)}}}
             if n > 1:  # a waiting stage's OpenMP threads sleep, not spin on the cores the
@@ -128,15 +136,20 @@ class Pipeline:
                        for node in on_node]
         check_budgets(self.stage_plans, self.places)
 
-    async def execute(self, plan: StepPlan) -> StepOutput:
-        """One step through every stage, awaiting only the last."""
+    @property
+    def depth(self) -> int:
+        """How many steps may be in flight at once: one per stage."""
+        return len(self.stage_plans)
+
+    def submit(self, plan: StepPlan) -> ray.ObjectRef:
+        """One step through every stage, now; the last stage's ``StepOutput`` to await."""
         if len(self.stages) == 1:
-            return await self.stages[0].execute.remote(self.secret, plan)
+            return self.stages[0].execute.remote(self.secret, plan)
         shared = ray.put(plan)  # one copy in the object store, read by every stage
         hidden = None
         for stage in self.stages[:-1]:
             hidden = stage.execute.remote(self.secret, shared, hidden)
-        return await self.stages[-1].execute.remote(self.secret, shared, hidden)
+        return self.stages[-1].execute.remote(self.secret, shared, hidden)
 
     async def warm_kv(self) -> bool:
         """Fault in a little more of every stage's pool; True while some is left."""
