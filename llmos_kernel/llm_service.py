@@ -263,7 +263,10 @@ class LLMService:
             try:
                 out = await result
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
-                in_flight.clear()  # lost with the pipeline: forget_kv recomputes their sequences
+                # every step in flight is lost with the pipeline: _recover_shard recomputes
+                # their sequences (forget_kv), or aborts them when it gives up
+                self.engine.scheduler.landed(w.seq for step in in_flight for w in step[0].works)
+                in_flight.clear()
                 self.in_flight["now"] = 0
                 await self._recover_shard(e)
                 continue
