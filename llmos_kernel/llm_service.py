@@ -4,8 +4,14 @@ Requests from every client (agent hosts, the CLI, benchmarks) join one engine.
 Each step the kernel schedules, sends the pipeline one plan (one shard, or
 ``shards`` stages chained through the object store: llmos_kernel.stages), and fans
 the results out to per-client outboxes that clients long-poll, so a client gets
-one delivery per step however many of its requests advanced. If a shard dies the
-kernel starts the pipeline again and recomputes every request in flight.
+one delivery per step however many of its requests advanced.
+
+One shard: one step in flight at a time. ``shards`` stages: up to that many steps in
+flight over disjoint sequences (the scheduler never schedules, preempts or frees a
+sequence whose step is out), so each stage computes one while the next stage
+computes another; steps land and are postprocessed in the order they were
+scheduled. If a shard dies the kernel drops every step in flight, starts the
+pipeline again and recomputes every request.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from llmos_kernel.core.sampling import SamplingParams
 from llmos_kernel.core.tokenizer import validate_messages
 from llmos_kernel.engine.assembly import LLMConfig, assemble
 from llmos_kernel.engine.engine import Delta, Request
+from llmos_kernel.engine.scheduler import Schedule
 from llmos_kernel.errors import (
     AlreadyExists,
     InvalidArgument,
@@ -64,6 +71,9 @@ class LLMService:
         self._grammars = None  # GrammarCompiler, built on first constrained request
         self._steps: collections.deque[float] = collections.deque(maxlen=256)  # step seconds
         self.latency = Latency()
+        # steps submitted and not yet landed: now, the most at once, and how many steps
+        # were submitted while another was in flight (stages overlapping)
+        self.in_flight = {"now": 0, "max": 0, "overlapped_steps": 0}
         self.phase = "not started"  # what start() is doing, for a starting kernel's progress
 
     # -- lifecycle ------------------------------------------------------------
@@ -232,30 +242,44 @@ class LLMService:
 
     # -- the loop -------------------------------------------------------------
     async def _loop(self) -> None:
+        in_flight: collections.deque[tuple[Schedule, Any, float]] = collections.deque()
         while True:
-            if not self.engine.scheduler.has_work():
-                if self._kv_cold:  # idle: fault in a little more of the pool, then look again
+            depth = self.pipeline.depth  # 1 unsplit: one step at a time, as ever
+            while len(in_flight) < depth and self.engine.scheduler.has_work():
+                sched, plan = self.engine.schedule(depth)
+                if not plan.seqs and not (plan.swap_out or plan.swap_in or plan.copies
+                                          or plan.drop_swap):
+                    break  # the rest is in flight, or waits on memory it or parked work holds
+                in_flight.append((sched, self.pipeline.submit(plan), time.perf_counter()))
+                self.in_flight["max"] = max(self.in_flight["max"], len(in_flight))
+                self.in_flight["overlapped_steps"] += len(in_flight) > 1
+            self.in_flight["now"] = len(in_flight)
+            if not in_flight:
+                if self.engine.scheduler.has_work():
+                    await asyncio.sleep(0.005)  # everything waits on memory held by parked work
+                elif self._kv_cold:  # idle: fault in a little more of the pool, then look again
                     try:
                         self._kv_cold = await self.pipeline.warm_kv()
                     except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
                         self._kv_cold = False  # the next step finds it dead and restarts it
-                    continue
-                self._wake.clear()
-                await self._wake.wait()
+                else:
+                    self._wake.clear()
+                    await self._wake.wait()
                 continue
-            sched, plan = self.engine.schedule()
-            if not plan.seqs and not (plan.swap_out or plan.swap_in or plan.copies
-                                      or plan.drop_swap):
-                await asyncio.sleep(0.005)  # everything waits on memory held by parked work
-                continue
-            started = time.perf_counter()
+            sched, result, started = in_flight[0]
             try:
-                out = await self.pipeline.execute(plan)
+                out = await result
             except ray.exceptions.RayError as e:
                 if not _stage_lost(e):
                     raise
+                # every step in flight is lost with the pipeline: _recover_shard recomputes
+                # their sequences (forget_kv), or aborts them when it gives up
+                self.engine.scheduler.landed(w.seq for step in in_flight for w in step[0].works)
+                in_flight.clear()
+                self.in_flight["now"] = 0
                 await self._recover_shard(e)
                 continue
+            in_flight.popleft()  # the oldest lands first, so steps postprocess in order
             deltas = self.engine.postprocess(sched, out)
             self._meter.append((time.monotonic(), len(out.tokens)))
             self._steps.append(time.perf_counter() - started)
@@ -351,6 +375,7 @@ class LLMService:
             "shard": {"restarts": self.total_shard_restarts, "failed": self.failed,
                       **{k: v for k, v in self.shard_info.items() if k != "devices"}},
             "stages": self.pipeline.described() if self.pipeline is not None else [],
+            "steps_in_flight": dict(self.in_flight),
         }
 
 

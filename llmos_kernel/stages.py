@@ -19,16 +19,27 @@ kernel awaits only the last stage's ``StepOutput``. Everything the single shard 
 (sampling, grammar masks, LoRA adapters, prompt logprobs, KV swaps, copies, warming)
 works split: each stage applies the same plan to its own layers (see engine.runner).
 
-Not yet (issue 14): several step batches in flight, so stages overlap (today one
-stage computes while the others wait); re-placing one dead stage (a dead stage
-restarts the whole pipeline, see LLMService). On CUDA each stage's bundle and actor
-ask Ray for one GPU; hidden states cross stages through the host (engine.runner).
+``submit`` does not wait, so the kernel keeps up to ``depth`` steps in flight (one
+per stage: while stage 1 computes one step, stage 0 computes the next). Each stage
+runs its steps in the order they were submitted: a stage is a synchronous actor
+with ``max_concurrency=1`` and no task retries, and Ray runs such an actor's calls
+from one submitter (the kernel) in submission order even when an earlier call still
+waits for its argument. So a plan's block moves (swaps, copies) and KV writes happen
+on every stage after those of the steps scheduled before it.
+
+Every stage before the last also returns a small acknowledgement, which the step's
+future awaits beside the last stage's output (never the hidden states): a stage that
+dies fails the step at once, where the next stage would wait forever on its lost
+output. A dead stage restarts the whole pipeline (LLMService), re-placed on the nodes
+left. On CUDA each stage's bundle and actor ask Ray for one GPU; hidden states cross
+stages through the host (engine.runner).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable
 from typing import Any
 
 import ray
@@ -53,6 +64,11 @@ from llmos_kernel.placement import (
     choose_stages,
     split_layers,
 )
+
+
+async def _first(done: Awaitable[list]) -> Any:
+    return (await done)[0]
+
 
 STAGE_CPUS = 1  # each stage's bundle: one CPU reserved on its node
 PLACEMENT_TIMEOUT_S = 60.0
@@ -98,7 +114,8 @@ class Pipeline:
         threads = self.cfg.shard_threads
         for stage in self.stage_plans:
             options = {"name": f"{self.name}-shard-{stage.index}", "namespace": "llmos",
-                       "num_cpus": 0, "max_restarts": 0,
+                       "num_cpus": 0, "max_restarts": 0, "max_task_retries": 0,
+                       "max_concurrency": 1,  # steps run in submission order (see above)
                        "num_gpus": 1 if self.cfg.device.startswith("cuda") else 0,
                        "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(threads or 2)}}}
             if n > 1:  # a waiting stage's OpenMP threads sleep, not spin on the cores the
@@ -166,12 +183,16 @@ class Pipeline:
                        for node in on_node]
         check_budgets(self.stage_plans, self.places)
 
-    async def execute(self, plan: StepPlan) -> StepOutput:
-        """One step through every stage, awaiting the last's output and the others' small
-        acknowledgements (never their hidden states): a stage that dies raises here at once,
-        where the next stage would wait forever on its lost output."""
+    @property
+    def depth(self) -> int:
+        """How many steps may be in flight at once: one per stage."""
+        return len(self.stage_plans)
+
+    def submit(self, plan: StepPlan) -> Awaitable[StepOutput]:
+        """One step through every stage, now; the last stage's ``StepOutput`` to await
+        (it raises if any stage is lost on the way)."""
         if len(self.stages) == 1:
-            return await self.stages[0].execute.remote(self.secret, plan)
+            return self.stages[0].execute.remote(self.secret, plan)
         shared = ray.put(plan)  # one copy in the object store, read by every stage
         hidden, acks = None, []
         for stage in self.stages[:-1]:
@@ -179,8 +200,9 @@ class Pipeline:
                                                                       hidden)
             acks.append(ack)
         out = self.stages[-1].execute.remote(self.secret, shared, hidden)
-        done = await asyncio.gather(out, *acks)
-        return done[0]
+        landed = asyncio.ensure_future(_first(asyncio.gather(out, *acks)))
+        landed.add_done_callback(lambda f: f.cancelled() or f.exception())  # seen, if dropped
+        return landed
 
     async def warm_kv(self) -> bool:
         """Fault in a little more of every stage's pool; True while some is left."""

@@ -8,7 +8,8 @@ concurrent batch (short and long prompts, greedy, with logprobs), and then asks
 for a split whose stages cannot fit their budget. Then two 2-stage kernels lose a stage
 mid-load: one has a stage's actor killed, the other the node holding a stage removed.
 It prints one JSON object:
-each kernel's tokens, logprobs and stages, and what the refused start left behind.
+each kernel's tokens, logprobs, stages and steps in flight, and what the refused start
+left behind.
 """
 
 from __future__ import annotations
@@ -62,8 +63,9 @@ def serve(model: str, shards: int | str, **llm) -> dict:
             messages=m, max_tokens=12, temperature=0, ignore_eos=True, logprobs=True)
             for m in MESSAGES))
         actors = await client.call("actors")
+        in_flight = (await client.status())["steps_in_flight"]
         return {"tokens": [c.token_ids for c in done], "logprobs": [c.logprobs for c in done],
-                "stages": actors["stages"]}
+                "stages": actors["stages"], "steps_in_flight": in_flight}
 
     return with_kernel(kernel_config(model, f"pipe-{shards}", shards=shards, **llm), run)
 

@@ -4,7 +4,8 @@ The cluster runs in a process of its own (tests/pipeline_cluster.py: this suite'
 process already holds a Ray session). The reference is the single-shard kernel on
 the same cluster, in the same run: the 2- and 3-stage kernels must give exactly its
 greedy tokens, and its logprobs, on a concurrent batch that mixes long prompts'
-chunked prefills with other requests' decodes, with their stages on both nodes.
+chunked prefills with other requests' decodes, with their stages on both nodes and as
+many steps in flight as there are stages.
 """
 
 from __future__ import annotations
@@ -62,6 +63,17 @@ def test_auto_placement_takes_two_stages_where_one_does_not_fit(cluster_run):
     assert all(s["bytes"] <= s["budget_bytes"] for s in auto["stages"])
     assert {s["node"] for s in auto["stages"]} == set(cluster_run["nodes"])
     assert auto["tokens"] == cluster_run["1"]["tokens"]
+
+
+@pytest.mark.parametrize("shards", [2, 3])
+def test_stages_overlap_with_one_step_in_flight_per_stage(cluster_run, shards):
+    """The same tokens as above came from steps that were in flight together: the kernel
+    kept as many steps out as it has stages, and one shard only ever one."""
+    assert cluster_run["1"]["steps_in_flight"]["max"] == 1
+    assert cluster_run["1"]["steps_in_flight"]["overlapped_steps"] == 0
+    in_flight = cluster_run[str(shards)]["steps_in_flight"]
+    assert in_flight["max"] == shards and in_flight["overlapped_steps"] > 0
+    assert in_flight["now"] == 0, "every step landed"
 
 
 @pytest.mark.parametrize("how", ["killed", "node_removed"])

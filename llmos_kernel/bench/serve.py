@@ -318,6 +318,7 @@ def run(*, kernel_name: str = "kernel", address: str | None = None, concurrency:
         result["runs_http_agg_tok_s"] = [r["http_agg_tok_s"] for r in runs]
         server.stop()
     result["shards"] = len(st.get("stages") or [None])
+    result["steps_in_flight"] = loop.run_until_complete(status())["steps_in_flight"]
     loop.run_until_complete(client.close())
     if started_here is not None:  # its shards and placement group first, then the kernel
         ray.get(started_here.shutdown.remote(client.token), timeout=60)

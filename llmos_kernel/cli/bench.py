@@ -228,6 +228,10 @@ def _shards_report(result: dict) -> None:
                        ("step p50 s", "step_p50_s")):
         ours, base = result["split"][key], result["single"][key]
         click.echo(f"{label:28s} {ours:12.3f} {base:12.3f} {ours / base:7.2f}x")
+    click.echo("steps in flight at most: " + ", ".join(
+        f"{result[k]['steps_in_flight']['max']} ({result[k]['steps_in_flight']['overlapped_steps']}"
+        f" steps overlapped) {label}" for k, label in (("split", f"{n} stages"),
+                                                       ("single", "1 shard"))))
     click.echo(f"step plan at {result['plan_seqs']} sequences x {result['plan_context']}-token "
                f"contexts, a steady decode step: {result['plan_pickle_bytes']:,} bytes pickled "
                f"(what Ray sends; {result['plan_whole_pickle_bytes']:,} with every list whole), "

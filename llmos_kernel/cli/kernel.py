@@ -145,6 +145,10 @@ def status(as_json: bool, name: str, state_dir: Path | None) -> None:
                    f"{(stage['node'] or '?')[:12]}  {stage['device']}  "
                    f"{stage['bytes'] / mib:.0f} MiB ({stage['weight_bytes'] / mib:.0f} weights + "
                    f"{stage['kv_bytes'] / mib:.0f} KV)")
+    if len(st.get("stages", [])) > 1:
+        flight = st["steps_in_flight"]
+        click.echo(f"steps   in flight {flight['now']} (at most {flight['max']}; "
+                   f"{flight['overlapped_steps']} steps overlapped another)")
     click.echo(f"kv pool {mem['kv_bytes_used'] / gib:.2f} / {mem['kv_pool_bytes'] / gib:.2f} GiB "
                f"({mem['kv_blocks_used']}/{mem['num_blocks']} blocks of {mem['block_size']} "
                f"tokens; {mem['kv_blocks_cached']} cached for prefix reuse)")

@@ -81,6 +81,7 @@ class _RequestState:
     beam: BeamSearch | None = None
     text_len: int = 0
     emitted_tokens: int = 0
+    beam_candidates: dict[int, list[tuple[int, float]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -203,10 +204,14 @@ class LLMEngine:
         self.blocks = BlockManager(self.cfg.num_blocks, self.cfg.block_size, self.cfg.prefix_caching)
         self.scheduler.forget_kv(self.blocks)
         self.plan_sender.clear()  # the new runner holds no sequence's lists either
+        for state in self.requests.values():
+            state.beam_candidates.clear()  # the beams recompute them
 
     # -- the step -----------------------------------------------------------
-    def schedule(self) -> tuple[Schedule, StepPlan]:
-        sched = self.scheduler.schedule()
+    def schedule(self, parts: int = 1) -> tuple[Schedule, StepPlan]:
+        """The next step's plan; its sequences are in flight until ``postprocess`` (with
+        ``parts`` > 1, one of that many steps in flight at once: Scheduler.schedule)."""
+        sched = self.scheduler.schedule(parts)
         plan = StepPlan(swap_out=sched.swap_out, swap_in=sched.swap_in,
                         drop_swap=sched.drop_swap, copies=sched.copies)
         now = time.monotonic()
@@ -227,6 +232,7 @@ class LLMEngine:
                     self._sampling_fields(seq, step)
                 except Exception as e:  # noqa: BLE001 - a broken constraint fails its request only
                     self._fail(seq.request_id, e)
+                    self.scheduler.landed([seq])  # no step computes it: its blocks go now
                     continue
             self.plan_sender.encode(step)
             plan.seqs.append(step)
@@ -268,6 +274,9 @@ class LLMEngine:
         return self.postprocess(sched, self.runner.execute(plan))
 
     def postprocess(self, sched: Schedule, out: StepOutput) -> list[Delta]:
+        """Apply one step's output; steps in flight together are postprocessed in the order
+        they were scheduled."""
+        self.scheduler.landed(w.seq for w in sched.works)
         self.stats["steps"] += 1
         self.stats["step_seconds"] += out.seconds
         self.stats["last_step_s"] = out.seconds
@@ -289,6 +298,7 @@ class LLMEngine:
             if state is None:
                 continue
             if seq.seq_id in out.beams:
+                state.beam_candidates[seq.seq_id] = out.beams[seq.seq_id]
                 beam_rounds.add(seq.request_id)
                 continue
             token = out.tokens.get(seq.seq_id)
@@ -308,7 +318,7 @@ class LLMEngine:
         for request_id in beam_rounds:
             state = self.requests.get(request_id)
             if state is not None:
-                delta = self._beam_round(state, out)
+                delta = self._beam_round(state)
                 if delta is not None:
                     deltas[request_id] = delta
         return list(deltas.values())
@@ -354,16 +364,18 @@ class LLMEngine:
             delta.finished, delta.finish_reason = True, reason
             delta.usage, delta.context_id = final.usage, final.context_id
 
-    def _beam_round(self, state: _RequestState, out: StepOutput) -> Delta | None:
-        """All live beams of a request have next-token candidates: advance the search."""
+    def _beam_round(self, state: _RequestState) -> Delta | None:
+        """All live beams of a request have next-token candidates (from this step or
+        earlier ones, when a step's budget split them): advance the search."""
         live = [s for s in state.seqs if s.status is Status.RUNNING]
-        if any(s.seq_id not in out.beams for s in live):
-            return None  # some beam was not scheduled this step; wait for it
+        if any(s.seq_id not in state.beam_candidates for s in live):
+            return None  # some beam was not in this step; wait for it
         vocab = self.tokenizer.vocab_size
         logprobs = torch.full((len(live), vocab), float("-inf"))
         for i, s in enumerate(live):
-            ids, vals = zip(*out.beams[s.seq_id])
+            ids, vals = zip(*state.beam_candidates[s.seq_id])
             logprobs[i, list(ids)] = torch.tensor(vals)
+        state.beam_candidates.clear()
         chosen = state.beam.step([s.output_ids for s in live], logprobs)
         if live[0].first_token_at is None:
             for s in live:

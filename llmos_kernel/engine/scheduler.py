@@ -17,11 +17,22 @@ blocks to host memory while the swap budget lasts, else by recompute (its
 blocks are freed but stay in the prefix cache, so recompute is often cheap).
 Parked contexts (finished turns kept for a follow-up) are suspended to host
 memory, or dropped, before any running sequence is touched.
+
+Steps in flight (a pipeline of stages keeps several, one per stage, so the stages
+overlap): a step's sequences are in flight from ``schedule`` until ``landed``. A
+sequence in flight is never scheduled again (its next token depends on this one),
+never chosen for preemption or swap, and, if removed meanwhile (an abort), keeps its
+blocks until its step lands, so no later step can be handed blocks a step before it
+still writes. ``schedule(parts=n)`` plans one of n steps meant to be in flight
+together: a 1/n share of the token budget and of the sequences, so the steps are of
+about equal size and every stage has work.
 """
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from llmos_kernel.engine.block_manager import BlockManager
@@ -90,6 +101,8 @@ class Scheduler:
         self.express_steps = 0  # steps given to a higher-priority newcomer alone (_express)
         self._pending_swap_out: list[tuple[int, list[int]]] = []
         self._pending_drops: list[int] = []
+        self.in_flight: set[int] = set()  # seq ids in steps scheduled and not yet landed
+        self._free_on_landing: dict[int, Sequence] = {}  # removed while in flight
 
     # -- queue management -------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -107,11 +120,22 @@ class Scheduler:
                     or self._pending_drops)
 
     def remove(self, seq: Sequence) -> None:
-        """Take a sequence out of every queue and free whatever memory it holds."""
+        """Take a sequence out of every queue and free whatever memory it holds (once its
+        step in flight, if any, has landed)."""
         for queue in (self.running, self.waiting, self.swapped):
             if seq in queue:
                 queue.remove(seq)
-        self._free(seq)
+        if seq.seq_id in self.in_flight:
+            self._free_on_landing[seq.seq_id] = seq
+        else:
+            self._free(seq)
+
+    def landed(self, seqs: Iterable[Sequence]) -> None:
+        """A step's results are back: its sequences may be scheduled, preempted and freed."""
+        for seq in seqs:
+            self.in_flight.discard(seq.seq_id)
+            if self._free_on_landing.pop(seq.seq_id, None) is not None:
+                self._free(seq)
 
     def _free(self, seq: Sequence) -> None:
         self.blocks.release(seq.table)
@@ -164,17 +188,24 @@ class Scheduler:
         return (-seq.priority, _RANK[seq.status], self.served.get(seq.owner, 0.0),
                 seq.arrival, seq.seq_id)
 
-    def schedule(self) -> Schedule:
+    def schedule(self, parts: int = 1) -> Schedule:
+        """The next step, its sequences in flight until ``landed``; with ``parts`` > 1, one
+        of that many steps in flight at once, each with a 1/parts share of the budget."""
         out = Schedule()
         budget = self.cfg.max_batch_tokens
-        scheduled: set[int] = set()
+        rows = math.inf  # sequences this step may take
+        if parts > 1:
+            budget = -(-budget // parts)
+            rows = -(-min(len(self.live()), self.cfg.max_seqs) // parts)
+        scheduled: set[int] = set(self.in_flight)  # (and so never preempted this step)
         blocked_below: int | None = None  # waiting work at or below this priority must wait
         live = sorted(self.live(), key=self._order)
         express = self._express(live)
         for seq in live:
-            if budget <= 0 or (express is not None and seq.priority < express):
+            if budget <= 0 or len(out.works) >= rows or (express is not None
+                                                          and seq.priority < express):
                 break
-            if seq in out.preempted:
+            if seq in out.preempted or seq.seq_id in self.in_flight:
                 continue
             if seq.status is Status.RUNNING:
                 n = min(seq.num_uncomputed, budget)
@@ -196,6 +227,7 @@ class Scheduler:
         out.swap_out, self._pending_swap_out = self._pending_swap_out, []
         out.drop_swap, self._pending_drops = self._pending_drops, []
         out.copies = self.blocks.take_copies()
+        self.in_flight.update(w.seq.seq_id for w in out.works)
         return out
 
     def _express(self, live: list[Sequence]) -> int | None:
@@ -261,7 +293,8 @@ class Scheduler:
 
     def _preempt_one(self, for_seq: Sequence, scheduled: set[int], out: Schedule,
                      victims_of_equal: bool) -> bool:
-        """Preempt the lowest-priority, newest running sequence not yet scheduled this step."""
+        """Preempt the lowest-priority, newest running sequence neither scheduled this step
+        nor in flight."""
         candidates = [s for s in self.running if s.seq_id not in scheduled and s is not for_seq
                       and (s.priority < for_seq.priority
                            or (victims_of_equal and s.priority == for_seq.priority
@@ -305,6 +338,8 @@ class Scheduler:
         self.blocks = blocks
         self.swap = SwapSpace(self.cfg.swap_blocks)
         self._pending_swap_out, self._pending_drops = [], []
+        self.in_flight.clear()  # the steps in flight are lost with the pool
+        self._free_on_landing.clear()
         for seq in self.running + self.swapped + self.waiting + list(self.parked.values()):
             seq.table.blocks.clear()
             seq.table.digests.clear()

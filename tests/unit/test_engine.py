@@ -10,6 +10,8 @@ on the real model.
 
 from __future__ import annotations
 
+import collections
+
 import pytest
 
 from llmos_kernel.core.sampling import SamplingParams
@@ -270,3 +272,59 @@ def test_a_request_that_cannot_fit_the_pool_ends_instead_of_hanging():
             break
         eng.step()
     assert not eng.has_unfinished()
+
+
+# -- several steps in flight, as LLMService drives a pipeline of stages ------------------
+def run_pipelined(eng: LLMEngine, depth: int, abort_in_flight: str | None = None
+                  ) -> tuple[dict[str, list[Delta]], int]:
+    """Drive ``eng`` as LLMService._loop drives ``depth`` stages: up to ``depth`` steps in
+    flight, each run by the fake runner (in submission order, as every stage runs them)
+    only when it is the oldest and is awaited. Returns the deltas and the most steps that
+    were in flight at once. ``abort_in_flight``: abort that request while a step of it is
+    out, then check its blocks were not handed to anyone before the step landed."""
+    in_flight: collections.deque = collections.deque()
+    results: dict[str, list[Delta]] = {}
+    most = 0
+    while eng.has_unfinished() or in_flight:
+        while len(in_flight) < depth and eng.scheduler.has_work():
+            sched, plan = eng.schedule(depth)
+            if not plan.seqs and not (plan.swap_out or plan.swap_in or plan.copies
+                                      or plan.drop_swap):
+                break
+            out_now = {s.seq_id for _, p in in_flight for s in p.seqs}
+            assert not out_now & {s.seq_id for s in plan.seqs}, "a sequence in two steps"
+            in_flight.append((sched, plan))
+            most = max(most, len(in_flight))
+        assert in_flight, "work left, none in flight and none schedulable: a hang"
+        if abort_in_flight in eng.requests and any(
+                eng._seq_of[s.seq_id].request_id == abort_in_flight
+                for _, p in in_flight for s in p.seqs if s.seq_id in eng._seq_of):
+            held = {b for st in eng.requests[abort_in_flight].seqs for b in st.table.blocks}
+            results.setdefault(abort_in_flight, []).append(eng.abort(abort_in_flight))
+            assert not held & set(eng.blocks.free), "blocks freed while their step is out"
+            abort_in_flight = None
+        sched, plan = in_flight.popleft()
+        for delta in eng.postprocess(sched, eng.runner.execute(plan)):
+            results.setdefault(delta.request_id, []).append(delta)
+    return results, most
+
+
+@pytest.mark.parametrize("depth", [2, 3])
+def test_steps_in_flight_under_memory_pressure_generate_what_each_would_alone(depth):
+    shared = prompt(99, 16)
+    prompts = [(shared if i % 3 == 0 else []) + prompt(i, 3 + i % 17) for i in range(48)]
+    per_seq = -(-(max(map(len, prompts)) + 8) // BS)
+    blocks = 4 * per_seq
+    eng = make_engine(num_blocks=blocks, swap_blocks=per_seq, max_batch_tokens=64)
+    for i, p in enumerate(prompts):
+        eng.add_request(Request(f"r{i}", p, greedy(8), owner=i % 2, priority=i % 3))
+    results, most = run_pipelined(eng, depth, abort_in_flight="r7")
+    assert most == depth
+    assert results["r7"][-1].finish_reason == "abort"
+    for i, p in enumerate(prompts):
+        if i != 7:
+            assert tokens_of(results[f"r{i}"]) == reference(p, 8), i
+    pre = eng.scheduler.preemptions
+    assert pre["swap"] > 0 and pre["recompute"] > 0, pre
+    assert eng.blocks.num_free == blocks and eng.scheduler.swap.used == 0
+    assert not eng.scheduler.in_flight

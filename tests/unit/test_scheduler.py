@@ -53,6 +53,7 @@ class Harness:
         out = self.sched.schedule()
         self.steps += 1
         self._check(out)
+        self.sched.landed(w.seq for w in out.works)
         for work in out.works:
             seq = work.seq
             self.first_step.setdefault(seq.seq_id, self.steps)
@@ -330,3 +331,80 @@ def test_after_the_kv_pool_is_lost_every_sequence_recomputes():
     assert h.sched.swap.used == 0 and h.sched.running == []
     h.run()
     assert [len(s.output_ids) for s in (older, newer, waiting)] == [10, 10, 2]
+
+
+# -- steps in flight (a pipeline of stages keeps several) ---------------------------------
+def decoding(h: Harness, n: int, **kw) -> list[Sequence]:
+    seqs = [h.add(4, max_tokens=50, **kw) for _ in range(n)]
+    h.step()  # every prompt in one step: from now on each decodes
+    return seqs
+
+
+def test_a_sequence_in_flight_is_not_scheduled_again_until_its_step_lands():
+    h = Harness(max_seqs=8)
+    seqs = decoding(h, 6)
+    first, second = h.sched.schedule(parts=2), h.sched.schedule(parts=2)
+    a, b = ({w.seq for w in s.works} for s in (first, second))
+    assert len(a) == len(b) == 3 and a | b == set(seqs) and not a & b
+    assert h.sched.schedule(parts=2).works == [], "all six are in flight"
+    h.sched.landed(w.seq for w in first.works)
+    assert {w.seq for w in h.sched.schedule(parts=2).works} == a
+
+
+def test_parts_share_the_token_budget_and_the_sequences():
+    h = Harness(max_batch_tokens=16, max_seqs=8)
+    seqs = decoding(h, 4)
+    prompt = h.add(30, max_tokens=2)
+    first = h.sched.schedule(parts=2)
+    assert first.num_tokens <= 8 and len(first.works) <= 3  # ceil(16/2), ceil(5 live/2)
+    second = h.sched.schedule(parts=2)
+    assert second.num_tokens <= 8
+    scheduled = [w.seq for s in (first, second) for w in s.works]
+    assert set(seqs) <= set(scheduled) and prompt in scheduled
+
+
+def test_a_sequence_in_flight_is_never_preempted_even_for_a_higher_priority():
+    h = Harness(num_blocks=3, swap_blocks=8)
+    low = h.add(8, max_tokens=6)
+    h.step()  # low holds 2 of the 3 blocks
+    in_flight = h.sched.schedule(parts=2)
+    assert [w.seq for w in in_flight.works] == [low]
+    high = h.add(8, max_tokens=2, priority=1)
+    out = h.sched.schedule(parts=2)
+    assert out.works == [] and out.preempted == [] and low.status is Status.RUNNING
+    assert high.status is Status.WAITING, "it waits for low's step to land"
+    h.sched.landed(w.seq for w in in_flight.works)
+    h.sched.computed(low, 1)
+    out = h.sched.schedule(parts=2)
+    assert out.preempted == [low] and [w.seq for w in out.works] == [high]
+
+
+def test_a_sequence_removed_in_flight_keeps_its_blocks_until_its_step_lands():
+    h = Harness(num_blocks=16)
+    seq = h.add(8, max_tokens=6)
+    step = h.sched.schedule()
+    held = list(seq.table.blocks)
+    h.sched.remove(seq)  # aborted while its step computes
+    assert seq not in h.sched.live()
+    assert h.blocks.num_free == 16 - len(held), "a later step must not be handed them"
+    other = h.add(40, max_tokens=1)
+    h.sched.schedule()
+    assert not set(other.table.blocks) & set(held)
+    h.sched.landed(w.seq for w in step.works)
+    assert h.blocks.num_free == 16 - len(other.table.blocks)
+
+
+def test_losing_the_pool_drops_every_step_in_flight():
+    h = Harness(max_seqs=8)
+    seqs = decoding(h, 4)
+    h.sched.schedule(parts=2)
+    h.sched.schedule(parts=2)
+    h.sched.forget_kv(BlockManager(64, BS))
+    assert not h.sched.in_flight
+    assert {w.seq for w in h.sched.schedule(parts=2).works} <= set(seqs)
+
+
+def test_one_part_is_the_whole_budget_as_ever():
+    h = Harness(max_batch_tokens=64, max_seqs=8)
+    seqs = decoding(h, 6)
+    assert {w.seq for w in h.sched.schedule(parts=1).works} == set(seqs)
