@@ -111,14 +111,14 @@ class ProcessManager:
             options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=False)
         elif not isolated:
             nodes = sorted(n.node_id for n in cluster_nodes())
-            if len(nodes) > 1:  # the node with fewest shared hosts; soft: if it is gone
-                # meanwhile, Ray chooses
+            if len(nodes) > 1:  # the node with fewest shared hosts (hard: Ray's soft
+                # affinity falls back to any node when the chosen one looks busy)
                 load = {n: 0 for n in nodes}
                 for h in self.shared_host_ids():
                     if self.hosts[h].node in load:
                         load[self.hosts[h].node] += 1
                 options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(
-                    min(nodes, key=lambda n: (load[n], n)), soft=True)
+                    min(nodes, key=lambda n: (load[n], n)), soft=False)
         handle = spawn_actors.agent_host(options, self.kernel_name, host_id, secret)
         info = HostInfo(host_id, handle, secret, isolated)
         self.hosts[host_id] = info

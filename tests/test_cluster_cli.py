@@ -80,6 +80,8 @@ def test_the_two_node_quick_start_runs_as_written(ray_tmp, tmp_path):
             checked.add("ray stop")
         elif argv[0] == "ray":
             run([*ray_cli, *argv[1:], "--disable-usage-stats"])
+            if "--address" in argv:  # a joining raylet: wait until the cluster counts it
+                _wait_for_nodes(argv[argv.index("--address") + 1], 2, env)
         elif argv[:3] == ["llmos", "kernel", "status"]:
             out = run([*llmos, *argv[1:]]).stdout
             st = status()
@@ -127,6 +129,17 @@ def test_the_two_node_quick_start_runs_as_written(ray_tmp, tmp_path):
     assert checked == {"status", "run", "stop", "ray stop"}
     assert not [pid for pid, line in _cmdlines().items() if ray_tmp in line], \
         "processes of the quick start's cluster are still running"
+
+
+def _wait_for_nodes(address: str, n: int, env: dict) -> None:
+    code = ("import ray, sys, time\n"
+            f"ray.init(address={address!r}, logging_level='ERROR')\n"
+            "deadline = time.time() + 60\n"
+            f"while len([x for x in ray.nodes() if x['Alive']]) < {n}:\n"
+            "    assert time.time() < deadline, 'the second raylet never joined'\n"
+            "    time.sleep(0.2)\n")
+    subprocess.run([sys.executable, "-c", code], env={**env, "RAY_AUTH_MODE": "token"},
+                   check=True, timeout=120, capture_output=True)
 
 
 def _cmdlines() -> dict[str, str]:
