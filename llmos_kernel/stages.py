@@ -109,8 +109,9 @@ class Pipeline:
         if n > 1:
             on_phase(f"reserving {n} pipeline stages in a Ray placement group")
             await self._place()
-        on_phase(f"loading {self.dtype} weights into {n} model shard(s); C kernels compile "
-                 "on first use")
+        on_phase(f"loading {self.model_config.n_params / 1e6:.0f}M weights ({self.dtype}) "
+                 f"into {'the model shard' if n == 1 else f'{n} pipeline stages'}; C kernels "
+                 "compile on first use")
         threads = self.cfg.shard_threads
         for stage in self.stage_plans:
             options = {"name": f"{self.name}-shard-{stage.index}", "namespace": "llmos",
