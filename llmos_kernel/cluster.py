@@ -34,9 +34,9 @@ def cluster_nodes() -> list[Node]:
             for n in ray.nodes() if n.get("Alive")]
 
 
-def check_placement(resources: Any, node: Any, nodes: list[Node]) -> bool:
+def check_placement(resources: Any, node: Any, nodes: list[Node]) -> tuple[bool, str | None]:
     """Raise InvalidArgument for a malformed or unsatisfiable request; return whether the
-    process asked for a place of its own (resources or a node)."""
+    process asked for a place of its own (resources or a node), and the node's full id."""
     if not isinstance(resources, dict):
         raise InvalidArgument("resources must be a dict such as {'num_gpus': 1} or "
                               "{'node_b': 0.01} (a custom resource of a node)")
@@ -54,7 +54,7 @@ def check_placement(resources: Any, node: Any, nodes: list[Node]) -> bool:
             known = ", ".join(f"{n.node_id[:12]} ({n.address})" for n in nodes) or "none"
             what = "no alive node" if not matches else "more than one node"
             raise InvalidArgument(f"{what} has the id {node!r}; nodes: {known}")
-        nodes = matches
+        nodes, node = matches, matches[0].node_id
     wanted = {RAY_NAMES.get(k, k): float(v) for k, v in resources.items() if v}
     if wanted and not any(all(n.resources.get(k, 0.0) >= v for k, v in wanted.items())
                           for n in nodes):
@@ -64,11 +64,4 @@ def check_placement(resources: Any, node: Any, nodes: list[Node]) -> bool:
         raise InvalidArgument(f"no{' such' if node is not None else ''} node has "
                               f"{', '.join(f'{k} {v:g}' for k, v in wanted.items())}; "
                               f"nodes have: {have or 'nothing'}")
-    return bool(resources) or node is not None
-
-
-def resolve_node(node: str | None, nodes: list[Node]) -> str | None:
-    """The full node id for ``node`` (which may be a prefix of at least 6 characters)."""
-    if node is None:
-        return None
-    return next(n.node_id for n in nodes if n.node_id == node or n.node_id.startswith(node))
+    return bool(resources) or node is not None, node

@@ -92,6 +92,7 @@ class Kernel:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         (self.state_dir / "logs").mkdir(exist_ok=True)
         self.started_at = time.time()
+        self._nodes_seen: tuple[float, list] = (-NODES_TTL_S, [])  # (when, kernel status's)
         self.root_token = self._root_token()
         outboxes = Outboxes()
         table = ProcessTable(self.state_dir / "processes.db")
@@ -351,13 +352,16 @@ class Kernel:
         """Which Ray node each agent host and the model shard run on, and the nodes."""
         from llmos_kernel.cluster import cluster_nodes
 
-        try:
-            nodes = [{"node": n.node_id, "address": n.address, "resources": {
-                k: v for k, v in n.resources.items()
-                if not k.startswith("node:") and k != "object_store_memory"}}
-                for n in cluster_nodes()]
-        except Exception as e:  # noqa: BLE001 - status answers even when the GCS does not
-            nodes = [{"error": str(e)}]
+        cached_at, nodes = self._nodes_seen
+        if time.monotonic() - cached_at >= NODES_TTL_S:  # a GCS call blocks this actor's
+            try:  # loop (host batches too): once in a while, not on every status poll
+                nodes = [{"node": n.node_id, "address": n.address, "resources": {
+                    k: v for k, v in n.resources.items()
+                    if not k.startswith("node:") and k != "object_store_memory"}}
+                    for n in cluster_nodes()]
+            except Exception as e:  # noqa: BLE001 - status answers even when the GCS does not
+                nodes = [{"error": str(e)}]
+            self._nodes_seen = (time.monotonic(), nodes)
         hosts = [{"host": h, "node": i.node, "agents": len(i.pids), "isolated": i.isolated,
                   "sandbox": i.sandbox} for h, i in self.services.procs.hosts.items()
                  if i.handle is not None]
@@ -400,6 +404,9 @@ class Kernel:
         await self.services.net.close()
         return wire.ok(None)
 
+
+
+NODES_TTL_S = 5.0  # how long kernel status reuses the cluster's node list
 
 
 def _typed_payload(type_: str, version: int, fields: Any) -> bytes:

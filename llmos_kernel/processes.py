@@ -21,7 +21,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from llmos_kernel import journal, net_allowlist, spawn_actors, wire
-from llmos_kernel.cluster import check_placement, cluster_nodes, resolve_node
+from llmos_kernel.cluster import check_placement, cluster_nodes
 from llmos_kernel.errors import (
     AlreadyExists,
     InvalidArgument,
@@ -293,8 +293,7 @@ class ProcessManager:
         resources = spec.get("resources") or {}
         node = spec.get("node")
         nodes = cluster_nodes() if resources or node is not None else []
-        placed = check_placement(resources, node, nodes)
-        node = resolve_node(node, nodes)
+        placed, node = check_placement(resources, node, nodes)
         placement = spec.get("host")
         if placement is not None and placement not in self.shared_host_ids():
             raise InvalidArgument(f"host must name a shared agent host "

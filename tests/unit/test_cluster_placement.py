@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from llmos_kernel.cluster import Node, check_placement, resolve_node
+from llmos_kernel.cluster import Node, check_placement
 from llmos_kernel.errors import InvalidArgument
 
 NODES = [Node("a1b2c3d4e5f6" + "0" * 44, "10.0.0.1", {"CPU": 8.0, "memory": 1e10, "node_a": 1.0}),
@@ -14,7 +14,7 @@ NODES = [Node("a1b2c3d4e5f6" + "0" * 44, "10.0.0.1", {"CPU": 8.0, "memory": 1e10
 
 
 def test_nothing_asked_is_no_place_of_its_own():
-    assert check_placement({}, None, []) is False
+    assert check_placement({}, None, []) == (False, None)
 
 
 @pytest.mark.parametrize("resources,node", [
@@ -23,7 +23,9 @@ def test_nothing_asked_is_no_place_of_its_own():
     ({"num_gpus": 0}, None),
 ])
 def test_a_request_some_node_meets_gets_a_host_of_its_own(resources, node):
-    assert check_placement(resources, node, NODES) is True
+    placed, full = check_placement(resources, node, NODES)
+    assert placed is True
+    assert full is None if node is None else full in {n.node_id for n in NODES}
 
 
 @pytest.mark.parametrize("resources,node,message", [
@@ -45,5 +47,5 @@ def test_a_request_no_node_meets_is_refused_saying_what_there_is(resources, node
 
 
 def test_a_node_prefix_resolves_to_the_full_id():
-    assert resolve_node("ffeedd", NODES) == NODES[1].node_id
-    assert resolve_node(None, NODES) is None
+    assert check_placement({}, "ffeedd", NODES) == (True, NODES[1].node_id)
+    assert check_placement({"num_gpus": 1}, None, NODES) == (True, None)

@@ -133,7 +133,8 @@ def test_a_fake_run_with_ample_memory_matches_the_reference():
     assert out[-1].usage.prompt_tokens == 10 and out[-1].usage.completion_tokens == 6
 
 
-def test_requests_in_a_pool_that_holds_a_few_generate_what_they_would_alone():
+def pressed_engine() -> tuple[LLMEngine, list[list[int]], int]:
+    """48 requests (a third sharing a prefix) in a pool that holds about four at once."""
     shared = prompt(99, 16)
     prompts = [(shared if i % 3 == 0 else []) + prompt(i, 3 + i % 17) for i in range(48)]
     per_seq = -(-(max(map(len, prompts)) + 8) // BS)
@@ -141,6 +142,11 @@ def test_requests_in_a_pool_that_holds_a_few_generate_what_they_would_alone():
     eng = make_engine(num_blocks=blocks, swap_blocks=per_seq, max_batch_tokens=64)
     for i, p in enumerate(prompts):
         eng.add_request(Request(f"r{i}", p, greedy(8), owner=i % 2, priority=i % 3))
+    return eng, prompts, blocks
+
+
+def test_requests_in_a_pool_that_holds_a_few_generate_what_they_would_alone():
+    eng, prompts, blocks = pressed_engine()
     results: dict[str, list[Delta]] = {}
     max_used = 0
     while eng.has_unfinished():
@@ -311,13 +317,7 @@ def run_pipelined(eng: LLMEngine, depth: int, abort_in_flight: str | None = None
 
 @pytest.mark.parametrize("depth", [2, 3])
 def test_steps_in_flight_under_memory_pressure_generate_what_each_would_alone(depth):
-    shared = prompt(99, 16)
-    prompts = [(shared if i % 3 == 0 else []) + prompt(i, 3 + i % 17) for i in range(48)]
-    per_seq = -(-(max(map(len, prompts)) + 8) // BS)
-    blocks = 4 * per_seq
-    eng = make_engine(num_blocks=blocks, swap_blocks=per_seq, max_batch_tokens=64)
-    for i, p in enumerate(prompts):
-        eng.add_request(Request(f"r{i}", p, greedy(8), owner=i % 2, priority=i % 3))
+    eng, prompts, blocks = pressed_engine()
     results, most = run_pipelined(eng, depth, abort_in_flight="r7")
     assert most == depth
     assert results["r7"][-1].finish_reason == "abort"
