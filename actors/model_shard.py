@@ -32,10 +32,13 @@ class ModelShard:
 
     def __init__(self, secret: str, model_path: str, dtype: str = "fp32", device: str = "cpu",
                  layers: tuple[int, int] | None = None, threads: int | None = None,
-                 kernels: dict | None = None):
+                 kernels: dict | None = None, share: int = 1):
+        """``threads`` for torch's intra-op work; None: this node's cores, divided among
+        the ``share`` pipeline stages placed on the node (stages that share cores and
+        each use all of them would contend on every step they overlap)."""
         import torch
 
-        torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
+        torch.set_num_threads(threads or max(1, len(os.sched_getaffinity(0)) // share))
         self.kernels = KernelOptions.from_dict(kernels or {})
         self.model, _ = load_model(model_path, dtype=dtype, device=device, options=self.kernels,
                                    layers=None if layers is None else tuple(layers))

@@ -3,7 +3,7 @@
 One stage (the default) is one ModelShard holding every layer, started as ever.
 ``LLMConfig.shards = "auto"`` (``--placement auto``) takes the fewest stages whose
 heaviest fits a place: a node's memory, or a GPU (``placement.choose_stages``). With
-``LLMConfig.shards = n > 1`` the layers are split by weight bytes
+``LLMConfig.shards = n > 1`` the layers are split into n ranges
 (``placement.split_layers``); one bundle per stage is reserved in a Ray placement group
 (strategy SPREAD when the cluster has several nodes, so stages land on different
 nodes where it can); each stage's bytes (weights + its share of the KV pool) are
@@ -11,6 +11,11 @@ checked against the budget of the node its bundle got (``--stage-budget``, else 
 node's Ray memory shared by the stages there) before any weights load; then each
 stage starts in its bundle. A refused or failed start removes every stage actor and
 the placement group before the error reaches the caller.
+
+Stages split the layers so each does about the same work per token
+(``placement.split_layers``), falling back to even bytes where that split does not fit
+the places the stages got. Stages placed on the same node divide its cores between
+them (ModelShard's ``share``).
 
 A step submits every stage's call at once: the plan is put in the object store once,
 and stage k's ObjectRef (its hidden states) is stage k+1's argument, so activations go
@@ -55,7 +60,7 @@ from llmos_kernel.core.gguf_file import ModelConfig
 from llmos_kernel.core.weights import parse_dtype
 from llmos_kernel.engine.assembly import LLMConfig
 from llmos_kernel.engine.runner import StepOutput, StepPlan
-from llmos_kernel.errors import Unavailable
+from llmos_kernel.errors import QuotaExceeded, Unavailable
 from llmos_kernel.memory import MemoryPlan, parse_bytes
 from llmos_kernel.placement import (
     Place,
@@ -113,7 +118,9 @@ class Pipeline:
                  f"into {'the model shard' if n == 1 else f'{n} pipeline stages'}; C kernels "
                  "compile on first use")
         threads = self.cfg.shard_threads
+        nodes = [place.node for place in self.places]
         for stage in self.stage_plans:
+            share = nodes.count(nodes[stage.index]) if nodes else 1
             options = {"name": f"{self.name}-shard-{stage.index}", "namespace": "llmos",
                        "num_cpus": 0, "max_restarts": 0, "max_task_retries": 0,
                        "max_concurrency": 1,  # steps run in submission order (see above)
@@ -129,7 +136,7 @@ class Pipeline:
             layers = None if n == 1 else stage.layers
             self.stages.append(spawn_actors.model_shard(
                 options, self.secret, self.model_path, self.dtype, self.cfg.device, layers,
-                threads, self.cfg.kernels.to_dict()))
+                threads, self.cfg.kernels.to_dict(), share))
         self.infos = list(await asyncio.gather(*(s.info.remote(self.secret)
                                                  for s in self.stages)))
         on_phase(f"allocating the KV pool ({self.plan.num_blocks} blocks of "
@@ -182,7 +189,13 @@ class Pipeline:
                              else int(nodes[node]["Resources"].get("memory", 0)
                                       // on_node.count(node)))
                        for node in on_node]
-        check_budgets(self.stage_plans, self.places)
+        try:
+            check_budgets(self.stage_plans, self.places)
+        except QuotaExceeded:  # even work does not fit these places: try even bytes
+            by_bytes = split_layers(self.model_config, parse_dtype(self.dtype), n,
+                                    self.plan.num_blocks, self.plan.block_size, by="bytes")
+            check_budgets(by_bytes, self.places)
+            self.stage_plans = by_bytes
 
     @property
     def depth(self) -> int:
@@ -224,7 +237,7 @@ class Pipeline:
     def _describe(self, i: int, info: dict) -> dict:
         stage: StagePlan = self.stage_plans[i]
         return {**stage.to_dict(), "node": info.get("node"), "device": info.get("device"),
-                "pid": info.get("pid"), **({"error": info["error"]} if "error" in info else {}),
+                "pid": info.get("pid"), "threads": info.get("threads"), **({"error": info["error"]} if "error" in info else {}),
                 **({"budget_bytes": self.places[i].budget_bytes} if self.places else {})}
 
     def stop(self) -> None:

@@ -53,6 +53,9 @@ def test_stages_give_the_single_shards_greedy_tokens_from_different_nodes(cluste
     assert set(nodes) == set(cluster_run["nodes"])  # both nodes of the cluster serve stages
     assert all(s["device"] == "cpu" and s["bytes"] == s["weight_bytes"] + s["kv_bytes"]
                for s in stages)
+    cores = len(os.sched_getaffinity(0))  # the cluster's nodes are this machine's processes
+    # stages that share a node divide its cores (3 stages on 2 nodes: two share one)
+    assert [s["threads"] for s in stages] == [max(1, cores // nodes.count(n)) for n in nodes]
 
 
 def test_auto_placement_takes_two_stages_where_one_does_not_fit(cluster_run):
@@ -108,3 +111,16 @@ def test_more_shards_than_layers_is_refused_by_the_cli_before_anything_starts(
     assert "30 layers splits into at most 30 stages" in done.stderr
     assert done.stderr.count("error") == 1
     assert not (state / "ray_head.json").exists()  # no Ray head was started for it
+
+
+def test_the_transport_bench_runs_both_chains():
+    """``python bench/pipeline_transport.py`` (its own Ray session): the object-store chain
+    the stages use beside a compiled graph, each at a rate the ideal bounds."""
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "pipeline_transport.py"),
+                           "--steps", "10", "--repeat", "1", "--work", "0.01", "--json"],
+                          capture_output=True, text=True, env=_env(), timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["ideal"] == pytest.approx(100.0)
+    for how in ("object_store", "compiled_graph"):
+        assert 0 < report[how] <= report["ideal"] * 1.05, report

@@ -75,3 +75,29 @@ def test_each_stage_holds_only_its_own_weights_and_kv(model_path, whole):
     with pytest.raises(ValueError, match="needs the previous stage"):
         batch, _ = last.build_batch(_steps()[0])
         last.model(batch, last.kv)
+
+
+def test_the_stage_split_bench_times_both_splits_of_the_real_model(model_path):
+    """``python bench/stage_split.py``: each split's stages timed on the real model, the
+    work split being the one ``--shards`` asks for."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from llmos_kernel.core.gguf_file import GGUFFile
+    from llmos_kernel.placement import split_layers
+
+    script = os.path.join(os.path.dirname(__file__), "..", "bench", "stage_split.py")
+    done = subprocess.run([sys.executable, script, "--steps", "2", "--seqs", "4", "--json"],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    cfg = GGUFFile.open(model_path).config()
+    for by in ("bytes", "compute"):
+        split = report["splits"][by]
+        assert split["layers"] == [list(s.layers) for s in
+                                   split_layers(cfg, torch.bfloat16, 2, 1, 16, by)]
+        assert len(split["stage_s"]) == 2 and min(split["stage_s"]) > 0
+        assert split["pace_tok_s"] == pytest.approx(4 / max(split["stage_s"]))
+    assert report["splits"]["bytes"]["layers"] != report["splits"]["compute"]["layers"]

@@ -46,8 +46,10 @@ def kernel() -> None:
               "fp32.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--shards", type=int, default=1, show_default=True,
-              help="Pipeline stages: the layers split by weight bytes, each range its own "
-              "model shard actor, placed by a Ray placement group (spread over nodes).")
+              help="Pipeline stages: the layers split so each does about the same work per "
+              "token (by weight bytes where that does not fit), each range its own model "
+              "shard actor, placed by a Ray placement group (spread over nodes); stages "
+              "on one node divide its cores.")
 @click.option("--placement", type=click.Choice(["auto"]), default=None,
               help="auto: the fewest stages whose heaviest fits a place (a node's memory, "
               "or a GPU), instead of --shards.")
@@ -144,7 +146,8 @@ def status(as_json: bool, name: str, state_dir: Path | None) -> None:
         click.echo(f"stage {stage['index']}  layers {first}-{end - 1}  node "
                    f"{(stage['node'] or '?')[:12]}  {stage['device']}  "
                    f"{stage['bytes'] / mib:.0f} MiB ({stage['weight_bytes'] / mib:.0f} weights + "
-                   f"{stage['kv_bytes'] / mib:.0f} KV)")
+                   f"{stage['kv_bytes'] / mib:.0f} KV), {stage.get('threads') or '?'} "
+                   "threads")
     if len(st.get("stages", [])) > 1:
         flight = st["steps_in_flight"]
         click.echo(f"steps   in flight {flight['now']} (at most {flight['max']}; "
