@@ -8,13 +8,15 @@ sends the process; ``kill`` stops it; ``wait`` says how it ended, as one
 ``wire.ExitReport``. What ``actors.sandbox_policy`` confines, and why, is said there;
 what this side guarantees:
 
-- a fresh interpreter (``subprocess`` with ``pass_fds``, ``close_fds``), never a fork of
-  the host: it inherits no memory (no capability, no Ray connection), no descriptor but
-  the socket, /dev/null and a stderr pipe; ``python -I -B`` ignores ``PYTHON*`` variables
+- a fresh interpreter (``subprocess`` with ``pass_fds``, ``close_fds``; ``launch``), or a
+  fork of one (``actors.sandbox_zygote``, started the same way), never a fork of the
+  host: it inherits no memory (no capability, no Ray connection), no descriptor but the
+  socket, /dev/null and a stderr pipe; ``python -I -B`` ignores ``PYTHON*`` variables
   and the user's site dir; its environment is ``LC_ALL``, ``HOME``, ``TMPDIR`` and one
   BLAS thread, nothing of the host's (no ``RAY_*``, no secrets);
 - its cwd and ``HOME`` are a fresh 0700 directory, writable only with ``scratch=True`` and
-  removed when it exits; it runs in its own session, and dies with its host;
+  removed when it exits; it runs in its own session, and dies with its host (a fork dies
+  with its zygote, which dies with the host);
 - nothing it sends can crash the host: each frame is decoded against the declared
   messages (``actors.sandbox_protocol``); a frame too long, malformed or out of protocol
   (a second Ready, a result for a tool call it was never given) kills the child and is
@@ -28,6 +30,7 @@ what this side guarantees:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
@@ -56,7 +59,7 @@ STDERR_TAIL = 8192  # bytes of a child's stderr kept for its crash report
 # ``python -I`` finds llmos where it is installed; this runs the child from the code its host
 # imported (a checkout on PYTHONPATH, a Ray working_dir), which its policy lets it read
 BOOTSTRAP = ("import runpy, sys; sys.path.insert(0, sys.argv.pop(1)); "
-             "runpy.run_module('actors.sandbox_child', run_name='__main__', alter_sys=True)")
+             "runpy.run_module(sys.argv.pop(1), run_name='__main__', alter_sys=True)")
 CODE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -94,20 +97,22 @@ class Spare:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def launch(preload: Sequence[str] = PRELOAD) -> Spare:
+def launch(preload: Sequence[str] = PRELOAD, module: str = "actors.sandbox_child",
+           kind: int = socket.SOCK_STREAM) -> Spare:
     """Start a child for ``Sandbox.start``: a fresh interpreter, no descriptor but its end of
     the channel, and an environment of its own: nothing of the host's. It imports
     ``preload`` at once, under one BLAS thread: numpy must not start threads before the
-    child confines itself."""
+    child confines itself. (``actors.sandbox_zygote`` starts its fork server the same way:
+    ``module`` and the socket's ``kind`` are its.)"""
     check_available()
     where = tempfile.mkdtemp(prefix="llmos-sandbox-")
     env = {"LC_ALL": "C.UTF-8", "HOME": where, "TMPDIR": where, "OPENBLAS_NUM_THREADS": "1",
            "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, kind)
     try:
         process = subprocess.Popen(
-            [sys.executable, "-I", "-B", "-c", BOOTSTRAP, CODE_ROOT, str(theirs.fileno()),
-             *preload],
+            [sys.executable, "-I", "-B", "-c", BOOTSTRAP, CODE_ROOT, module,
+             str(theirs.fileno()), *preload],
             pass_fds=(theirs.fileno(),), env=env, cwd=where, stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     except BaseException:
@@ -167,8 +172,12 @@ class Sandbox:
         self.process, self.dir = spare.process, spare.dir
         rules = policy(self.program, self.limits, scratch=self.dir if self.scratch else None,
                        import_paths=self.import_paths)
-        self._pidfd = os.pidfd_open(self.process.pid)
-        loop.add_reader(self._pidfd, self._on_exit)
+        try:
+            self._pidfd = os.pidfd_open(self.process.pid)
+        except ProcessLookupError:  # a fork its zygote has reaped already: it says how it ended
+            self.process.when_reaped(self._finish)
+        else:
+            loop.add_reader(self._pidfd, self._on_exit)
         os.set_blocking(self.process.stderr.fileno(), False)
         loop.add_reader(self.process.stderr.fileno(), self._on_stderr)
         reader, self._writer = await asyncio.open_unix_connection(sock=spare.sock)
@@ -236,15 +245,30 @@ class Sandbox:
 
     def _kill_now(self) -> None:
         if self.alive:
-            os.kill(self.process.pid, signal.SIGKILL)  # its own pid, reaped only by us
+            if self._pidfd >= 0:  # this process, even if its zygote has reaped it
+                with contextlib.suppress(ProcessLookupError):
+                    signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+            else:
+                self.process.kill()
 
     def _on_exit(self) -> None:
         loop = asyncio.get_running_loop()
         loop.remove_reader(self._pidfd)
         os.close(self._pidfd)
+        self._pidfd = -1
+        when_reaped = getattr(self.process, "when_reaped", None)
+        if when_reaped is not None:  # a fork: its zygote reaps it and says how it ended
+            when_reaped(self._finish)
+            return
         _, status, usage = os.wait4(self.process.pid, 0)  # Popen.wait, with its CPU time
         self.process.returncode = os.waitstatus_to_exitcode(status)
         self.cpu_s = usage.ru_utime + usage.ru_stime
+        self._finish()
+
+    def _finish(self) -> None:
+        loop = asyncio.get_running_loop()
+        if getattr(self.process, "when_reaped", None) is not None:
+            self.cpu_s = self.process.cpu_s
         self._on_stderr()
         loop.remove_reader(self.process.stderr.fileno())
         self.process.stderr.close()

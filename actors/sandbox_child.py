@@ -8,7 +8,8 @@ one end of a socketpair as FD. In order:
 1. import the modules its host names after FD (the runtime and the syscall layer, as
    multiprocessing's forkserver preloads), so that a child started ahead of need is ready
    at once; its environment holds numpy to one BLAS thread, so no thread exists yet
-   (``apply`` checks, and refuses otherwise);
+   (``apply`` checks, and refuses otherwise). A fork of ``actors.sandbox_zygote`` has
+   them from the zygote and starts at step 2 (``run``);
 2. read the ``Start`` frame: what to run, under which ``Policy``;
 3. ``sandbox_policy.apply``: rlimits, capabilities, Landlock, seccomp. If any of it fails,
    say why on stderr and exit with ``protocol.EXIT_UNCONFINED``: no program code has run;
@@ -56,6 +57,12 @@ def main(argv: list[str]) -> None:
     _without_ray()
     for name in argv[2:]:
         importlib.import_module(name)
+    run(sock)
+
+
+def run(sock: socket.socket) -> None:
+    """Steps 2 to 4 on the host's channel ``sock`` (a launched child after its imports; a
+    fork of ``actors.sandbox_zygote``, which has made them): never returns."""
     start = _read_start(sock)
     try:
         sandbox_policy.apply(start.policy)

@@ -6,17 +6,20 @@ delivery and the kernel link work with (capability, name, mailbox quota, the mes
 being handled), whose ``deliver`` hands the message to the child instead of a mailbox
 here. ``Relay`` is the host as the child reaches it: each syscall goes through
 ``AgentHost.syscall`` as that record, with the capability only the host holds.
+``Spares`` is where the children come from: forks of the host's zygote.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from actors.runtime import AgentRuntime, Message
 from actors.sandbox import Sandbox, Spare, launch
+from actors.sandbox_zygote import Zygote
 from actors.sandbox_policy import Limits
 from llmos_kernel import wire
 from llmos_kernel.errors import LlmosError
@@ -24,7 +27,11 @@ from llmos_kernel.errors import LlmosError
 if TYPE_CHECKING:
     from actors.agent_host import AgentHost
 
-SPARES = 2  # children a host keeps started ahead, once it has run a sandboxed process
+log = logging.getLogger("llmos.sandbox")
+
+SPARES = 2  # children a host keeps started ahead when it has no zygote to fork them
+MAX_ZYGOTE_FAILURES = 3  # zygotes lost or refused before a host launches every child
+ZYGOTE_START_S = 30.0  # how long a spawn waits for a starting zygote before launching
 
 
 @dataclass(eq=False)
@@ -76,15 +83,45 @@ class Relay:
 
 
 class Spares:
-    """Children started ahead of need (interpreter up, runtime imported): a sandboxed spawn
-    takes one instead of waiting a quarter of a second for a fresh one. Started from the
+    """Where a host's sandboxed children come from. Forked from the host's zygote
+    (``actors.sandbox_zygote``: an interpreter with the runtime imported, forking in
+    milliseconds), started at the host's first sandboxed spawn; until it is ready, or
+    where it cannot run, a fresh interpreter each (``launch``, about a quarter of a
+    second; ``Sandbox.start`` launches one when ``take`` gives none). Started from the
     host's event-loop thread: a child dies with the thread that forked it."""
 
     def __init__(self, count: int = SPARES):
-        self.count = count
+        self.count = count  # launched children kept ready while no zygote can fork
         self.ready: list[Spare] = []
+        self.zygote: Zygote | None = None
+        self.zygote_failures = 0
 
-    def take(self) -> Spare | None:
+    async def take(self) -> Spare | None:
+        """A child for the next sandboxed process: a fork of the zygote (started now if
+        there is none, and waited for: it is ready before a launched child would be), else
+        a launched spare, else None (``Sandbox.start`` launches one)."""
+        zygote = self.zygote
+        if zygote is not None and not zygote.alive:
+            zygote.close()
+            zygote = self.zygote = None
+            self.zygote_failures += 1
+        if zygote is None and self.zygote_failures < MAX_ZYGOTE_FAILURES:
+            try:
+                zygote = self.zygote = Zygote()
+            except OSError as e:
+                self.zygote_failures += 1
+                log.warning("cannot start a sandbox zygote: %s", e)
+        if zygote is not None:
+            try:
+                if not await zygote.started(ZYGOTE_START_S):
+                    raise OSError(f"it was not ready within {ZYGOTE_START_S:.0f} s")
+                return zygote.fork()
+            except OSError as e:
+                log.warning("sandbox zygote failed (%s); launching a child instead", e)
+                zygote.close()
+                if self.zygote is zygote:
+                    self.zygote = None
+                    self.zygote_failures += 1
         spare = None
         while self.ready and spare is None:
             candidate = self.ready.pop(0)
@@ -92,14 +129,18 @@ class Spares:
                 spare = candidate
             else:
                 candidate.close()
-        while len(self.ready) < self.count:
-            self.ready.append(launch())
+        if self.zygote is None:  # none to fork from: keep launched children ready
+            while len(self.ready) < self.count:
+                self.ready.append(launch())
         return spare
 
     def close(self) -> None:
         for spare in self.ready:
             spare.close()
         self.ready.clear()
+        if self.zygote is not None:
+            self.zygote.close()
+            self.zygote = None
 
 
 async def run(host: AgentHost, agent: SandboxedAgent, order: wire.Spawn, spares: Spares,
@@ -113,7 +154,7 @@ async def run(host: AgentHost, agent: SandboxedAgent, order: wire.Spawn, spares:
             mailbox=order.mailbox, limits=Limits.from_quotas(order.limits),
             scratch=order.scratch, host_id=host.host_id,
             expect=lambda soon: host.link.expect(agent, soon))
-        await box.start(spares.take())
+        await box.start(await spares.take())
     except LlmosError as e:
         report = wire.ExitReport(order.pid, "error", error={
             "type": type(e).__name__, "message": str(e), "traceback": ""})

@@ -1,7 +1,8 @@
 """The red-team harness: run a program sandboxed against a fake host, or run the same
 program as a plain child process (no sandbox) to show that the attack works without it.
 
-Model-free and Ray-free: a sandboxed child is a fresh interpreter talking to
+Model-free and Ray-free: a sandboxed child is a fork of a zygote of its own (as an agent
+host starts them; a freshly launched interpreter with ``forked=False``) talking to
 ``FakeHost`` over its socket; each run takes a fraction of a second.
 """
 
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from actors.sandbox import Sandbox
+from actors.sandbox_zygote import Zygote
 from llmos_kernel import wire
 from llmos_kernel.errors import NotFound
 
@@ -75,15 +77,23 @@ def program(source: str) -> wire.Program:
 
 
 async def sandboxed(source: str, args: dict | None = None, host: FakeHost | None = None,
-                    **options: Any) -> Outcome:
-    """Run ``source`` (defining ``main``) in a sandbox until it ends."""
+                    forked: bool = True, **options: Any) -> Outcome:
+    """Run ``source`` (defining ``main``) in a sandbox until it ends: in a fork of a zygote,
+    as an agent host starts them, or (``forked=False``) in a freshly launched child."""
     host = host or FakeHost()
     box = Sandbox(host, 7, program(source), args, **options)
-    await box.start()
+    zygote = Zygote() if forked else None
     try:
-        report = await asyncio.wait_for(box.wait(), 120)
+        if zygote is not None:
+            await until(lambda: zygote.ready or not zygote.alive, "the zygote")
+        await box.start(zygote.fork() if zygote is not None else None)
+        try:
+            report = await asyncio.wait_for(box.wait(), 120)
+        finally:
+            await box.close()
     finally:
-        await box.close()
+        if zygote is not None:
+            zygote.close()
     return outcome(report, host, box)
 
 
@@ -130,5 +140,5 @@ async def until(condition: Any, what: str, timeout: float = 60.0) -> None:
 
 
 def run(source: str, args: dict | None = None, **options: Any) -> Outcome:
-    """The Outcome of one sandboxed run of ``source``."""
+    """The Outcome of one sandboxed run of ``source`` (``forked=False``: not a fork)."""
     return asyncio.run(sandboxed(source, args, **options))
