@@ -80,6 +80,13 @@ class ModelShard:
         out = self.runner.execute(plan, hidden)
         return out if self.model.last else (out, True)
 
+    def forget(self, secret: str) -> None:
+        """Drop every sequence's lists and swapped blocks: another stage was lost, every
+        sequence recomputes, and the kernel's next plans send their lists whole."""
+        self._check(secret)
+        self.runner.state.clear()
+        self.runner.swapped.clear()
+
     def warm_kv(self, secret: str) -> bool:
         """Fault in a little more of the KV pool (see KVPool.warm); True while some is left."""
         self._check(secret)

@@ -64,6 +64,7 @@ class LLMService:
         self._shard_secret = secrets.token_hex(16)  # what the shard's methods ask of callers
         self.shard_restarts: collections.deque[float] = collections.deque()
         self.total_shard_restarts = 0
+        self.stage_replacements = 0  # stages re-placed alone, the others kept
         self.failed: str | None = None
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
@@ -299,8 +300,17 @@ class LLMService:
                 self._deliver([self.engine.abort(request_id)], error=self.failed)
             return
         self.engine.forget_kv()
-        self.pipeline.stop()
-        await self._start_shard()
+        try:
+            lost = await self.pipeline.replace_lost(lambda phase: setattr(self, "phase", phase))
+        except (Unavailable, QuotaExceeded, ray.exceptions.RayError) as e:
+            log.warning("restarting the whole pipeline: %s", e)
+            self.pipeline.stop()
+            await self._start_shard()
+        else:
+            self.stage_replacements += len(lost)
+            self.shard_info = self.pipeline.infos[0]
+            self.phase = "ready"
+            self._kv_cold = True  # the new stages' pools: faulted in while idle
 
     def _deliver(self, deltas: list[Delta], error: str | None = None) -> None:
         for delta in deltas:
@@ -373,6 +383,7 @@ class LLMService:
             "step_p50_s": sorted(self._steps)[len(self._steps) // 2] if self._steps else None,
             "engine": dict(stats),
             "shard": {"restarts": self.total_shard_restarts, "failed": self.failed,
+                      "stages_replaced": self.stage_replacements,
                       **{k: v for k, v in self.shard_info.items() if k != "devices"}},
             "stages": self.pipeline.described() if self.pipeline is not None else [],
             "steps_in_flight": dict(self.in_flight),

@@ -35,9 +35,11 @@ on every stage after those of the steps scheduled before it.
 Every stage before the last also returns a small acknowledgement, which the step's
 future awaits beside the last stage's output (never the hidden states): a stage that
 dies fails the step at once, where the next stage would wait forever on its lost
-output. A dead stage restarts the whole pipeline (LLMService), re-placed on the nodes
-left. On CUDA each stage's bundle and actor ask Ray for one GPU; hidden states cross
-stages through the host (engine.runner).
+output. A dead stage (its actor, or its node) is re-placed alone (``replace_lost``:
+in its bundle, which Ray places again on a node left); the other stages keep their
+weights. Where that cannot be done, the whole pipeline restarts, re-placed on the
+nodes left (LLMService). On CUDA each stage's bundle and actor ask Ray for one GPU;
+hidden states cross stages through the host (engine.runner).
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ async def _first(done: Awaitable[list]) -> Any:
 
 STAGE_CPUS = 1  # each stage's bundle: one CPU reserved on its node
 PLACEMENT_TIMEOUT_S = 60.0
+STAGE_CHECK_S = 10.0  # a stage that does not answer its info call within this is lost
 
 
 class Pipeline:
@@ -117,26 +120,8 @@ class Pipeline:
         on_phase(f"loading {self.model_config.n_params / 1e6:.0f}M weights ({self.dtype}) "
                  f"into {'the model shard' if n == 1 else f'{n} pipeline stages'}; C kernels "
                  "compile on first use")
-        threads = self.cfg.shard_threads
-        nodes = [place.node for place in self.places]
         for stage in self.stage_plans:
-            share = nodes.count(nodes[stage.index]) if nodes else 1
-            options = {"name": f"{self.name}-shard-{stage.index}", "namespace": "llmos",
-                       "num_cpus": 0, "max_restarts": 0, "max_task_retries": 0,
-                       "max_concurrency": 1,  # steps run in submission order (see above)
-                       "num_gpus": 1 if self.cfg.device.startswith("cuda") else 0,
-                       "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(threads or 2)}}}
-            if n > 1:  # a waiting stage's OpenMP threads sleep, not spin on the cores the
-                # computing stage needs (stages share a node's cores where they share it)
-                options["runtime_env"]["env_vars"]["OMP_WAIT_POLICY"] = "PASSIVE"
-            if self.group is not None:
-                options["num_cpus"] = STAGE_CPUS
-                options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
-                    self.group, placement_group_bundle_index=stage.index)
-            layers = None if n == 1 else stage.layers
-            self.stages.append(spawn_actors.model_shard(
-                options, self.secret, self.model_path, self.dtype, self.cfg.device, layers,
-                threads, self.cfg.kernels.to_dict(), share))
+            self.stages.append(self._spawn(stage.index))
         self.infos = list(await asyncio.gather(*(s.info.remote(self.secret)
                                                  for s in self.stages)))
         on_phase(f"allocating the KV pool ({self.plan.num_blocks} blocks of "
@@ -144,6 +129,77 @@ class Pipeline:
         await asyncio.gather(*(s.allocate_kv.remote(self.secret, self.plan.num_blocks,
                                                     self.plan.block_size)
                                for s in self.stages))
+
+    def _spawn(self, index: int):
+        """Stage ``index``'s actor, in its bundle where there is a placement group."""
+        stage, n, threads = self.stage_plans[index], len(self.stage_plans), self.cfg.shard_threads
+        nodes = [place.node for place in self.places]
+        share = nodes.count(nodes[index]) if nodes else 1
+        options = {"name": f"{self.name}-shard-{index}", "namespace": "llmos",
+                   "num_cpus": 0, "max_restarts": 0, "max_task_retries": 0,
+                   "max_concurrency": 1,  # steps run in submission order (see above)
+                   "num_gpus": 1 if self._cuda else 0,
+                   "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(threads or 2)}}}
+        if n > 1:  # a waiting stage's OpenMP threads sleep, not spin on the cores the
+            # computing stage needs (stages share a node's cores where they share it)
+            options["runtime_env"]["env_vars"]["OMP_WAIT_POLICY"] = "PASSIVE"
+        if self.group is not None:
+            options["num_cpus"] = STAGE_CPUS
+            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                self.group, placement_group_bundle_index=index)
+        layers = None if n == 1 else stage.layers
+        return spawn_actors.model_shard(options, self.secret, self.model_path, self.dtype,
+                                        self.cfg.device, layers, threads,
+                                        self.cfg.kernels.to_dict(), share)
+
+    async def replace_lost(self, on_phase=lambda phase: None) -> list[int]:
+        """Re-place the stages that are gone (actor or node), each in its own bundle (Ray
+        places again a bundle whose node died), loading its weights and a new KV pool,
+        while the others keep theirs and forget only their sequences' lists (every
+        sequence recomputes: the lost stage's KV is gone). Returns the stages re-placed;
+        raises Unavailable when it cannot (one stage only, every stage lost, a bundle not
+        placed in time, a new place too small), after which the caller restarts the
+        whole pipeline."""
+        if self.group is None or len(self.stages) < 2:
+            raise Unavailable("a single stage is restarted whole")
+        alive = await asyncio.gather(*(asyncio.wait_for(s.info.remote(self.secret),
+                                                        STAGE_CHECK_S)
+                                       for s in self.stages), return_exceptions=True)
+        lost = [i for i, report in enumerate(alive) if isinstance(report, BaseException)]
+        if not lost or len(lost) == len(self.stages):
+            raise Unavailable(f"{len(lost)} of {len(self.stages)} stages lost")
+        on_phase(f"re-placing pipeline stage(s) {', '.join(map(str, lost))}")
+        for i in lost:
+            with contextlib.suppress(ValueError):
+                ray.kill(self.stages[i])
+            try:
+                self.stages[i] = self._spawn(i)
+            except ValueError as e:  # its name is not free yet: Ray still counts it alive
+                raise Unavailable(f"stage {i} cannot be started again yet: {e}") from None
+        try:
+            infos = await asyncio.wait_for(asyncio.gather(
+                *(self.stages[i].info.remote(self.secret) for i in lost)), PLACEMENT_TIMEOUT_S)
+        except TimeoutError:
+            raise Unavailable(f"Ray did not place stage(s) {lost} again within "
+                              f"{PLACEMENT_TIMEOUT_S:.0f} s") from None
+        where = placement_group_table(self.group)["bundles_to_node_id"]
+        nodes = {n["NodeID"]: n for n in ray.nodes() if n.get("Alive")}
+        for i, info in zip(lost, infos):
+            self.infos[i] = info
+            if self.places:
+                node = where.get(i, info.get("node"))
+                budget = parse_bytes(self.cfg.stage_budget) if self.cfg.stage_budget != "auto" \
+                    else int(nodes.get(node, {}).get("Resources", {}).get("memory", 0)
+                             // max(1, list(where.values()).count(node)))
+                self.places[i] = Place(node, self.cfg.device, budget)
+        check_budgets([self.stage_plans[i] for i in lost], [self.places[i] for i in lost]
+                      if self.places else [])
+        on_phase(f"loading {len(lost)} stage(s) again; the others keep their weights")
+        await asyncio.gather(*(self.stages[i].allocate_kv.remote(
+            self.secret, self.plan.num_blocks, self.plan.block_size) for i in lost),
+            *(s.forget.remote(self.secret) for i, s in enumerate(self.stages)
+              if i not in lost))
+        return lost
 
     @property
     def _cuda(self) -> bool:

@@ -111,7 +111,8 @@ def faulted(model: str, how: str, cluster: Cluster, worker) -> dict:
         after = (await client.call("actors"))["stages"]
         return {"tokens": [c.token_ids for c in done], "mid_load": mid_load,
                 "lost_stage": lost["index"], "lost_node": lost["node"],
-                "restarts": status["shard"]["restarts"], "stages_after": after}
+                "restarts": status["shard"]["restarts"], "stages_before": stages,
+                "stages_after": after, "replaced": status["shard"]["stages_replaced"]}
 
     return with_kernel(kernel_config(model, f"pipe-{how}", shards=2), run)
 

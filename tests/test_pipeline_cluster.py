@@ -81,13 +81,19 @@ def test_stages_overlap_with_one_step_in_flight_per_stage(cluster_run, shards):
 
 @pytest.mark.parametrize("how", ["killed", "node_removed"])
 def test_a_stage_lost_mid_load_costs_latency_not_requests(cluster_run, how):
-    """Every request completes with the single shard's tokens; the pipeline was restarted
-    (re-placed on the nodes left, when its node went) and recomputed the lost work."""
+    """Every request completes with the single shard's tokens; the lost stage alone was
+    re-placed (on the node left, when its node went), the other kept its process and
+    weights, and the lost work was recomputed."""
     run = cluster_run[how]
     assert run["mid_load"], "the stage was lost after the batch had finished"
     assert run["tokens"] == cluster_run["1"]["tokens"]
-    assert run["restarts"] >= 1
+    assert run["restarts"] >= 1 and run["replaced"] >= 1
     assert all("error" not in s for s in run["stages_after"])
+    before, after = run["stages_before"], run["stages_after"]
+    lost = run["lost_stage"]
+    assert after[lost]["pid"] != before[lost]["pid"]
+    assert [s["pid"] for s in after if s["index"] != lost] == \
+        [s["pid"] for s in before if s["index"] != lost]
     if how == "node_removed":
         assert run["lost_node"] not in {s["node"] for s in run["stages_after"]}
 
