@@ -80,6 +80,15 @@ class ModelShard:
         out = self.runner.execute(plan, hidden)
         return out if self.model.last else (out, True)
 
+    def share_cores(self, secret: str, share: int) -> dict:
+        """Use this node's cores divided among ``share`` stages (after a stage was re-placed
+        onto, or away from, this node); returns ``info``."""
+        import torch
+
+        self._check(secret)
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // max(1, int(share))))
+        return self.info(secret)
+
     def forget(self, secret: str) -> None:
         """Drop every sequence's lists and swapped blocks: another stage was lost, every
         sequence recomputes, and the kernel's next plans send their lists whole."""

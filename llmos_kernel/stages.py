@@ -199,6 +199,12 @@ class Pipeline:
             self.secret, self.plan.num_blocks, self.plan.block_size) for i in lost),
             *(s.forget.remote(self.secret) for i, s in enumerate(self.stages)
               if i not in lost))
+        if self.cfg.shard_threads is None:  # stages now sharing a node divide its cores
+            on_node = [info.get("node") for info in self.infos]
+            shares = [on_node.count(node) for node in on_node]
+            self.infos = list(await asyncio.gather(*(
+                s.share_cores.remote(self.secret, share)
+                for s, share in zip(self.stages, shares))))
         return lost
 
     @property

@@ -94,6 +94,9 @@ def test_a_stage_lost_mid_load_costs_latency_not_requests(cluster_run, how):
     assert after[lost]["pid"] != before[lost]["pid"]
     assert [s["pid"] for s in after if s["index"] != lost] == \
         [s["pid"] for s in before if s["index"] != lost]
+    cores = len(os.sched_getaffinity(0))
+    nodes = [s["node"] for s in after]  # both on the node left, when the other went
+    assert [s["threads"] for s in after] == [max(1, cores // nodes.count(n)) for n in nodes]
     if how == "node_removed":
         assert run["lost_node"] not in {s["node"] for s in run["stages_after"]}
 
