@@ -38,7 +38,7 @@ class ModelShard:
         each use all of them would contend on every step they overlap)."""
         import torch
 
-        torch.set_num_threads(threads or max(1, len(os.sched_getaffinity(0)) // share))
+        torch.set_num_threads(threads or _cores(share))
         self.kernels = KernelOptions.from_dict(kernels or {})
         self.model, _ = load_model(model_path, dtype=dtype, device=device, options=self.kernels,
                                    layers=None if layers is None else tuple(layers))
@@ -86,7 +86,7 @@ class ModelShard:
         import torch
 
         self._check(secret)
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // max(1, int(share))))
+        torch.set_num_threads(_cores(int(share)))
         return self.info(secret)
 
     def forget(self, secret: str) -> None:
@@ -100,6 +100,11 @@ class ModelShard:
         """Fault in a little more of the KV pool (see KVPool.warm); True while some is left."""
         self._check(secret)
         return self.runner.kv.warm()
+
+
+def _cores(share: int) -> int:
+    """This node's cores divided among ``share`` stages (at least one each)."""
+    return max(1, len(os.sched_getaffinity(0)) // max(1, share))
 
 
 RemoteModelShard = ray.remote(ModelShard)

@@ -175,7 +175,7 @@ class Sandbox:
         try:
             self._pidfd = os.pidfd_open(self.process.pid)
         except ProcessLookupError:  # a fork its zygote has reaped already: it says how it ended
-            self.process.when_reaped(self._finish)
+            self.process.when_reaped(self._reaped_by_zygote)
         else:
             loop.add_reader(self._pidfd, self._on_exit)
         os.set_blocking(self.process.stderr.fileno(), False)
@@ -258,17 +258,19 @@ class Sandbox:
         self._pidfd = -1
         when_reaped = getattr(self.process, "when_reaped", None)
         if when_reaped is not None:  # a fork: its zygote reaps it and says how it ended
-            when_reaped(self._finish)
+            when_reaped(self._reaped_by_zygote)
             return
         _, status, usage = os.wait4(self.process.pid, 0)  # Popen.wait, with its CPU time
         self.process.returncode = os.waitstatus_to_exitcode(status)
         self.cpu_s = usage.ru_utime + usage.ru_stime
         self._finish()
 
+    def _reaped_by_zygote(self) -> None:
+        self.cpu_s = self.process.cpu_s
+        self._finish()
+
     def _finish(self) -> None:
         loop = asyncio.get_running_loop()
-        if getattr(self.process, "when_reaped", None) is not None:
-            self.cpu_s = self.process.cpu_s
         self._on_stderr()
         loop.remove_reader(self.process.stderr.fileno())
         self.process.stderr.close()

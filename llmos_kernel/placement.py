@@ -136,7 +136,8 @@ def choose_stages(cfg: ModelConfig, dtype: torch.dtype, num_blocks: int, block_s
     """The fewest stages that fit (``--placement auto``): ``budgets`` are the bytes each
     place (a node's RAM, or a GPU) may hold, one stage per place; a split into ``n`` fits
     when its heaviest stage fits the ``n``-th largest budget, so any ``n`` of the largest
-    places take it (balanced by compute where that fits, else by bytes). None fits: QuotaExceeded saying how many bytes were missing where."""
+    places take it (balanced by compute where that fits, else by bytes). None fits:
+    QuotaExceeded saying how many bytes were missing where."""
     if not budgets:
         raise QuotaExceeded(f"{where} offers no place for a model stage")
     largest = sorted(budgets, reverse=True)

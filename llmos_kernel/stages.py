@@ -130,11 +130,15 @@ class Pipeline:
                                                     self.plan.block_size)
                                for s in self.stages))
 
+    def _sharing(self, index: int) -> int:
+        """How many stages share stage ``index``'s node (1 without a placement group)."""
+        nodes = [place.node for place in self.places]
+        return nodes.count(nodes[index]) if nodes else 1
+
     def _spawn(self, index: int):
         """Stage ``index``'s actor, in its bundle where there is a placement group."""
         stage, n, threads = self.stage_plans[index], len(self.stage_plans), self.cfg.shard_threads
-        nodes = [place.node for place in self.places]
-        share = nodes.count(nodes[index]) if nodes else 1
+        share = self._sharing(index)
         options = {"name": f"{self.name}-shard-{index}", "namespace": "llmos",
                    "num_cpus": 0, "max_restarts": 0, "max_task_retries": 0,
                    "max_concurrency": 1,  # steps run in submission order (see above)
@@ -182,29 +186,19 @@ class Pipeline:
         except TimeoutError:
             raise Unavailable(f"Ray did not place stage(s) {lost} again within "
                               f"{PLACEMENT_TIMEOUT_S:.0f} s") from None
-        where = placement_group_table(self.group)["bundles_to_node_id"]
-        nodes = {n["NodeID"]: n for n in ray.nodes() if n.get("Alive")}
         for i, info in zip(lost, infos):
             self.infos[i] = info
-            if self.places:
-                node = where.get(i, info.get("node"))
-                budget = parse_bytes(self.cfg.stage_budget) if self.cfg.stage_budget != "auto" \
-                    else int(nodes.get(node, {}).get("Resources", {}).get("memory", 0)
-                             // max(1, list(where.values()).count(node)))
-                self.places[i] = Place(node, self.cfg.device, budget)
-        check_budgets([self.stage_plans[i] for i in lost], [self.places[i] for i in lost]
-                      if self.places else [])
+        self.places = self._bundle_places({n["NodeID"]: n for n in ray.nodes() if n.get("Alive")})
+        check_budgets([self.stage_plans[i] for i in lost], [self.places[i] for i in lost])
         on_phase(f"loading {len(lost)} stage(s) again; the others keep their weights")
         await asyncio.gather(*(self.stages[i].allocate_kv.remote(
             self.secret, self.plan.num_blocks, self.plan.block_size) for i in lost),
             *(s.forget.remote(self.secret) for i, s in enumerate(self.stages)
               if i not in lost))
         if self.cfg.shard_threads is None:  # stages now sharing a node divide its cores
-            on_node = [info.get("node") for info in self.infos]
-            shares = [on_node.count(node) for node in on_node]
             self.infos = list(await asyncio.gather(*(
-                s.share_cores.remote(self.secret, share)
-                for s, share in zip(self.stages, shares))))
+                s.share_cores.remote(self.secret, self._sharing(i))
+                for i, s in enumerate(self.stages))))
         return lost
 
     @property
@@ -244,13 +238,7 @@ class Pipeline:
                 f"{PLACEMENT_TIMEOUT_S:.0f} s (the cluster has {cpus:g} CPUs over "
                 f"{len(nodes)} node(s), some of them in use); add nodes or ask for fewer "
                 "--shards") from None
-        where = placement_group_table(self.group)["bundles_to_node_id"]
-        on_node = [where[i] for i in range(n)]
-        budget = self.cfg.stage_budget
-        self.places = [Place(node, self.cfg.device, parse_bytes(budget) if budget != "auto"
-                             else int(nodes[node]["Resources"].get("memory", 0)
-                                      // on_node.count(node)))
-                       for node in on_node]
+        self.places = self._bundle_places(nodes)
         try:
             check_budgets(self.stage_plans, self.places)
         except QuotaExceeded:  # even work does not fit these places: try even bytes
@@ -258,6 +246,17 @@ class Pipeline:
                                     self.plan.num_blocks, self.plan.block_size, by="bytes")
             check_budgets(by_bytes, self.places)
             self.stage_plans = by_bytes
+
+    def _bundle_places(self, nodes: dict[str, dict]) -> list[Place]:
+        """Where each stage's bundle is now, with its budget: ``--stage-budget``, else its
+        node's Ray memory shared by the stages there (``nodes``: the alive ones by id)."""
+        where = placement_group_table(self.group)["bundles_to_node_id"]
+        on_node = [where.get(i) for i in range(len(self.stage_plans))]
+        budget = self.cfg.stage_budget
+        return [Place(node, self.cfg.device, parse_bytes(budget) if budget != "auto"
+                      else int(nodes.get(node, {}).get("Resources", {}).get("memory", 0)
+                               // on_node.count(node)))
+                for node in on_node]
 
     @property
     def depth(self) -> int:
@@ -299,7 +298,8 @@ class Pipeline:
     def _describe(self, i: int, info: dict) -> dict:
         stage: StagePlan = self.stage_plans[i]
         return {**stage.to_dict(), "node": info.get("node"), "device": info.get("device"),
-                "pid": info.get("pid"), "threads": info.get("threads"), **({"error": info["error"]} if "error" in info else {}),
+                "pid": info.get("pid"), "threads": info.get("threads"),
+                **({"error": info["error"]} if "error" in info else {}),
                 **({"budget_bytes": self.places[i].budget_bytes} if self.places else {})}
 
     def stop(self) -> None:

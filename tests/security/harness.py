@@ -85,7 +85,7 @@ async def sandboxed(source: str, args: dict | None = None, host: FakeHost | None
     zygote = Zygote() if forked else None
     try:
         if zygote is not None:
-            await until(lambda: zygote.ready or not zygote.alive, "the zygote")
+            assert await zygote.started(60), "the zygote did not start"
         await box.start(zygote.fork() if zygote is not None else None)
         try:
             report = await asyncio.wait_for(box.wait(), 120)

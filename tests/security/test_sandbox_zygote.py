@@ -54,7 +54,7 @@ def test_forks_are_reaped_and_report_status_cpu_time_and_stderr():
     async def scenario():
         zygote = Zygote()
         try:
-            await until(lambda: zygote.ready, "the zygote")
+            assert await zygote.started(60)
             boxes = [Sandbox(FakeHost(), pid, program(f"""
                 import os, time
                 def main():
@@ -87,7 +87,7 @@ def test_forks_are_reaped_and_report_status_cpu_time_and_stderr():
 def test_children_die_with_their_zygote_and_are_reported_killed():
     async def scenario():
         zygote = Zygote()
-        await until(lambda: zygote.ready, "the zygote")
+        assert await zygote.started(60)
         box = Sandbox(FakeHost(), 9, program("""
             import time
             def main():
@@ -117,7 +117,7 @@ def test_a_malformed_fork_request_is_refused_and_the_zygote_keeps_serving():
     async def scenario():
         zygote = Zygote()
         try:
-            await until(lambda: zygote.ready, "the zygote")
+            assert await zygote.started(60)
             zygote.ctl.send(msgspec.msgpack.encode(["fork", "/tmp"]))  # no descriptors
             try:
                 zygote._forked()  # its answer to that request
