@@ -243,6 +243,10 @@ def test_approving_and_denying_from_the_page(browser, kernel):
     live = {p["pid"]: p["status"] for p in kernel.call("ps", False)}
     assert live[go] == live[keep] == "running"  # both wait for a decision
     click(browser, f'#approvals tr[data-pid="{go}"] button[data-action="approve"]')
+    # As a person would, look before the next click: the decided row leaves the table and
+    # the rows below it move up, so a click aimed while it leaves can land on nothing.
+    wait(browser, lambda d: not d.find_elements(
+        "css selector", f'#approvals tr[data-pid="{go}"]'))
     click(browser, f'#approvals tr[data-pid="{keep}"] button[data-action="deny"]')
     approved, denied = kernel.call("wait", go, 60), kernel.call("wait", keep, 60)
     assert approved["result"] == "deleted console-go.txt"
