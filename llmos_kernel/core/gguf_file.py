@@ -206,6 +206,9 @@ class _HeaderReader:
 
     def __init__(self, data: np.memmap, path: Path):
         self.data, self.path, self.pos = data, path, 0
+        # reads go through a memoryview of the mapping: slicing the memmap itself makes a
+        # numpy object per read, and a tokenizer's vocabulary is ~10^5 strings
+        self.view = memoryview(data)
 
     def fail(self, what: str) -> ModelFormatError:
         return ModelFormatError(f"{self.path.name}: {what} (is the file truncated or corrupt?)")
@@ -213,12 +216,33 @@ class _HeaderReader:
     def take(self, n: int) -> bytes:
         if n < 0 or self.pos + n > len(self.data):
             raise self.fail(f"unexpected end of file at byte {self.pos} while reading the header")
-        out = self.data[self.pos: self.pos + n].tobytes()
+        out = self.view[self.pos: self.pos + n].tobytes()
         self.pos += n
         return out
 
     def scalar(self, fmt: str) -> Any:
         return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
+
+    def strings(self, count: int) -> list[str]:
+        """``count`` strings in a row (an array's items), each bounds-checked as ``string``."""
+        view, pos, end, out = self.view, self.pos, len(self.view), []
+        length = struct.Struct("<Q").unpack_from
+        for _ in range(count):
+            if pos + 8 > end:
+                self.pos = pos
+                raise self.fail(f"unexpected end of file at byte {pos} while reading the header")
+            (n,) = length(view, pos)
+            if n > 1 << 30:
+                self.pos = pos
+                raise self.fail(f"string length {n} is implausible")
+            if pos + 8 + n > end:
+                self.pos = pos + 8
+                raise self.fail(f"unexpected end of file at byte {pos + 8} while reading the "
+                                "header")
+            out.append(str(view[pos + 8: pos + 8 + n], "utf-8", "replace"))
+            pos += 8 + n
+        self.pos = pos
+        return out
 
     def string(self) -> str:
         n = self.scalar("<Q")
@@ -239,6 +263,8 @@ class _HeaderReader:
                 dt = np.dtype(_NUMPY_SCALARS[itype])
                 arr = np.frombuffer(self.take(dt.itemsize * count), dtype=dt)
                 return [bool(x) for x in arr] if itype == 7 else arr.tolist()
+            if itype == _STRING:
+                return self.strings(count)
             return [self.value(itype) for _ in range(count)]
         raise self.fail(f"unknown metadata value type {vtype}")
 

@@ -52,8 +52,31 @@ FUSED = {"attn": {"wqkv": ("attn_q", "attn_k", "attn_v"), "wo": ("attn_output",)
          "ffn": {"w_gate_up": ("ffn_gate", "ffn_up"), "w_down": ("ffn_down",)}}
 
 
+def _owned(array: np.ndarray) -> torch.Tensor:
+    """A tensor of ``array``: its memory where that is writable (a dequantized tensor), a
+    copy where it is a view of the file, which is mapped read-only (an F32 tensor)."""
+    if array.flags.writeable and array.flags.c_contiguous:
+        return torch.from_numpy(array)
+    return torch.from_numpy(np.array(array, order="C", copy=True))
+
+
+def _input_major(parts: list[np.ndarray]) -> torch.Tensor:
+    """``parts`` (each out x in, as stored) fused along out and transposed to in x out, in
+    one pass: each part is written straight into its columns (torch copies a transposed
+    view in blocks and on every core; numpy's strided copy, after a concatenate, took
+    most of a load)."""
+    width = parts[0].shape[1]
+    out = torch.empty(width, sum(p.shape[0] for p in parts))
+    column = 0
+    for part in parts:
+        out[:, column: column + part.shape[0]].copy_(torch.from_numpy(part).t())
+        column += part.shape[0]
+    return out
+
+
 def _state_dict(gguf: GGUFFile, cfg: ModelConfig, layers: tuple[int, int]
-                ) -> dict[str, np.ndarray]:
+                ) -> dict[str, torch.Tensor]:
+    """The stage's tensors, fp32, contiguous and input-major, named as the model names them."""
     first, end = layers
     head = "token_embd.weight" if cfg.tied_embeddings else "output.weight"
     names = (["token_embd.weight"] if first == 0 else []) \
@@ -65,23 +88,22 @@ def _state_dict(gguf: GGUFFile, cfg: ModelConfig, layers: tuple[int, int]
     with ThreadPoolExecutor(max_workers=2) as pool:
         raw = dict(zip(names, pool.map(gguf.load, names)))
 
-    sd: dict[str, np.ndarray] = {}
+    sd: dict[str, torch.Tensor] = {}
     if first == 0:
-        sd["embed"] = raw["token_embd.weight"]
+        sd["embed"] = _owned(raw["token_embd.weight"])
     if end == cfg.n_layers:
-        sd["norm.weight"], sd["output"] = raw["output_norm.weight"], raw[head].T
+        sd["norm.weight"], sd["output"] = _owned(raw["output_norm.weight"]), _input_major([raw[head]])
     for i in range(first, end):
         def t(name: str, i: int = i) -> np.ndarray:
             return raw[f"blk.{i}.{name}.weight"]
 
         p = f"blocks.{i - first}."
-        sd[p + "attn_norm.weight"] = t("attn_norm")
-        sd[p + "ffn_norm.weight"] = t("ffn_norm")
+        sd[p + "attn_norm.weight"] = _owned(t("attn_norm"))
+        sd[p + "ffn_norm.weight"] = _owned(t("ffn_norm"))
         # fused, input-major; Q/K rows stay in GGUF's RoPE pair order (see model.Rotary)
         for module, projections in FUSED.items():
             for attr, parts in projections.items():
-                rows = [t(part) for part in parts]
-                sd[f"{p}{module}.{attr}"] = (rows[0] if len(rows) == 1 else np.concatenate(rows)).T
+                sd[f"{p}{module}.{attr}"] = _input_major([t(part) for part in parts])
     return sd
 
 
@@ -175,8 +197,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "fp32",
     on_cpu = torch.device(device).type == "cpu"
     products = dtype == torch.bfloat16 and on_cpu and bf16_products_available(options)
     values = torch.float32 if products else dtype
-    tensors = {k: torch.from_numpy(np.array(v, order="C", copy=True)).to(device=device, dtype=values)
-               for k, v in sd.items()}
+    tensors = {k: v.to(device=device, dtype=values) for k, v in sd.items()}
     model.load_state_dict(tensors, assign=True, strict=True)
     for p in model.parameters():
         p.requires_grad_(False)
