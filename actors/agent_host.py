@@ -168,8 +168,11 @@ class AgentHost:
                                                        agent.handling)
         except LlmosError as e:  # arguments that cannot cross
             result = wire.failure(e)
-        if result.error is not None and gate is not None:
-            self.local.send_failed(gate, agent, args["id"])
+        if result.error is not None:
+            if gate is not None:
+                self.local.send_failed(gate, agent, args["id"])
+            if args.get("schema") is not None:  # refused before the kernel learned it, maybe
+                self.sent_schemas.discard(args.get("type"))  # (the next send declares it)
         return wire.unwrap(result)
 
     def queue_ack(self, agent: AgentRuntime, msg_id: str, reply: dict | None = None) -> None:

@@ -20,6 +20,7 @@ import msgpack
 
 from llmos_kernel.errors import MessageError, Timeout
 from llmos_kernel.messages import DEFAULT_REGISTRY, Envelope, RawMessage, decode
+from llmos_kernel.notices import NO_REPLY
 
 SEEN_LIMIT = 10_000  # message ids an agent remembers, to drop redeliveries
 
@@ -109,6 +110,9 @@ class AgentRuntime:
             and not self.task.done()
 
     def deliver(self, msg: Message) -> None:
+        if msg.sender == 0 and msg.type == NO_REPLY and msg.correlation_id not in self.awaiting:
+            self.host.queue_ack(self, msg.id)  # for a call that gave up waiting: no one's
+            return
         if msg.id in self.seen or msg.id in self.mailbox:
             if msg.id != self.handling and msg.id not in self.mailbox:
                 self.host.queue_ack(self, msg.id)  # handled already; its ack was lost

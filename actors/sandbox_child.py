@@ -169,6 +169,8 @@ class ChildHost:
         except BaseException:
             if awaited is not None:
                 agent.awaiting.discard(awaited)
+            if args.get("schema") is not None:  # the kernel may not have learned it: the
+                self.sent_schemas.discard(args.get("type"))  # next send declares it again
             raise
         finally:
             self.calls.pop(call, None)

@@ -77,6 +77,11 @@ class MessageError(InvalidArgument):
     """A message is malformed, of an unknown type, or fails validation."""
 
 
+class CallFailed(LlmosError):
+    """An ``ipc.call`` that will never be answered: the handler raised, the process called
+    exited, or the request's deadline passed (the request is a dead letter)."""
+
+
 class ToolError(LlmosError):
     """A tool ran and failed; the message carries the tool's own error."""
 

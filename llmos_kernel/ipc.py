@@ -11,6 +11,11 @@ runs again) or keeps both (never twice). A message whose handler raises is
 not redelivered but dead-lettered with the error, so one bad message cannot
 crash-loop its receiver; only host and kernel failures redeliver. Message ids are kept per sender (the
 kernel prefixes the sender's pid), so one program cannot claim another's.
+
+A call (``reply_to="call"``) that becomes a dead letter — its handler raised, its receiver
+exited for good, its deadline passed — is answered at once by the kernel with a
+``notices.NoReply`` carrying the call's id, so the caller's ``ipc.call`` raises
+CallFailed instead of waiting out its timeout.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from llmos_kernel.messages import (
     check,
     new_message_id,
 )
+from llmos_kernel.notices import notice
 from llmos_kernel.outbox import Outboxes
 from llmos_kernel.proctable import Process, ProcessTable
 
@@ -170,7 +176,8 @@ class IPCService:
         for pid in {env.receiver for env in envs}:
             proc = self.table.procs.get(pid)
             if proc is None or proc.status == "exited":
-                self.store.dead_letter(pid, f"process {pid} has exited")
+                reason = f"process {pid} has exited"
+                self.no_reply(self.store.dead_letter(pid, reason), reason)
 
     def backlog(self, pid: int) -> dict[int, str]:
         """Per sender, the id of its newest message pending for ``pid``."""
@@ -294,7 +301,25 @@ class IPCService:
         """The handler of ``msg_id`` raised: the message becomes a dead letter instead of
         being delivered again (it would crash every restart of its receiver)."""
         if isinstance(msg_id, str) and self.inflight.get(msg_id) == pid:
-            self.store.dead_letter(pid, reason, ids=[msg_id])
+            self.no_reply(self.store.dead_letter(pid, reason, ids=[msg_id]), reason)
+
+    def expire(self) -> list[Envelope]:
+        """Messages past their deadline become dead letters (calls among them are answered
+        with NoReply); returns them."""
+        expired = self.store.expire()
+        self.no_reply(expired, "its deadline passed")
+        return expired
+
+    def no_reply(self, dead: list[Envelope], reason: str) -> None:
+        """The calls among ``dead`` (just dead-lettered) will never be answered: stage a
+        NoReply for each caller still alive, from the kernel, with the call's id."""
+        for env in dead:
+            if env.reply_to != "call":
+                continue
+            caller = self.table.procs.get(env.sender)
+            if caller is not None and caller.alive:
+                self.batch.sends.append(notice("NoReply", {"pid": env.receiver, "reason": reason},
+                                               env.sender, correlation_id=env.id))
 
     def forget_deliveries(self, pid: int) -> None:
         """The receiver's host is gone: its unacknowledged messages will be delivered again,
@@ -313,4 +338,6 @@ class IPCService:
         self.forget_deliveries(pid)
         for topic in self.topics.values():
             topic.discard(pid)
-        return self.store.dead_letter(pid, reason)
+        dead = self.store.dead_letter(pid, reason)
+        self.no_reply(dead, reason)
+        return len(dead)

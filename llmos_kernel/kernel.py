@@ -179,7 +179,7 @@ class Kernel:
         while True:
             await asyncio.sleep(1.0)
             try:
-                expired = self.store.expire()
+                expired = s.ipc.expire()
                 if expired:
                     log.info("%d messages expired", len(expired))
                 s.procs.reap_drivers(self.cfg.driver_silent_s)

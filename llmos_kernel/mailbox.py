@@ -242,13 +242,14 @@ class MailboxStore:
             self._conn()
             return self._pending.get(receiver, 0)
 
-    def dead_letter(self, receiver: int, reason: str, *, ids: Sequence[str] | None = None) -> int:
+    def dead_letter(self, receiver: int, reason: str, *, ids: Sequence[str] | None = None
+                    ) -> list[Envelope]:
         """Move ``receiver``'s pending messages (all, or those of ``ids``) to dead letters;
-        returns how many."""
+        returns them."""
         if ids is None:
-            return len(self._bury_where("receiver = ?", (receiver,), reason))
-        return len(self._bury_where(f"receiver = ? AND id IN {_IDS}",
-                                    (receiver, json.dumps(list(ids))), reason))
+            return self._bury_where("receiver = ?", (receiver,), reason)
+        return self._bury_where(f"receiver = ? AND id IN {_IDS}",
+                                (receiver, json.dumps(list(ids))), reason)
 
     def expire(self, now: float | None = None) -> list[Envelope]:
         """Move every pending message whose deadline has passed to dead letters; return them."""

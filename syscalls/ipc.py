@@ -15,13 +15,16 @@ Guarantees:
   handler did not finish because its host or the kernel died; a send retried
   with the same ``id`` is kept once;
 - a message whose handler raises is not delivered again (it would crash every
-  restart of its receiver): it becomes a dead letter that records the error.
+  restart of its receiver): it becomes a dead letter that records the error;
+- a ``call`` that becomes a dead letter (its handler raised, the process called
+  exited for good, its deadline passed) fails at once with CallFailed, saying why,
+  instead of waiting out its timeout.
 
 Errors: MessageError (malformed message, unknown or mismatched type),
 NoSuchProcess (no such receiver, or it exited for good), QuotaExceeded (the
 receiver's mailbox is full: back off and retry; the quota bounds the messages
 waiting in the kernel and, separately, those from the receiver's own host),
-Timeout (``recv``/``call``).
+Timeout (``recv``/``call``), CallFailed (``call``: no answer will come).
 """
 
 from __future__ import annotations
@@ -29,7 +32,9 @@ from __future__ import annotations
 from typing import Any
 
 from actors.runtime import Message
+from llmos_kernel.errors import CallFailed
 from llmos_kernel.messages import message, message_type, new_message_id
+from llmos_kernel.notices import NoReply
 from syscalls import _context
 
 __all__ = ["Message", "call", "done", "message", "publish", "recv", "reply", "send",
@@ -90,10 +95,14 @@ async def call(to: int | str, msg: Any, *, timeout: float = 30.0) -> Message:
                                **_context.host().encode_message(msg))
     agent = _context.runtime()
     try:  # the host marked the id as awaited: no receive of this agent takes the reply
-        return await agent.next_message(lambda m: m.correlation_id == sent["id"], timeout,
-                                        handle=False)
+        answer = await agent.next_message(lambda m: m.correlation_id == sent["id"], timeout,
+                                          handle=False)
     finally:
         agent.awaiting.discard(sent["id"])
+    if answer.sender == 0 and isinstance(answer.body, NoReply):  # only the kernel sends as 0
+        raise CallFailed(f"process {answer.body.pid} will not answer this call: "
+                         f"{answer.body.reason}")
+    return answer
 
 
 async def reply(request: Message, response: Any) -> str:

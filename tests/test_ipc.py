@@ -20,6 +20,7 @@ from workers import (
     Num,
     Report,
     announce,
+    call_and_report,
     call_with_full_mailbox,
     collector,
     commander,
@@ -30,7 +31,7 @@ from workers import (
     switcher,
 )
 
-from llmos_kernel.errors import MessageError, NoSuchProcess, QuotaExceeded, Timeout
+from llmos_kernel.errors import CallFailed, MessageError, NoSuchProcess, QuotaExceeded, Timeout
 from llmos_kernel.messages import new_message_id
 from syscalls import _context, ipc, proc
 
@@ -225,6 +226,41 @@ def test_a_message_whose_handler_raises_is_dead_lettered_not_redelivered(kernel)
     dead = kernel.call("dead_letters", victim)
     assert [d["type"] for d in dead] == ["test.Cmd"]
     assert "raised RuntimeError: crashing on command" in dead[0]["reason"]
+
+
+@pytest.mark.parametrize("caller", ["other host", "same host", "sandboxed"])
+def test_a_call_whose_handler_raises_fails_at_once_saying_why(kernel, caller):
+    """The caller hears CallFailed with the handler's error, not a Timeout after its 120 s:
+    through the kernel, between agents of one host (kept in that host's journal), and
+    from a sandboxed child. (That a permanent receiver restarts and serves on after such
+    a crash: test_a_message_whose_handler_raises_is_dead_lettered_not_redelivered.)"""
+    hosts = kernel.call("status")["processes"]["shared_hosts"]
+
+    async def scenario():
+        victim = await proc.spawn(Commanded, host=hosts[0])
+        spec = {"sandbox": True} if caller == "sandboxed" else \
+            {"host": hosts[0] if caller == "same host" else hosts[1]}
+        pid = await proc.spawn(call_and_report, {"to": victim, "what": "crash"}, **spec)
+        return victim, (await proc.wait(pid, timeout=180))["result"]
+
+    victim, got = kernel.run(scenario(), timeout=300)
+    assert got["error"] == "CallFailed", got
+    assert got["message"].startswith(f"process {victim} will not answer this call: ")
+    assert "raised RuntimeError: crashing on command" in got["message"]
+
+
+def test_a_call_whose_receiver_exits_unanswered_fails_at_once(kernel):
+    async def scenario():
+        mute = await proc.spawn(idle)
+        waiting = asyncio.ensure_future(ipc.call(mute, Num(1), timeout=120))  # not its type
+        await until(lambda t: t[mute]["mailbox"] == 1, what="the call to reach its mailbox")
+        await proc.kill(mute)
+        with pytest.raises(CallFailed) as failed:
+            await waiting
+        return mute, str(failed.value)
+
+    mute, message = kernel.run(scenario(), timeout=300)
+    assert message == f"process {mute} will not answer this call: process {mute} exited (killed)"
 
 
 def test_many_concurrent_calls_are_all_answered(kernel):

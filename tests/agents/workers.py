@@ -112,8 +112,14 @@ async def linked_to(peer: int, report_to: int) -> None:
         await ipc.send(report_to, Report(f"{msg.body.pid} {msg.body.reason}"))
 
 
+@message(name="test.Forged")
+class Forged:  # sent by ``forge`` only: the kernel first hears of it from a refused send
+    text: str
+
+
 async def forge(report_to: int, victim: int) -> list:
-    """Tries to send as ``victim``, then with a made-up capability; returns the errors."""
+    """Tries to send as ``victim``, then with a made-up capability; returns the errors. Then
+    sends honestly, a type whose first declaration went with the refused send."""
     errors = []
     try:
         await _context.call("ipc.send", to=report_to, sender=victim, type="dict",
@@ -123,12 +129,12 @@ async def forge(report_to: int, victim: int) -> list:
     me = _context.runtime()
     real, me.capability = me.capability, "forged-" + me.capability[::-1]
     try:
-        await ipc.send(report_to, Report("forged"))
+        await ipc.send(report_to, Forged("forged"))
     except LlmosError as e:
         errors.append(type(e).__name__)
     finally:
         me.capability = real
-    await ipc.send(report_to, Report("honest"))
+    await ipc.send(report_to, Forged("honest"))
     return errors
 
 
@@ -194,6 +200,15 @@ async def commander(to: int, whats: list) -> int:
     for what in whats:
         await ipc.send(to, Cmd(what))
     return len(whats)
+
+
+async def call_and_report(to: int, what: str) -> dict:
+    """Calls ``to`` with Cmd(what): the answer's text, or the error the call raised."""
+    try:
+        answer = await ipc.call(to, Cmd(what), timeout=120)
+    except LlmosError as e:
+        return {"error": type(e).__name__, "message": str(e)}
+    return {"answer": answer.body.text}
 
 
 async def call_with_full_mailbox(peer: int, wait: float) -> str:

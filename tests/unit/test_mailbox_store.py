@@ -79,7 +79,7 @@ def test_unacked_messages_survive_reopening_and_acked_ones_stay_gone(path):
 
 def test_dead_letters_keep_the_message_and_the_reason(store):
     store.commit([env("a"), env("b"), env("c")])
-    assert store.dead_letter(2, "handler crashed 3 times", ids=["b"]) == 1
+    assert [e.id for e in store.dead_letter(2, "handler crashed 3 times", ids=["b"])] == ["b"]
     store.commit(dead=[(env("z", receiver=7), "no such process")])
     assert ids(store.pending(2)) == ["a", "c"]
     letters = store.dead_letters()
