@@ -14,9 +14,11 @@ and a section gets at most one revision. The document is assembled and written w
 The crash: writer 1 raises in its handler after drafting its first section. The kernel ends
 that incarnation ("error"), restarts the permanent writer under the same pid and home, and
 makes the message it was handling a dead letter (never delivered again, so one bad message
-cannot crash-loop a worker): no reply to that ``ipc.call`` will ever come. The coordinator
-monitors every writer; the kernel's ProcessDown notice names the writer that went down, and
-the coordinator sends the unfinished task again, to the restarted writer. A writer crashes
+cannot crash-loop a worker): that ``ipc.call`` fails at once with CallFailed, saying the
+handler raised. The coordinator monitors every writer, so the kernel's ProcessDown notice
+tells it how the writer went down, and it sends the unfinished task again, to the restarted
+writer. (A writer whose host died instead would get the task again from the kernel, and
+answer the same call.) A writer crashes
 once only: it leaves a marker in its home, which survives the restart. The restart counts
 reported come from the kernel's process table (``proc.ps``), not from the coordinator.
 
@@ -34,6 +36,7 @@ import json
 import re
 import time
 
+from llmos_kernel.errors import CallFailed
 from llmos_kernel.messages import message
 from syscalls import fs, ipc, llm, proc
 
@@ -192,16 +195,13 @@ class Team:
                 self.downs[note.body.pid].put_nowait(note.body.reason)
 
     async def call(self, pid: int, task: WriteSection) -> Section:
-        """Ask ``pid`` for a section; if it goes down meanwhile, ask its next incarnation."""
+        """Ask ``pid`` for a section; if its handler crashed on it, ask its next incarnation."""
         while True:
-            reply = asyncio.ensure_future(ipc.call(pid, task, timeout=CALL_TIMEOUT_S))
-            down = asyncio.ensure_future(self.downs[pid].get())
-            finished, _ = await asyncio.wait({reply, down}, return_when=asyncio.FIRST_COMPLETED)
-            if reply in finished:
-                down.cancel()
-                return reply.result().body
-            reply.cancel()
-            crash = {"pid": pid, "name": self.writers[pid], "reason": down.result(),
+            try:
+                return (await ipc.call(pid, task, timeout=CALL_TIMEOUT_S)).body
+            except CallFailed:  # the handler raised: this incarnation is down, or going
+                reason = await self.downs[pid].get()  # how: the kernel's ProcessDown
+            crash = {"pid": pid, "name": self.writers[pid], "reason": reason,
                      "section": task.index, "title": task.title}
             self.crashes.append(crash)
             print(f"{crash['name']} (pid {pid}) went down ({crash['reason']}) while writing "
