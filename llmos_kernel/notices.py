@@ -4,7 +4,7 @@ CallFailed). No program can send as pid 0, so a program can trust these."""
 
 from __future__ import annotations
 
-from llmos_kernel.messages import Envelope, message, schema_of
+from llmos_kernel.messages import Envelope, message, message_type, schema_of
 
 
 @message(name="llmos.ProcessDown")
@@ -33,7 +33,7 @@ class NoReply:
     reason: str
 
 
-NO_REPLY = "llmos.NoReply"  # a host drops one whose call no longer waits (it timed out)
+NO_REPLY = message_type(NoReply)  # a runtime drops one whose call no longer waits
 KINDS = {"ProcessDown": ProcessDown, "ExitSignal": ExitSignal, "NoReply": NoReply}
 SCHEMAS = [schema_of(cls) for cls in KINDS.values()]
 

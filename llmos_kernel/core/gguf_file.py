@@ -245,10 +245,7 @@ class _HeaderReader:
         return out
 
     def string(self) -> str:
-        n = self.scalar("<Q")
-        if n > 1 << 30:
-            raise self.fail(f"string length {n} is implausible")
-        return self.take(n).decode("utf-8", errors="replace")
+        return self.strings(1)[0]
 
     def value(self, vtype: int) -> Any:
         if vtype in _SCALARS:
