@@ -95,11 +95,12 @@ class KernelLink:
         self._wake.set()
 
     def expect(self, who: Any, soon: bool) -> None:
-        """``who`` (a sandboxed process's child, just answered) is expected to make its next
-        call soon, or no longer is. A batch waits for expected calls, at most
-        EXPECT_HOLD_S: agents in this process resume together and their calls leave in one
-        batch, but children answered together call back a little apart, and without the
-        wait each would take a batch (a Ray call) of its own."""
+        """``who`` (a sandboxed process's child, just answered or handed a message) is
+        expected to make its next call (or acknowledgement) soon, or no longer is. A batch
+        waits for expected calls, at most EXPECT_HOLD_S: agents in this process resume
+        together and their calls leave in one batch, but children woken together call back
+        a little apart, and without the wait each would take a batch (a Ray call) of its
+        own."""
         if soon:
             self._expected.setdefault(who, time.monotonic())
         elif self._expected.pop(who, None) is not None and not self._expected:
@@ -154,6 +155,7 @@ class KernelLink:
         this host works on the answers to the one before."""
         while True:
             await self._wake.wait()
+            await asyncio.sleep(0)  # calls made in the tick that woke us join this batch
             self._wake.clear()
             self.before_flush()
             if self._setback or len(self._in_flight) >= BATCHES_IN_FLIGHT or not (

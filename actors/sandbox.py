@@ -213,6 +213,8 @@ class Sandbox:
                 return
             self._tool_calls.add(item.call)
         self._send(item)
+        if isinstance(item, wire.Deliver):  # its handler's ack (and what it sends) follows
+            self._expecting()
 
     async def kill(self, grace_s: float = 5.0) -> wire.ExitReport:
         """Ask the program to stop (a behaviour's ``terminate`` gets ``grace_s``), then
@@ -374,6 +376,10 @@ class Sandbox:
 
     def _answer(self, call: int, result: wire.Result) -> None:
         self._send(protocol.Answer(call, wire.encode_result(result)))
+        self._expecting()
+
+    def _expecting(self) -> None:
+        """The child was just given something it acts on: its next frame comes soon."""
         if self._expect is not None and not self._expected and self.alive:
             self._expected = True
             self._expect(True)

@@ -89,6 +89,30 @@ def test_a_behaviour_receives_pushed_messages_and_its_replies_are_acknowledged()
     assert [r["to"] for r in replies] == [3, 3] and all(r["payload"] for r in replies)
 
 
+def test_a_child_given_a_message_is_expected_to_answer_until_it_does():
+    """The host holds its next batch briefly for a child it just handed a message (its
+    ack, and what its handler sends, come back soon: they should share one Ray call), and
+    stops expecting it at the child's next frame."""
+    async def scenario():
+        expected: list[bool] = []
+        host = FakeHost()
+        box = Sandbox(host, 7, program("""
+            class Agent:
+                def on_message(self, msg):
+                    self.stopped, self.result = True, msg.body["n"]
+        """), expect=expected.append)
+        await box.start()
+        env = Envelope.new({"n": 5}, sender=3, receiver=7)
+        box.push(wire.Deliver(7, env.to_wire()))
+        seen_at_push = list(expected)
+        return await box.wait(), host, seen_at_push, expected
+
+    report, host, at_push, expected = asyncio.run(scenario())
+    assert report.reason == "normal" and report.result == 5
+    assert at_push == [True] and [msg_id for msg_id, _ in host.acks] != []
+    assert expected[:2] == [True, False]  # cleared by the ack that came back
+
+
 def test_a_behaviours_own_call_gets_its_reply_even_when_it_arrives_before_the_send_ok():
     """The reply to a call the behaviour's background task made may reach the child before
     the answer to the send itself (the host pushes chunk items before batch results): the

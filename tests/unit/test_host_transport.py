@@ -210,3 +210,54 @@ def test_arguments_that_cannot_cross_fail_at_the_call():
     with pytest.raises(Exception, match="cannot send these arguments"):
         link.call("cap", "fs.write", {"data": "bad \udce9"})
     assert link.ops == [] and link.futures == {}
+
+
+def test_calls_made_in_the_tick_that_wakes_the_link_share_its_batch():
+    """Agents (or sandboxed children's relays) resumed in one event-loop tick call one
+    after another; the first call wakes the flush loop, and the rest must still join its
+    batch, not each take a Ray call of its own."""
+    async def scenario():
+        kernel = FakeKernel(answer_ok)
+        link = await linked(kernel)
+        await asyncio.sleep(0.01)  # the flush loop waits for work
+        loop = asyncio.get_running_loop()
+        futures = [link.call("cap", "proc.self", {"i": 0})]
+        for i in (1, 2):  # queued behind the flush loop's wake-up, in the same tick
+            loop.call_soon(lambda i=i: futures.append(link.call("cap", "proc.self", {"i": i})))
+        await asyncio.sleep(0.01)
+        await asyncio.wait_for(asyncio.gather(*futures), 5)
+        link.stop()
+        return kernel
+
+    kernel = asyncio.run(scenario())
+    assert [[wire.decode_args(op.args)["i"] for op in ops_of(b)] for b in kernel.batches] \
+        == [[0, 1, 2]]
+
+
+def test_a_batch_waits_briefly_for_an_expected_caller_and_no_longer():
+    """A sandboxed child just given an answer or a message is expected to call: the batch
+    waits for it (up to EXPECT_HOLD_S), and leaves without it when it does not come."""
+    from actors import host_transport
+
+    async def scenario():
+        kernel = FakeKernel(answer_ok)
+        link = await linked(kernel)
+        await asyncio.sleep(0.01)
+        link.expect("child", True)
+        first = link.call("cap", "proc.self", {"i": 0})
+        await asyncio.sleep(host_transport.EXPECT_HOLD_S / 4)
+        assert kernel.batches == []  # held for the child
+        second = link.call("cap", "proc.self", {"i": 1})  # the child's call
+        link.expect("child", False)
+        await asyncio.wait_for(asyncio.gather(first, second), 5)
+        link.expect("child", True)  # expected again, and this time it never calls
+        started = asyncio.get_running_loop().time()
+        await asyncio.wait_for(link.call("cap", "proc.self", {"i": 2}), 5)
+        waited = asyncio.get_running_loop().time() - started
+        link.stop()
+        return kernel, waited
+
+    kernel, waited = asyncio.run(scenario())
+    assert [[wire.decode_args(op.args)["i"] for op in ops_of(b)] for b in kernel.batches] \
+        == [[0, 1], [2]]
+    assert waited < 1.0  # the hold ended on its own (EXPECT_HOLD_S), not never
