@@ -7,14 +7,18 @@ awaited beside stage 1's output, two steps in flight. Beside it, the same chain 
 Ray compiled graph (``experimental_compile``: shared-memory channels between the
 actors, two executions in flight). Both run in this process's own Ray session,
 alternating; the best of ``--repeat`` runs of each is compared, with the ideal (one
-step per ``--work`` seconds, the stages never idle).
+step per ``--work`` seconds, the stages never idle). After each, the stages sit idle
+for ``--idle`` seconds and the CPU their processes use meanwhile is reported (a
+compiled graph's actors wait for the next execution on their channels by polling).
 
     python bench/pipeline_transport.py [--work 0.03] [--steps 100] [--repeat 2]
 
-The stages are not compiled graphs in llmos: a compiled graph's actors run its loop and
-nothing else, and the kernel also calls its stages between steps (warming the KV pool,
-its info, loading adapters); a lost stage tears the whole graph down. The gap this
-prints is what that would buy.
+The stages are not compiled graphs in llmos. The gap in steps/s this prints is what one
+would buy; against it: a compiled graph's actors keep cores busy while the kernel has
+nothing to run (on a CPU node, the cores the stages and agents compute on), they run
+the graph on a thread of their own beside the calls the kernel makes between steps
+(warming the KV pool, its info, loading adapters), and a lost stage tears the whole
+graph down.
 """
 
 from __future__ import annotations
@@ -50,6 +54,10 @@ class Stage:
     def execute_graph(self, plan, hidden=None):
         return self._compute()
 
+    def cpu_seconds(self) -> float:
+        """CPU time of this actor's process, every thread (a compiled graph's included)."""
+        return time.process_time()
+
 
 async def _two_in_flight(one, steps: int) -> float:
     pending: set = set()
@@ -60,6 +68,14 @@ async def _two_in_flight(one, steps: int) -> float:
         pending.add(asyncio.ensure_future(one()))
     await asyncio.gather(*pending)
     return steps / (time.perf_counter() - started)
+
+
+async def idle_cpu(stages, seconds: float) -> float:
+    """CPU seconds per second the stages' processes use together while given nothing."""
+    before = await asyncio.gather(*(s.cpu_seconds.remote() for s in stages))
+    await asyncio.sleep(seconds)
+    after = await asyncio.gather(*(s.cpu_seconds.remote() for s in stages))
+    return (sum(after) - sum(before)) / seconds
 
 
 async def object_store(stages, steps: int) -> float:
@@ -75,7 +91,7 @@ async def object_store(stages, steps: int) -> float:
     return await _two_in_flight(one, steps)
 
 
-async def compiled_graph(stages, steps: int) -> float:
+async def compiled_graph(stages, steps: int, idle: dict | None = None) -> float:
     from ray.dag import InputNode
 
     first, last = stages
@@ -89,7 +105,10 @@ async def compiled_graph(stages, steps: int) -> float:
     try:
         for _ in range(3):
             await one()
-        return await _two_in_flight(one, steps)
+        rate = await _two_in_flight(one, steps)
+        if idle is not None:
+            idle["compiled_graph"] = await idle_cpu(stages, idle["seconds"])
+        return rate
     finally:
         graph.teardown()
 
@@ -100,12 +119,15 @@ async def main(args) -> dict:
     logging.getLogger("ray").setLevel(logging.WARNING)
     stages = [Stage.remote(args.work, False), Stage.remote(args.work, True)]
     best = {"object_store": 0.0, "compiled_graph": 0.0}
+    idle = {"seconds": args.idle}
     for _ in range(args.repeat):
         best["object_store"] = max(best["object_store"], await object_store(stages, args.steps))
+        idle["object_store"] = await idle_cpu(stages, args.idle)
         best["compiled_graph"] = max(best["compiled_graph"],
-                                     await compiled_graph(stages, args.steps))
+                                     await compiled_graph(stages, args.steps, idle))
     ray.shutdown()
-    return {**best, "ideal": 1 / args.work, "work_s": args.work, "steps": args.steps}
+    return {**best, "ideal": 1 / args.work, "work_s": args.work, "steps": args.steps,
+            "idle_cpu_per_s": {how: idle[how] for how in ("object_store", "compiled_graph")}}
 
 
 if __name__ == "__main__":
@@ -113,6 +135,8 @@ if __name__ == "__main__":
     ap.add_argument("--work", type=float, default=0.03, help="CPU seconds per stage per step")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--idle", type=float, default=2.0,
+                    help="seconds the stages sit idle after each transport's run")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     result = asyncio.run(main(args))
@@ -122,6 +146,9 @@ if __name__ == "__main__":
         print(f"2 stages x {args.work * 1000:.0f} ms of CPU a step, 2 steps in flight, "
               f"best of {args.repeat}")
         for how in ("object_store", "compiled_graph", "ideal"):
-            print(f"{how.replace('_', ' '):16} {result[how]:7.1f} steps/s")
+            idle_cpu_s = result["idle_cpu_per_s"].get(how)
+            print(f"{how.replace('_', ' '):16} {result[how]:7.1f} steps/s" + (
+                "" if idle_cpu_s is None else
+                f"; idle, the two stages use {idle_cpu_s:.2f} CPU-s per second"))
         print(f"compiled graph / object store: "
               f"{result['compiled_graph'] / result['object_store']:.2f}x")

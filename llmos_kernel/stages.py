@@ -20,7 +20,10 @@ them (ModelShard's ``share``).
 A step submits every stage's call at once: the plan is put in the object store once,
 and stage k's ObjectRef (its hidden states) is stage k+1's argument, so activations go
 from stage to stage through Ray's object store, never through the kernel, and the
-kernel awaits only the last stage's ``StepOutput``. Everything the single shard does
+kernel awaits only the last stage's ``StepOutput``. Not a Ray compiled graph, which moves
+a step a little faster but whose actors poll their channels while they wait, keeping
+cores busy when the kernel has nothing to run (``bench/pipeline_transport.py`` measures
+both). Everything the single shard does
 (sampling, grammar masks, LoRA adapters, prompt logprobs, KV swaps, copies, warming)
 works split: each stage applies the same plan to its own layers (see engine.runner).
 

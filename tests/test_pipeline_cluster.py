@@ -124,12 +124,15 @@ def test_more_shards_than_layers_is_refused_by_the_cli_before_anything_starts(
 
 def test_the_transport_bench_runs_both_chains():
     """``python bench/pipeline_transport.py`` (its own Ray session): the object-store chain
-    the stages use beside a compiled graph, each at a rate the ideal bounds."""
+    the stages use beside a compiled graph, each at a rate the ideal bounds, and the CPU
+    the stages use idle after each."""
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "pipeline_transport.py"),
-                           "--steps", "10", "--repeat", "1", "--work", "0.01", "--json"],
+                           "--steps", "10", "--repeat", "1", "--work", "0.01", "--idle", "0.2",
+                           "--json"],
                           capture_output=True, text=True, env=_env(), timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["ideal"] == pytest.approx(100.0)
     for how in ("object_store", "compiled_graph"):
         assert 0 < report[how] <= report["ideal"] * 1.05, report
+        assert 0 <= report["idle_cpu_per_s"][how] <= 1.1 * os.cpu_count(), report
