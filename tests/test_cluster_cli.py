@@ -112,7 +112,10 @@ def test_the_two_node_quick_start_runs_as_written(ray_tmp, tmp_path):
             # agents on the two nodes' hosts exchange messages (bench ipc's cross-host pairs)
             bench = run([*llmos, "bench", "ipc", "--kernel", "kernel", "--agents", "10",
                          "--pairs", "2", "--messages", "5", "--json"])
-            assert json.loads(bench.stdout.strip().splitlines()[-1])["msgs_per_s_cross"] > 0
+            report = json.loads(bench.stdout.strip().splitlines()[-1])
+            # every call answered, each by the reply to it: 2 pairs x 5, on one host and across
+            assert report["msgs_per_s_cross"] > 0 and report["round_trips"] == 2 * 2 * 5
+            assert report["wrong_replies"] == 0
             checked.add("run")
         elif argv[0] == "llmos":
             run([*llmos, *argv[1:]])

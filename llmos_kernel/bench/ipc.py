@@ -70,15 +70,17 @@ async def syscaller(count: int, start_at: float = 0.0) -> list[float]:
 
 async def pinger(peer: int, count: int, start_at: float = 0.0) -> dict:
     """From ``start_at`` (epoch s), ``count`` round trips with ``peer``: each round trip
-    is one ``ipc.call``; returns the wall-clock span and each round trip's time."""
+    is one ``ipc.call``; returns the wall-clock span, each round trip's time, and how many
+    answers were not the one their ping asked for (the next number)."""
     await asyncio.sleep(max(start_at - time.time(), 0.0))
-    rtts = []
+    rtts, wrong = [], 0
     start = time.time()
     for i in range(count):
         sent = time.perf_counter()
-        await ipc.call(peer, Ping(i))
+        answer = await ipc.call(peer, Ping(i))
         rtts.append(time.perf_counter() - sent)
-    return {"start": start, "end": time.time(), "rtts": rtts}
+        wrong += answer.body.n != i + 1
+    return {"start": start, "end": time.time(), "rtts": rtts, "wrong": wrong}
 
 
 class RayPeer:
@@ -174,7 +176,8 @@ async def ping_pong(pairs: int, count: int, hosts: tuple[str, str],
     rtts = [r for res in results for r in res["rtts"]]
     span = max(r["end"] for r in results) - min(r["start"] for r in results)
     return {"msgs_per_s": 2 * pairs * count / span, "lat_p50_s": _quantile(rtts, 0.5),
-            "lat_p99_s": _quantile(rtts, 0.99), "span_s": span}
+            "lat_p99_s": _quantile(rtts, 0.99), "span_s": span, "round_trips": len(rtts),
+            "wrong_replies": sum(r["wrong"] for r in results)}
 
 
 async def _measure(client, agents: int, messages: int, pairs: int,
@@ -191,7 +194,9 @@ async def _measure(client, agents: int, messages: int, pairs: int,
     return {**spawned, "msgs_per_s_local": local["msgs_per_s"],
             "msgs_per_s_cross": cross["msgs_per_s"],
             "lat_p50_s": cross["lat_p50_s"], "lat_p99_s": cross["lat_p99_s"],
-            "lat_local_p50_s": local["lat_p50_s"], "lat_local_p99_s": local["lat_p99_s"]}
+            "lat_local_p50_s": local["lat_p50_s"], "lat_local_p99_s": local["lat_p99_s"],
+            "round_trips": local["round_trips"] + cross["round_trips"],
+            "wrong_replies": local["wrong_replies"] + cross["wrong_replies"]}
 
 
 async def spawn_ready(agents: int, sandbox: bool) -> float:
