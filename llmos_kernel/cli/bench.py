@@ -133,6 +133,7 @@ def ipc(agents: int, messages: int, pairs: int, kernel_name: str | None, state_d
                            progress=lambda m: click.echo(f"[bench] {m}", err=True))
     if as_json:
         click.echo(json.dumps(result))
+        _check_replies(result)
         return
     click.echo(f"spawned {agents} agents in {result['spawn_s']:.2f} s "
                f"({result['spawn_per_s']:.0f}/s); {result['agents_alive']} alive; "
@@ -148,6 +149,16 @@ def ipc(agents: int, messages: int, pairs: int, kernel_name: str | None, state_d
                    f"{result[f'ray_lat_{q}_s'] * 1e3:11.1f}")
     if sandbox:
         _sandbox_table(result)
+    _check_replies(result)
+
+
+def _check_replies(result: dict) -> None:
+    """A ping-pong call answered with something other than its own reply is a bug in
+    message delivery, not a slow run: the command fails."""
+    if result.get("wrong_replies"):
+        raise click.ClickException(
+            f"{result['wrong_replies']} of {result['round_trips']} ping-pong calls were "
+            "answered with another message than their own reply")
 
 
 def _sandbox_table(result: dict) -> None:
