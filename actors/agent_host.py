@@ -138,6 +138,8 @@ class AgentHost:
     async def syscall(self, agent: AgentRuntime, name: str, args: dict) -> Any:
         if name != "ipc.send":
             return await self._to_kernel(agent, name, args, None)
+        if isinstance(args.get("correlation_id"), str):
+            agent.answered(args["correlation_id"])
         explicit = "id" in args
         if not explicit:
             args["id"] = new_message_id()
@@ -177,6 +179,7 @@ class AgentHost:
 
     def queue_ack(self, agent: AgentRuntime, msg_id: str, reply: dict | None = None) -> None:
         """Acknowledge a message without waiting; a failed reply is noted in the agent's log."""
+        agent.settled(msg_id, answered=reply is not None)
         if reply is not None:
             reply = {**reply, "id": new_message_id()}
         if self.local is not None and self.local.ack(agent, msg_id, reply):
@@ -202,6 +205,7 @@ class AgentHost:
                     msg = Message.arrived(envelope)
                     if self.local is not None:
                         self.local.arrived(msg, pid)
+                    agent.took(msg)
                     agent.deliver(msg)
             case wire.TokenDelta():
                 agent = self.agents.get(item.pid)
@@ -255,6 +259,9 @@ class AgentHost:
             program_runner.run(agent, order.program, order.args, self._exited), context=ctx)
 
     def _exited(self, agent: AgentRuntime, report: wire.ExitReport) -> None:
+        # the calls it settled without answering, as this host saw them (never a child's say)
+        report.unanswered = [(caller, call) for call, caller in agent.unanswered.items()] \
+            or None
         self.agents.pop(agent.pid, None)
         if agent.name and self.names.get(agent.name) is agent:
             del self.names[agent.name]

@@ -134,7 +134,7 @@ class KernelLink:
             report = wire.ExitReport(report.pid, report.reason, result=_safe(result),
                                      error=None if report.error is None else
                                      {k: _safe(str(v)) for k, v in report.error.items()},
-                                     handling=report.handling)
+                                     handling=report.handling, unanswered=report.unanswered)
         self.exits.append(report)
         self._wake.set()
 

@@ -164,7 +164,9 @@ class LocalDelivery:
             self.inflight[env.id] = env
             receiver = self.host.agents.get(env.receiver)
             if receiver is not None:
-                receiver.deliver(Message.of(env))
+                msg = Message.of(env)
+                receiver.took(msg)
+                receiver.deliver(msg)
             else:  # it exited meanwhile: its next incarnation gets it from the kernel
                 orphans.append(env)
             if future is not None and not future.done():

@@ -81,6 +81,9 @@ class Message:
         return self
 
 
+MAX_UNANSWERED = 1024  # calls acknowledged without an answer, kept per agent for its exit
+
+
 @dataclass(eq=False)
 class AgentRuntime:
     """One agent process as its host sees it."""
@@ -102,12 +105,34 @@ class AgentRuntime:
     handles: bool = True  # False for a driver script: what it receives is acked at once
     mailbox_quota: int = 10_000  # unhandled messages from agents of this host it may hold
     awaiting: set[str] = field(default_factory=set)  # ids of its ipc.calls awaiting a reply
+    # kept by its host: calls it was given and has not settled (id -> caller), and those it
+    # acknowledged without an answer and has not answered since (reported at its exit)
+    calls_taken: dict[str, int] = field(default_factory=dict)
+    unanswered: dict[str, int] = field(default_factory=dict)
 
     @property
     def running(self) -> bool:
         """Handling messages now: not a driver, not being killed, its task not ended."""
         return self.handles and not self.killing and self.task is not None \
             and not self.task.done()
+
+    def took(self, msg: Message) -> None:
+        """Its host hands it ``msg``: a call among them is open until answered."""
+        if msg.expects_reply and msg.sender:
+            self.calls_taken[msg.id] = msg.sender
+
+    def settled(self, msg_id: str, answered: bool) -> None:
+        """Its host acknowledged ``msg_id`` for it, with an answer or without one."""
+        caller = self.calls_taken.pop(msg_id, None)
+        if caller is not None and not answered:
+            self.unanswered[msg_id] = caller
+            if len(self.unanswered) > MAX_UNANSWERED:
+                del self.unanswered[next(iter(self.unanswered))]
+
+    def answered(self, call_id: str) -> None:
+        """It sent an answer to ``call_id`` (a send with that correlation id)."""
+        self.calls_taken.pop(call_id, None)
+        self.unanswered.pop(call_id, None)
 
     def deliver(self, msg: Message) -> None:
         if msg.sender == 0 and msg.type == NO_REPLY and msg.correlation_id not in self.awaiting:

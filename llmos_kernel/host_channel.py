@@ -183,6 +183,10 @@ class HostChannel:
             self.services.ipc.reject(proc.pid, report.handling,
                                      f"the handler of process {proc.pid} raised "
                                      f"{error.get('type')}: {error.get('message')}")
+        if report.unanswered:
+            self.services.ipc.unanswered(proc.pid, report.unanswered,
+                                         f"process {proc.pid} ended ({report.reason}) without "
+                                         "answering this call")
         self.services.procs.exited(proc.pid, {"reason": report.reason, "result": report.result,
                                               "error": report.error})
 

@@ -42,6 +42,7 @@ from llmos_kernel.proctable import Process, ProcessTable
 
 DELIVERY_WINDOW = 512  # unacknowledged messages in flight per receiver
 MAX_ID = 200  # characters in a sender-chosen message id
+MAX_UNANSWERED = 1024  # unanswered calls a host may report for one exited process
 _REPLY_ARGS = ("to", "type", "payload", "schema", "correlation_id", "id")
 SCHEMAS_KEY = "schemas"
 TOPICS_KEY = "topics"
@@ -314,12 +315,21 @@ class IPCService:
         """The calls among ``dead`` (just dead-lettered) will never be answered: stage a
         NoReply for each caller still alive, from the kernel, with the call's id."""
         for env in dead:
-            if env.reply_to != "call":
-                continue
-            caller = self.table.procs.get(env.sender)
-            if caller is not None and caller.alive:
-                self.batch.sends.append(notice("NoReply", {"pid": env.receiver, "reason": reason},
-                                               env.sender, correlation_id=env.id))
+            if env.reply_to == "call":
+                self._no_reply(env.sender, env.receiver, env.id, reason)
+
+    def unanswered(self, pid: int, calls: list[tuple[int, str]], reason: str) -> None:
+        """Process ``pid`` ended having acknowledged ``calls`` (caller, call id) without
+        answering them (its host kept count): their callers still alive hear so now."""
+        for caller, call_id in calls[:MAX_UNANSWERED]:
+            if len(call_id) <= 2 * MAX_ID:  # "sender:id"
+                self._no_reply(caller, pid, call_id, reason)
+
+    def _no_reply(self, caller: int, receiver: int, call_id: str, reason: str) -> None:
+        proc = self.table.procs.get(caller)
+        if proc is not None and proc.alive:
+            self.batch.sends.append(notice("NoReply", {"pid": receiver, "reason": reason},
+                                           caller, correlation_id=call_id))
 
     def forget_deliveries(self, pid: int) -> None:
         """The receiver's host is gone: its unacknowledged messages will be delivered again,

@@ -96,6 +96,8 @@ class ExitReport(msgspec.Struct, array_like=True):
     result: Any = None
     error: dict[str, Any] | None = None  # type, message, traceback (reason "error")
     handling: str | None = None  # the message whose handler raised
+    # calls it acknowledged without answering, (caller pid, call id): set by its host
+    unanswered: list[tuple[int, str]] | None = None
 
 
 class HostBatch(msgspec.Struct, array_like=True):

@@ -18,7 +18,8 @@ Guarantees:
   restart of its receiver): it becomes a dead letter that records the error;
 - a ``call`` that becomes a dead letter (its handler raised, the process called
   exited for good, its deadline passed) fails at once with CallFailed, saying why,
-  instead of waiting out its timeout.
+  instead of waiting out its timeout; so does one the process took and ended without
+  answering.
 
 Errors: MessageError (malformed message, unknown or mismatched type),
 NoSuchProcess (no such receiver, or it exited for good), QuotaExceeded (the

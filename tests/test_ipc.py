@@ -29,6 +29,7 @@ from workers import (
     relay,
     subscriber,
     switcher,
+    take_and_end,
 )
 
 from llmos_kernel.errors import CallFailed, MessageError, NoSuchProcess, QuotaExceeded, Timeout
@@ -261,6 +262,27 @@ def test_a_call_whose_receiver_exits_unanswered_fails_at_once(kernel):
 
     mute, message = kernel.run(scenario(), timeout=300)
     assert message == f"process {mute} will not answer this call: process {mute} exited (killed)"
+
+
+@pytest.mark.parametrize("where", ["other host", "same host", "sandboxed"])
+def test_a_call_taken_and_left_unanswered_fails_when_its_receiver_ends(kernel, where):
+    """The receiver takes the call (ipc.recv) and ends without answering: its host reports
+    the call at its exit and the caller hears CallFailed then, not a Timeout after 120 s:
+    through the kernel, within one host (its journal), and from a sandboxed receiver."""
+    hosts = kernel.call("status")["processes"]["shared_hosts"]
+
+    async def scenario():
+        taker = await proc.spawn(take_and_end, **(
+            {"sandbox": True} if where == "sandboxed" else {"host": hosts[0]}))
+        caller = await proc.spawn(call_and_report, {"to": taker, "what": "take"},
+                                  host=hosts[0] if where == "same host" else hosts[1])
+        return (taker, (await proc.wait(taker, timeout=120))["result"],
+                (await proc.wait(caller, timeout=180))["result"])
+
+    taker, took, got = kernel.run(scenario(), timeout=300)
+    assert took == "take"
+    assert got == {"error": "CallFailed", "message": f"process {taker} will not answer this "
+                   f"call: process {taker} ended (normal) without answering this call"}
 
 
 def test_many_concurrent_calls_are_all_answered(kernel):

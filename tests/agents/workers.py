@@ -211,6 +211,12 @@ async def call_and_report(to: int, what: str) -> dict:
     return {"answer": answer.body.text}
 
 
+async def take_and_end() -> str:
+    """Receives one Cmd (a call) and ends without answering it."""
+    msg = await ipc.recv(type=Cmd)
+    return msg.body.what
+
+
 async def call_with_full_mailbox(peer: int, wait: float) -> str:
     """After ``wait`` seconds (its mailbox fills meanwhile), calls ``peer`` with a Cmd."""
     await asyncio.sleep(wait)

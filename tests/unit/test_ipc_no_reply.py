@@ -114,3 +114,37 @@ def test_a_no_reply_reaches_only_a_call_still_waiting():
                                         correlation_id=call)))
     assert [m.correlation_id for m in agent.mailbox.values()] == [waiting]
     assert len(host.acked) == 1 and host.acked[0] not in agent.mailbox
+
+
+def test_calls_a_process_ended_without_answering_are_answered(world):
+    """Its host reports the calls it acknowledged without an answer; each caller still
+    alive hears NoReply for its own call (a reported id too long to be a call's: none)."""
+    ipc, table, outboxes, (caller, callee) = world
+    call = send(ipc, table, caller, callee, call=True)
+    ipc.ack(table.procs[callee], call)  # taken, and settled without a reply
+    ipc.commit()
+    delivered(outboxes, "host-b")
+    gone, _ = table.create({"program": {"kind": "module", "ref": "x:y"}})
+    ipc.unanswered(callee, [(caller, call), (gone.pid, "x:1"), (caller, "x" * 1000)],
+                   f"process {callee} ended (normal) without answering this call")
+    ipc.commit()
+    assert no_replies(delivered(outboxes, "host-a")) == [
+        (call, NoReply(callee, f"process {callee} ended (normal) without answering this call"))]
+
+
+def test_a_host_keeps_the_calls_an_agent_settled_without_answering():
+    """What a host reports at an agent's exit: calls acknowledged with no answer and not
+    answered since (an answer sent later, or with the ack, takes a call off)."""
+    from actors.runtime import AgentRuntime, Message
+
+    agent = AgentRuntime(host=None, pid=7, capability="")
+    calls = [Message(f"3:{i}", 3, "dict", b"", expects_reply=True) for i in range(4)]
+    for msg in [*calls, Message("3:9", 3, "dict", b"")]:  # the last is not a call
+        agent.took(msg)
+    agent.settled("3:0", answered=True)   # its handler returned the answer
+    agent.settled("3:1", answered=False)  # acknowledged, then answered with ipc.reply
+    agent.answered("3:1")
+    agent.settled("3:2", answered=False)  # never answered
+    agent.settled("3:9", answered=False)
+    assert agent.unanswered == {"3:2": 3}
+    assert agent.calls_taken == {"3:3": 3}  # still in hand: the kernel buries it if it ends
