@@ -16,12 +16,18 @@ Latencies are ping-pong round trips (two messages) under that load.
 With ``sandbox``, the same measures for sandboxed agents beside unsandboxed ones, at a size
 a machine runs as child processes (``sandbox_agents`` agents, ``sandbox_pairs`` pairs):
 spawn rate to running (each agent says so in a message), one syscall's round trip
-(``proc.self``, kernel and back), and the ping-pong's round trip across hosts.
+(``proc.self``, kernel and back), and the ping-pong's round trip across hosts. The round
+trips are taken in ``sandbox_rounds`` rounds, plain and sandboxed in turn, the first of
+the two alternating (ABBA...), each measure once the machine has settled (what the one
+before left running, its processes exiting and their reports, otherwise slows whichever
+comes second); quantiles are over every round's round trips, and each round's p50 ratio
+is reported too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import statistics
 import tempfile
 import time
@@ -32,6 +38,9 @@ import ray
 
 from llmos_kernel.messages import message
 from syscalls import ipc, proc
+
+SETTLE_S = 5.0  # longest a sandbox measure waits for the machine to settle
+SETTLED_CORES = 0.25  # CPU use (in cores) below which it has
 
 
 @message(name="bench.Ping")
@@ -177,7 +186,7 @@ async def ping_pong(pairs: int, count: int, hosts: tuple[str, str],
     span = max(r["end"] for r in results) - min(r["start"] for r in results)
     return {"msgs_per_s": 2 * pairs * count / span, "lat_p50_s": _quantile(rtts, 0.5),
             "lat_p99_s": _quantile(rtts, 0.99), "span_s": span, "round_trips": len(rtts),
-            "wrong_replies": sum(r["wrong"] for r in results)}
+            "wrong_replies": sum(r["wrong"] for r in results), "rtts": rtts}
 
 
 async def _measure(client, agents: int, messages: int, pairs: int,
@@ -219,28 +228,80 @@ async def syscall_rtts(agents: int, count: int, sandbox: bool) -> list[float]:
     return [r for p in pids for r in (await proc.wait(p))["result"]]
 
 
-async def sandboxed_vs_not(client, agents: int, messages: int, pairs: int,
-                           progress: Callable[[str], None]) -> dict:
-    """The sandbox's measures, each beside the same without it, sandboxed run second."""
+def _cpu_ticks() -> tuple[int, int] | None:
+    """This machine's (busy, all) CPU ticks so far, or None where /proc/stat is not."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return sum(ticks) - ticks[3] - ticks[4], sum(ticks)  # less idle and iowait
+
+
+async def settle(most_s: float, quiet_cores: float = SETTLED_CORES) -> bool:
+    """Wait, up to ``most_s``, until this machine uses under ``quiet_cores`` cores over a
+    fifth of a second: what the last measure left running (processes exiting, their
+    reports) must not weigh on the next. False if it never did."""
+    deadline = time.monotonic() + most_s
+    while True:
+        before = _cpu_ticks()
+        await asyncio.sleep(0.2)
+        after = _cpu_ticks()
+        if before is None or after is None:
+            return True
+        busy = (after[0] - before[0]) / max(after[1] - before[1], 1) * (os.cpu_count() or 1)
+        if busy < quiet_cores:
+            return True
+        if time.monotonic() > deadline:
+            return False
+
+
+async def sandboxed_vs_not(client, agents: int, messages: int, pairs: int, rounds: int,
+                           progress: Callable[[str], None],
+                           settle_s: float = SETTLE_S) -> tuple[dict, dict]:
+    """The sandbox's measures, each beside the same without it: spawn rate once each, round
+    trips in ``rounds`` rounds of both, which goes first alternating, each measure after
+    the machine settles (``settle``, at most ``settle_s``); and how many ping-pong round
+    trips were made and answered wrongly."""
     hosts = await _hosts(client)
-    out = {}
+    out: dict = {}
+    rtts: dict = {(key, what): [] for key in ("plain", "sbx") for what in ("syscall", "pingpong")}
+    ratios: dict = {"syscall": [], "pingpong": []}
+    checked = {"round_trips": 0, "wrong_replies": 0}
+    unsettled = 0
     for sandbox in (False, True):
         key = "sbx" if sandbox else "plain"
-        progress(f"{'sandboxed' if sandbox else 'unsandboxed'}: {agents} agents to running, "
-                 f"{pairs} x {messages} syscalls, {pairs} ping-pong pairs")
+        progress(f"{'sandboxed' if sandbox else 'unsandboxed'}: {agents} agents to running")
         out[f"{key}_spawn_per_s"] = agents / await spawn_ready(agents, sandbox)
-        rtts = await syscall_rtts(pairs, messages, sandbox)
-        out[f"{key}_syscall_p50_s"] = _quantile(rtts, 0.5)
-        out[f"{key}_syscall_p99_s"] = _quantile(rtts, 0.99)
-        pong = await ping_pong(pairs, messages, (hosts[0], hosts[1]), sandbox=sandbox)
-        out[f"{key}_pingpong_p50_s"] = pong["lat_p50_s"]
-        out[f"{key}_pingpong_p99_s"] = pong["lat_p99_s"]
-    return out
+    for r in range(rounds):
+        p50: dict = {}
+        for sandbox in ((False, True) if r % 2 == 0 else (True, False)):
+            key = "sbx" if sandbox else "plain"
+            progress(f"round {r + 1} of {rounds}, {'sandboxed' if sandbox else 'unsandboxed'}: "
+                     f"{pairs} x {messages} syscalls, {pairs} ping-pong pairs")
+            unsettled += not await settle(settle_s)
+            syscalls_ = await syscall_rtts(pairs, messages, sandbox)
+            unsettled += not await settle(settle_s)
+            pong = await ping_pong(pairs, messages, (hosts[0], hosts[1]), sandbox=sandbox)
+            rtts[key, "syscall"] += syscalls_
+            rtts[key, "pingpong"] += pong["rtts"]
+            for field in checked:
+                checked[field] += pong[field]
+            p50[key, "syscall"] = _quantile(syscalls_, 0.5)
+            p50[key, "pingpong"] = pong["lat_p50_s"]
+        for what, each in ratios.items():
+            each.append(p50["sbx", what] / p50["plain", what])
+    for (key, what), values in rtts.items():
+        out[f"{key}_{what}_p50_s"] = _quantile(values, 0.5)
+        out[f"{key}_{what}_p99_s"] = _quantile(values, 0.99)
+    out.update(syscall_p50_ratios=ratios["syscall"], pingpong_p50_ratios=ratios["pingpong"],
+               unsettled_measures=unsettled)
+    return out, checked
 
 
 def run(*, agents: int = 1000, messages: int = 60, pairs: int = 300, kernel: str | None = None,
         state_dir: str | None = None, model: str | None = None, sandbox: bool = False,
-        sandbox_agents: int = 16, sandbox_pairs: int = 4,
+        sandbox_agents: int = 16, sandbox_pairs: int = 4, sandbox_rounds: int = 4,
         progress: Callable[[str], None] = lambda m: None) -> dict:
     """Run the benchmark against kernel ``kernel``, or a kernel of its own on a local Ray."""
     import syscalls
@@ -255,8 +316,11 @@ def run(*, agents: int = 1000, messages: int = 60, pairs: int = 300, kernel: str
         await syscalls.attach("bench-ipc", kernel=kernel, state_dir=state_dir)
         result = await _measure(client, agents, messages, pairs, progress)
         if sandbox:
-            result.update(await sandboxed_vs_not(client, sandbox_agents, messages,
-                                                 sandbox_pairs, progress))
+            measured, checked = await sandboxed_vs_not(client, sandbox_agents, messages,
+                                                       sandbox_pairs, sandbox_rounds, progress)
+            result.update(measured)
+            for field, n in checked.items():  # every ping-pong's replies are checked
+                result[field] += n
         return result
 
     try:

@@ -121,15 +121,18 @@ def _runs(values: list[float]) -> str:
               "spawn rate, syscall and ping-pong round trips (child processes: a few only).")
 @click.option("--sandbox-agents", type=int, default=16, show_default=True)
 @click.option("--sandbox-pairs", type=int, default=4, show_default=True)
+@click.option("--sandbox-rounds", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Rounds of sandboxed and plain round trips, taken in turn.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
 def ipc(agents: int, messages: int, pairs: int, kernel_name: str | None, state_dir: str | None,
-        sandbox: bool, sandbox_agents: int, sandbox_pairs: int, as_json: bool) -> None:
+        sandbox: bool, sandbox_agents: int, sandbox_pairs: int, sandbox_rounds: int,
+        as_json: bool) -> None:
     """Spawn rate, memory per agent and message ping-pong vs plain Ray actor calls."""
     from llmos_kernel.bench import ipc as ipc_bench
 
     result = ipc_bench.run(agents=agents, messages=messages, pairs=pairs, kernel=kernel_name,
                            state_dir=state_dir, sandbox=sandbox, sandbox_agents=sandbox_agents,
-                           sandbox_pairs=sandbox_pairs,
+                           sandbox_pairs=sandbox_pairs, sandbox_rounds=sandbox_rounds,
                            progress=lambda m: click.echo(f"[bench] {m}", err=True))
     if as_json:
         click.echo(json.dumps(result))
@@ -171,6 +174,12 @@ def _sandbox_table(result: dict) -> None:
         ours, theirs = result[f"sbx_{key}"], result[f"plain_{key}"]
         click.echo(f"{label:34s} {ours * scale:10.1f} {theirs * scale:11.1f} "
                    f"{ours / theirs:6.2f}x")
+    for label, key in (("syscall", "syscall"), ("ping-pong", "pingpong")):
+        click.echo(f"{label} p50 ratio in each round: "
+                   + " / ".join(f"{r:.2f}x" for r in result[f"{key}_p50_ratios"]))
+    if result["unsettled_measures"]:
+        click.echo(f"{result['unsettled_measures']} measures began before the machine settled "
+                   "(another job is running?): their ratios are less reliable")
 
 
 @bench.command()
