@@ -43,7 +43,7 @@ from actors.local_delivery import LocalDelivery, log_failure
 from actors.runtime import AgentRuntime, Message, attached, current
 from actors.sandbox_policy import check_available
 from actors.sandboxed_agents import SandboxedAgent, Spares
-from llmos_kernel import wire
+from llmos_kernel import gc_pauses, wire
 from llmos_kernel.errors import LlmosError, PermissionDenied
 from llmos_kernel.journal import HostJournal
 from llmos_kernel.messages import UNTYPED, encode, message_type, new_message_id, schema_of
@@ -291,6 +291,7 @@ class _HostActor:
     and no one else on the cluster."""
 
     def __init__(self, kernel: Any, host_id: str, *, token: str):
+        gc_pauses.watch()
         self.host = AgentHost(kernel, host_id, token=token)
         self._secret = token
 
@@ -301,7 +302,9 @@ class _HostActor:
     async def start(self, secret: str, journal: str | None = None,
                     node: str | None = None) -> dict:
         self._check(secret)
-        return await self.host.start(journal, node)
+        started = await self.host.start(journal, node)
+        gc_pauses.settle()  # the runtime, Ray's state: they live as long as the host
+        return started
 
     async def lifetime(self, secret: str) -> None:
         self._check(secret)
@@ -309,7 +312,7 @@ class _HostActor:
 
     def info(self, secret: str) -> dict:
         self._check(secret)
-        return self.host.info()
+        return {**self.host.info(), "gc": gc_pauses.snapshot()}
 
     async def stop(self, secret: str) -> None:
         self._check(secret)

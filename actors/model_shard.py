@@ -17,6 +17,7 @@ import os
 
 import ray
 
+from llmos_kernel import gc_pauses
 from llmos_kernel.core import bf16_gemm
 from llmos_kernel.core.kv_cache import KVPool
 from llmos_kernel.core.options import KernelOptions
@@ -38,6 +39,7 @@ class ModelShard:
         each use all of them would contend on every step they overlap)."""
         import torch
 
+        gc_pauses.watch()
         torch.set_num_threads(threads or _cores(share))
         self.kernels = KernelOptions.from_dict(kernels or {})
         self.model, _ = load_model(model_path, dtype=dtype, device=device, options=self.kernels,
@@ -45,6 +47,7 @@ class ModelShard:
         self.device = device
         self.runner: ModelRunner | None = None
         self._secret = secret
+        gc_pauses.settle()  # the loaded model's objects live as long as the shard
 
     def _check(self, secret: object) -> None:
         if not isinstance(secret, str) or not hmac.compare_digest(secret, self._secret):
@@ -61,7 +64,7 @@ class ModelShard:
                 "bf16_products": self.model.bf16_products, "kv_dtype": str(self.model.kv_dtype),
                 "bf16_kernel": bf16_gemm.NAMES[bf16_gemm.kernel(self.kernels.bf16_kernel)] if self.model.bf16_products
                 else None,
-                "devices": [d.__dict__ for d in devices()]}
+                "devices": [d.__dict__ for d in devices()], "gc": gc_pauses.snapshot()}
 
     def allocate_kv(self, secret: str, num_blocks: int, block_size: int) -> int:
         """Create the KV pool the kernel sized; returns its bytes."""

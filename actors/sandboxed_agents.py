@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 from actors.runtime import AgentRuntime, Message
 from actors.sandbox import Sandbox, Spare, launch
-from actors.sandbox_zygote import Zygote
 from actors.sandbox_policy import Limits
+from actors.sandbox_zygote import Zygote
 from llmos_kernel import wire
 from llmos_kernel.errors import LlmosError
 

@@ -31,7 +31,7 @@ from typing import Any
 
 import ray
 
-from llmos_kernel import journal, syscall_table, wire
+from llmos_kernel import gc_pauses, journal, syscall_table, wire
 from llmos_kernel.errors import InvalidArgument, LlmosError, PermissionDenied
 from llmos_kernel.host_channel import HostChannel
 from llmos_kernel.ipc import IPCService
@@ -87,6 +87,7 @@ def answer(method):
 
 class Kernel:
     def __init__(self, cfg: KernelConfig):
+        gc_pauses.watch()
         self.cfg = cfg
         self.state_dir = Path(cfg.state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -147,6 +148,7 @@ class Kernel:
                                "recovered from the state dir")
                 await self.services.procs.start()
                 self.services.ipc.commit()
+                gc_pauses.settle()  # what exists now lives as long as the kernel
                 self._phase = "ready"
                 asyncio.get_running_loop().create_task(self._housekeeping())
                 self._ready.set_result(True)
@@ -345,7 +347,7 @@ class Kernel:
                 "placement": self._placement(),
                 "ipc": {**s.ipc.stats, "pending": sum(
                     self.store.receivers_with_pending().values())},
-                "host_channel": self.channel.stats,
+                "host_channel": self.channel.stats, "gc": gc_pauses.snapshot(),
                 **s.llm.status()}
 
     def _placement(self) -> dict:

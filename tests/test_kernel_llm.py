@@ -104,6 +104,15 @@ def test_status_shows_the_memory_map_queues_and_throughput(kernel, client):
     assert set(st["preemptions"]) >= {"swap", "recompute"}
     assert st["throughput_tok_s"] >= 0
     assert st["engine"]["tokens_generated"] > 0
+    # the kernel, its hosts and its shard each kept their start-up objects out of later
+    # garbage collections, and time the collections they run
+    actors = kernel.run(kernel.actors())
+    for who, gc in [("kernel", st["gc"]), ("shard", actors["shard"]["gc"]),
+                    *[(h, info["gc"]) for h, info in actors["hosts"].items()]]:
+        assert gc["frozen_objects"] > 10_000, who
+        assert len(gc["collections"]) == len(gc["longest_pause_ms"]) == 3, who
+        assert all(p >= 0 for p in gc["longest_pause_ms"]), who
+    assert st["gc"]["collections"][0] > 0  # a kernel that has served allocates
 
 
 def test_an_error_reaches_the_caller_not_the_kernel(kernel, client):

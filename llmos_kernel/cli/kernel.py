@@ -163,6 +163,11 @@ def status(as_json: bool, name: str, state_dir: Path | None) -> None:
     click.echo(f"prefix  hit rate {st['prefix_cache']['hit_rate']:.1%}")
     click.echo(f"speed   {st['throughput_tok_s']:.1f} tok/s (last 10 s)  "
                f"shard restarts {st['shard']['restarts']}")
+    gc = st["gc"]
+    longest, runs = gc["longest_pause_ms"], gc["collections"]
+    click.echo(f"gc      kernel's longest pause {longest[2]:.1f} ms in {runs[2]} full "
+               f"collections, {max(longest[:2]):.1f} ms in {sum(runs[:2])} young ones; "
+               f"{gc['frozen_objects']} start-up objects kept out of them")
     for line in placement_lines(st):
         click.echo(line)
 
