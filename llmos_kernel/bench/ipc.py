@@ -272,6 +272,7 @@ async def sandboxed_vs_not(client, agents: int, messages: int, pairs: int, round
     for sandbox in (False, True):
         key = "sbx" if sandbox else "plain"
         progress(f"{'sandboxed' if sandbox else 'unsandboxed'}: {agents} agents to running")
+        unsettled += not await settle(settle_s)  # the agents killed before, say
         out[f"{key}_spawn_per_s"] = agents / await spawn_ready(agents, sandbox)
     for r in range(rounds):
         p50: dict = {}
