@@ -52,6 +52,7 @@ class Pauses:
 
 
 _pauses: Pauses | None = None
+_settled = False
 
 
 def watch() -> Pauses:
@@ -70,6 +71,11 @@ def snapshot() -> dict:
 
 def settle() -> None:
     """The process has started: collect what start-up left, then keep every object that
-    remains out of later collections."""
+    remains out of later collections. Once per process: objects made after (agents,
+    requests) come and go, and must stay collectable."""
+    global _settled
+    if _settled:
+        return
+    _settled = True
     gc.collect()
     gc.freeze()

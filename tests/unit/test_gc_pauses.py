@@ -27,12 +27,17 @@ def test_every_collection_is_counted_and_timed_in_its_generation():
     assert after["longest_pause_ms"][2] >= after["total_pause_ms"][2] - before["total_pause_ms"][2]
 
 
-def test_settle_keeps_what_exists_out_and_still_collects_what_comes_after():
+def test_settle_keeps_what_exists_out_and_still_collects_what_comes_after(monkeypatch):
+    monkeypatch.setattr(gc_pauses, "_settled", False)  # as in a process just started
     kept = [Node() for _ in range(1000)]
     try:
         gc_pauses.settle()
         frozen = gc.get_freeze_count()
         assert frozen >= 1000
+        more = [Node() for _ in range(1000)]
+        gc_pauses.settle()  # once per process: what came after start-up stays collectable
+        assert gc.get_freeze_count() == frozen
+        del more
         later = Node()
         gone = weakref.ref(later)
         del later
