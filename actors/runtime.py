@@ -21,6 +21,7 @@ import msgpack
 from llmos_kernel.errors import MessageError, Timeout
 from llmos_kernel.messages import DEFAULT_REGISTRY, Envelope, RawMessage, decode
 from llmos_kernel.notices import NO_REPLY
+from llmos_kernel.wire import MAX_UNANSWERED
 
 SEEN_LIMIT = 10_000  # message ids an agent remembers, to drop redeliveries
 
@@ -79,9 +80,6 @@ class Message:
                 raw = msgpack.unpackb(self.body, raw=False)
                 self.body = RawMessage(raw["t"], raw["v"], raw["f"])
         return self
-
-
-MAX_UNANSWERED = 1024  # calls acknowledged without an answer, kept per agent for its exit
 
 
 @dataclass(eq=False)

@@ -42,7 +42,6 @@ from llmos_kernel.proctable import Process, ProcessTable
 
 DELIVERY_WINDOW = 512  # unacknowledged messages in flight per receiver
 MAX_ID = 200  # characters in a sender-chosen message id
-MAX_UNANSWERED = 1024  # unanswered calls a host may report for one exited process
 _REPLY_ARGS = ("to", "type", "payload", "schema", "correlation_id", "id")
 SCHEMAS_KEY = "schemas"
 TOPICS_KEY = "topics"
@@ -321,7 +320,7 @@ class IPCService:
     def unanswered(self, pid: int, calls: list[tuple[int, str]], reason: str) -> None:
         """Process ``pid`` ended having acknowledged ``calls`` (caller, call id) without
         answering them (its host kept count): their callers still alive hear so now."""
-        for caller, call_id in calls[:MAX_UNANSWERED]:
+        for caller, call_id in calls[:wire.MAX_UNANSWERED]:
             if len(call_id) <= 2 * MAX_ID:  # "sender:id"
                 self._no_reply(caller, pid, call_id, reason)
 

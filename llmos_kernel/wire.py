@@ -88,6 +88,9 @@ class Syscall(msgspec.Struct, array_like=True):
     handling: str | None = None  # the message the caller is handling (its sends are held)
 
 
+MAX_UNANSWERED = 1024  # unanswered calls of one process an exit report carries
+
+
 class ExitReport(msgspec.Struct, array_like=True):
     """An agent's task ended."""
 
@@ -96,7 +99,8 @@ class ExitReport(msgspec.Struct, array_like=True):
     result: Any = None
     error: dict[str, Any] | None = None  # type, message, traceback (reason "error")
     handling: str | None = None  # the message whose handler raised
-    # calls it acknowledged without answering, (caller pid, call id): set by its host
+    # calls it acknowledged without answering, (caller pid, call id): set by its host, at
+    # most MAX_UNANSWERED (the host keeps no more; the kernel reads no more)
     unanswered: list[tuple[int, str]] | None = None
 
 

@@ -281,14 +281,14 @@ async def sandboxed_vs_not(client, agents: int, messages: int, pairs: int, round
             progress(f"round {r + 1} of {rounds}, {'sandboxed' if sandbox else 'unsandboxed'}: "
                      f"{pairs} x {messages} syscalls, {pairs} ping-pong pairs")
             unsettled += not await settle(settle_s)
-            syscalls_ = await syscall_rtts(pairs, messages, sandbox)
+            syscall_times = await syscall_rtts(pairs, messages, sandbox)
             unsettled += not await settle(settle_s)
             pong = await ping_pong(pairs, messages, (hosts[0], hosts[1]), sandbox=sandbox)
-            rtts[key, "syscall"] += syscalls_
+            rtts[key, "syscall"] += syscall_times
             rtts[key, "pingpong"] += pong["rtts"]
             for field in checked:
                 checked[field] += pong[field]
-            p50[key, "syscall"] = _quantile(syscalls_, 0.5)
+            p50[key, "syscall"] = _quantile(syscall_times, 0.5)
             p50[key, "pingpong"] = pong["lat_p50_s"]
         for what, each in ratios.items():
             each.append(p50["sbx", what] / p50["plain", what])
